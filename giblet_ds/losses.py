@@ -1,0 +1,109 @@
+"""Modality-normalized losses: every term reads 1.0 when the model predicts the training mean.
+
+The old system divided each MSE by the standard deviation of the current batch (batch of 2), so one
+modality still dominated (~720 total). Here each MSE is divided by a variance computed once from the
+training split and stored in the feature store (``/stats/<modality>``); audio codes are categories and
+use cross-entropy divided by log(codebook_size), which reads 1.0 for a uniform guess.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from giblet_ds.model.autoencoder import GibletOutput
+
+__all__ = ["LossResult", "NormalizedLoss", "TargetVariances", "reconstruction_targets"]
+
+TERMS = ("fmri", "video", "audio", "text")
+
+
+@dataclass(frozen=True)
+class TargetVariances:
+    """One positive number per MSE term: the training-set variance of that term's target
+    (mean over elements of the per-element variance). ``audio`` is used only in seed_compat."""
+
+    fmri: float
+    video: float
+    text: float
+    audio: float
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Mapping[str, np.ndarray]]) -> TargetVariances:
+        """From ``giblet_ds.store.load_target_stats`` output (``/stats`` of the store)."""
+        counts = np.asarray(stats["audio"]["counts"], dtype=np.float64)  # (n_q, codebook_size)
+        values = np.arange(counts.shape[1], dtype=np.float64)
+        probs = counts / counts.sum(axis=1, keepdims=True)
+        mean = probs @ values
+        audio_var = float(np.mean(probs @ values**2 - mean**2))
+        out = {
+            name: float(np.mean(np.asarray(stats[name]["var"], dtype=np.float64)))
+            for name in ("fmri", "video", "text")
+        }
+        result = cls(audio=audio_var, **out)
+        for name, value in vars(result).items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"training variance of {name} is {value}; the store's /stats/{name} is "
+                    f"degenerate (constant target?): rebuild the store"
+                )
+        return result
+
+
+@dataclass
+class LossResult:
+    total: torch.Tensor
+    """Weighted sum of the terms (what backward runs on)."""
+    terms: dict[str, torch.Tensor]
+    """Each normalized term, unweighted, detached from nothing (for logging call .item())."""
+
+
+def reconstruction_targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What each term compares against: fMRI; the window's last video frame; codes; text."""
+    return {
+        "fmri": batch["fmri"].float(),
+        "video": batch["video"][:, -1].flatten(1).float(),
+        "audio": batch["audio_codes"].long(),
+        "text": batch["text"].flatten(1).float(),
+    }
+
+
+class NormalizedLoss(nn.Module):
+    """Weighted sum of modality-normalized terms; weights of 0 skip a term entirely."""
+
+    def __init__(
+        self, variances: TargetVariances, weights: Mapping[str, float], codebook_size: int = 1024
+    ) -> None:
+        super().__init__()
+        unknown = set(weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; valid: {TERMS}")
+        self.variances = variances
+        self.weights = {k: float(weights.get(k, 0.0)) for k in TERMS}
+        self.log_codebook = math.log(codebook_size)
+
+    def forward(self, output: GibletOutput, batch: Mapping[str, torch.Tensor]) -> LossResult:
+        targets = reconstruction_targets(batch)
+        terms: dict[str, torch.Tensor] = {}
+        for name in ("fmri", "video", "text"):
+            if self.weights[name] > 0:
+                prediction = getattr(output, name).float()
+                mse = nn.functional.mse_loss(prediction, targets[name])
+                terms[name] = mse / getattr(self.variances, name)
+        if self.weights["audio"] > 0:
+            terms["audio"] = self._audio_term(output.audio, targets["audio"])
+        total = sum((self.weights[k] * v for k, v in terms.items()), torch.zeros(()))
+        return LossResult(total=total, terms=terms)
+
+    def _audio_term(self, prediction: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if prediction.dim() == 4:  # logits (B, n_q, C, K)
+            logits = prediction.float().flatten(0, 2)
+            return nn.functional.cross_entropy(logits, codes.flatten()) / self.log_codebook
+        # seed_compat: code values regressed as floats (kept only to reproduce the old system)
+        mse = nn.functional.mse_loss(prediction.float(), codes.flatten(1).float())
+        return mse / self.variances.audio

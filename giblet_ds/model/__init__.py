@@ -1,0 +1,14 @@
+"""The giblet autoencoder (torch only: no deepspeed or torch.distributed here)."""
+
+from giblet_ds.model.autoencoder import GatherFn, GibletAutoencoder, GibletOutput
+from giblet_ds.model.counting import PARAMETER_GROUPS, format_counts, numel, parameter_counts
+
+__all__ = [
+    "GatherFn",
+    "GibletAutoencoder",
+    "GibletOutput",
+    "PARAMETER_GROUPS",
+    "format_counts",
+    "numel",
+    "parameter_counts",
+]

@@ -1,0 +1,125 @@
+"""The giblet autoencoder: stimuli -> bottleneck -> fMRI, and bottleneck -> stimuli."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from giblet_ds.config import ModelConfig
+from giblet_ds.model.blocks import CheckpointFn, DenseBlock, DenseStack
+from giblet_ds.model.decoder import GibletDecoder
+from giblet_ds.model.encoder import AudioCodebook, GibletEncoder
+
+__all__ = ["GibletAutoencoder", "GibletOutput", "GatherFn"]
+
+# Context manager factory that makes a list of parameters whole and writable, e.g.
+# deepspeed.zero.GatheredParameters(params, modifier_rank=0) under ZeRO-3. The model never imports
+# deepspeed: the training layer passes this in.
+GatherFn = Callable[[list[nn.Parameter]], ContextManager[object]]
+
+OUTPUT_INIT_SCALE = 0.1
+
+
+@dataclass
+class GibletOutput:
+    """Model predictions for a batch of B TRs."""
+
+    fmri: torch.Tensor
+    """(B, n_voxels) predicted BOLD."""
+    video: torch.Tensor
+    """(B, H*W*3) the last frame of the TR window."""
+    audio: torch.Tensor
+    """(B, n_q, C, codebook_size) logits; (B, n_q*C) code values in seed_compat."""
+    text: torch.Tensor
+    """(B, K*D) annotation embeddings."""
+    bottleneck: torch.Tensor
+    """(B, bottleneck) the shared code."""
+
+
+class GibletAutoencoder(nn.Module):
+    """Construction declares shapes only; :meth:`init_weights` sets every value.
+
+    The same constructor runs on the meta device (counting, memory estimates), on a real device, and
+    under ``deepspeed.zero.Init`` (ZeRO-3 partitions each tensor as it is built).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = GibletEncoder(cfg)
+        self.decoder = GibletDecoder(cfg)
+
+    def forward(
+        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+    ) -> GibletOutput:
+        bottleneck, fmri = self.encoder(video, audio_codes, text)
+        video_out, audio_out, text_out = self.decoder(bottleneck, self.encoder.audio.codebook)
+        return GibletOutput(
+            fmri=fmri, video=video_out, audio=audio_out, text=text_out, bottleneck=bottleneck
+        )
+
+    def stacks(self) -> Iterator[DenseStack]:
+        """Every stack of blocks (the activation-checkpointing units)."""
+        return (m for m in self.modules() if isinstance(m, DenseStack))
+
+    def set_activation_checkpointing(self, checkpoint_fn: CheckpointFn | None) -> None:
+        """Recompute each block in backward with ``checkpoint_fn`` (None turns it off)."""
+        for stack in self.stacks():
+            stack.checkpoint_fn = checkpoint_fn
+
+    @torch.no_grad()
+    def init_weights(self, gather: GatherFn | None = None) -> None:
+        """Set every parameter and buffer. Rules, per tensor:
+
+        - hidden Linear weights (followed by ReLU): normal, std sqrt(2 / fan_in) (He);
+        - the bottleneck Linear (no activation): normal, std sqrt(1 / fan_in);
+        - output Linear weights (fMRI, video, audio, text heads): normal, std
+          0.1 * sqrt(1 / fan_in), so predictions start near zero and each normalized loss term
+          starts near 1.0; their biases 0;
+        - seed_compat Linear biases: 0;
+        - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
+        - audio code embeddings: normal, std 1.
+
+        ``gather`` makes partitioned parameters whole for the write (ZeRO-3); one module's own
+        parameters at a time, so peak memory is one tensor, never the model.
+        """
+        gather = gather or (lambda params: contextlib.nullcontext())
+        for module in self.modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with gather(params):
+                self._init_module(module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = math.sqrt(1.0 / module.in_features)
+            if self._is_output_linear(module):
+                std *= OUTPUT_INIT_SCALE
+            elif self._is_activated(module):
+                std = math.sqrt(2.0 / module.in_features)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm | nn.BatchNorm1d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()
+        elif isinstance(module, AudioCodebook):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def _is_output_linear(self, linear: nn.Linear) -> bool:
+        return any(stack.out is linear for stack in self.stacks())
+
+    def _is_activated(self, linear: nn.Linear) -> bool:
+        for module in self.modules():
+            if isinstance(module, DenseBlock) and module.linear is linear:
+                return isinstance(module.activation, nn.ReLU)
+        return False

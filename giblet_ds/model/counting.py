@@ -1,0 +1,52 @@
+"""Parameter counts per submodule, summed and checked against the total."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["PARAMETER_GROUPS", "format_counts", "numel", "parameter_counts"]
+
+# Reporting groups: dotted module paths inside GibletAutoencoder. The fMRI head counts as encoder,
+# as the old system counted it (encoder 3,235,947,138 + decoder 264,241,152).
+PARAMETER_GROUPS = (
+    "encoder.video",
+    "encoder.audio",
+    "encoder.text",
+    "encoder.trunk",
+    "encoder.fmri_head",
+    "decoder.trunk",
+    "decoder.video",
+    "decoder.audio",
+    "decoder.text",
+)
+
+
+def numel(param: nn.Parameter) -> int:
+    """Full element count, also for a ZeRO-3 partitioned parameter (its local tensor is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Counts per group, plus ``encoder``, ``decoder`` and ``total``; the groups must cover the model."""
+    counts = {group: 0 for group in PARAMETER_GROUPS}
+    total = 0
+    for name, param in model.named_parameters():
+        n = numel(param)
+        total += n
+        group = next((g for g in PARAMETER_GROUPS if name.startswith(g + ".")), None)
+        if group is None:
+            raise ValueError(f"parameter {name} belongs to no counting group {PARAMETER_GROUPS}")
+        counts[group] += n
+    counts["encoder"] = sum(v for k, v in counts.items() if k.startswith("encoder."))
+    counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
+    counts["total"] = total
+    if counts["encoder"] + counts["decoder"] != total:
+        raise AssertionError(f"parameter groups sum to {counts['encoder'] + counts['decoder']}, not {total}")
+    return counts
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """A table with thousands separators, for the start of a run and the dry run."""
+    width = max(len(k) for k in counts)
+    lines = [f"{name:<{width}}  {value:>15,}" for name, value in counts.items()]
+    return "\n".join(lines)

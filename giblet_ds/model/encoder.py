@@ -1,0 +1,103 @@
+"""Stimulus encoders, the fusion trunk to the bottleneck, and the fMRI head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from giblet_ds.config import ModelConfig
+from giblet_ds.model.blocks import DenseStack
+
+__all__ = ["AudioCodebook", "AudioEncoder", "GibletEncoder"]
+
+
+class AudioCodebook(nn.Module):
+    """One learned embedding table per EnCodec codebook, shape (n_q, codebook_size, dim).
+
+    Used twice: to embed input codes, and to score decoder queries against every code value, so the
+    audio output layer is n_q x frames x dim wide instead of n_q x frames x 1,024. Both uses go
+    through ``forward`` so that ZeRO-3 gathers the table each time (its hooks fire on forward).
+    """
+
+    def __init__(self, n_codebooks: int, codebook_size: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_codebooks, codebook_size, dim))
+
+    def forward(
+        self, codes: torch.Tensor | None = None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """codes (B, n_q, C) int -> embeddings (B, n_q, C, dim); or
+        queries (B, n_q, C, dim) -> logits (B, n_q, C, codebook_size)."""
+        if codes is not None:
+            n_q, size, _ = self.weight.shape
+            offsets = torch.arange(n_q, device=codes.device).view(1, n_q, 1) * size
+            flat = self.weight.reshape(n_q * size, -1)
+            return nn.functional.embedding(codes + offsets, flat)
+        if queries is not None:
+            return torch.einsum("bqcd,qkd->bqck", queries, self.weight)
+        raise ValueError("AudioCodebook needs codes or queries")
+
+
+class AudioEncoder(nn.Module):
+    """EnCodec codes -> features.
+
+    Default: codes are categories, embedded per codebook and summed over codebooks per frame (as
+    EnCodec-token language models do), then flattened over frames. ``seed_compat``: the old
+    system's raw code numbers as floats (n_q x frames inputs).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.n_codebooks is not None and cfg.code_frames is not None
+        self.seed_compat = cfg.seed_compat
+        self.codebook: AudioCodebook | None = None
+        if cfg.seed_compat:
+            in_features = cfg.n_codebooks * cfg.code_frames
+        else:
+            self.codebook = AudioCodebook(cfg.n_codebooks, cfg.codebook_size, cfg.audio_embed_dim)
+            in_features = cfg.code_frames * cfg.audio_embed_dim
+        self.mlp = DenseStack(
+            in_features, cfg.audio_hidden, seed_compat=cfg.seed_compat, dropout=cfg.dropout
+        )
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.codebook is None:
+            return self.mlp(codes.flatten(1).float())
+        return self.mlp(self.codebook(codes=codes).sum(dim=1).flatten(1))
+
+
+class GibletEncoder(nn.Module):
+    """Video, audio and text encoders -> concatenation -> trunk -> bottleneck -> fMRI head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        missing = cfg.missing_input_sizes()
+        if missing:
+            raise ValueError(f"model input sizes {missing} are unset; fill them from the store")
+        assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width
+        assert cfg.text_slots and cfg.text_dim and cfg.n_voxels
+        common = {"seed_compat": cfg.seed_compat, "dropout": cfg.dropout}
+        video_in = cfg.frames_per_tr * cfg.frame_height * cfg.frame_width * 3
+        self.video = DenseStack(video_in, cfg.video_hidden, **common)
+        self.audio = AudioEncoder(cfg)
+        self.text = DenseStack(cfg.text_slots * cfg.text_dim, cfg.text_hidden, **common)
+        fused = cfg.video_hidden[-1] + cfg.audio_hidden[-1] + cfg.text_hidden[-1]
+        # The bottleneck is normalized but not activated: it is the code the decoder and the fMRI
+        # head read, and a ReLU there would zero half of it.
+        self.trunk = DenseStack(
+            fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False, **common
+        )
+        self.fmri_head = DenseStack(
+            cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels, **common
+        )
+
+    def forward(
+        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (bottleneck (B, bottleneck), fMRI prediction (B, n_voxels))."""
+        features = torch.cat(
+            [self.video(video.flatten(1)), self.audio(audio_codes), self.text(text.flatten(1))],
+            dim=1,
+        )
+        bottleneck = self.trunk(features)
+        return bottleneck, self.fmri_head(bottleneck)
