@@ -1,0 +1,361 @@
+"""``open_store``: the one validating gate between an HDF5 file and everything that reads it.
+
+Every problem is raised as ``StoreError`` naming the file, the dataset, what was expected and what
+was found, so a bad store never surfaces as a traceback from deep inside h5py or a training step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from giblet_ds.errors import StoreError
+from giblet_ds.store import schema
+
+__all__ = ["StoreInfo", "open_store", "load_mask", "export_mask_nifti"]
+
+_BLOCK_TRS = 64
+
+
+@dataclass(frozen=True, eq=False)
+class StoreInfo:
+    """What a validated store holds: sizes, split indices and the file attributes."""
+
+    path: Path
+    schema_version: int
+    n_trs: int
+    n_frames: int
+    height: int
+    width: int
+    n_q: int
+    code_frames: int
+    text_slots: int
+    text_dim: int
+    n_voxels: int
+    subjects: list[str]
+    mask_shape: tuple[int, int, int]
+    tr: float
+    fps: float
+    frame_skip: int
+    lag: int
+    split_gap: int
+    splits: dict[str, np.ndarray] = field(repr=False)
+    attrs: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.subjects)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of TRs in each split."""
+        return {name: len(index) for name, index in self.splits.items()}
+
+    @property
+    def settings_hash(self) -> str:
+        """Hash of the build settings alone."""
+        return str(self.attrs["settings_hash"])
+
+    @property
+    def build_hash(self) -> str:
+        """Hash of schema, settings and every input file: the store's identity."""
+        return str(self.attrs["build_hash"])
+
+    @property
+    def pretrained(self) -> dict[str, bool]:
+        """Whether the EnCodec and CLIP features came from pretrained weights."""
+        return {
+            "encodec": bool(self.attrs["encodec_pretrained"]),
+            "clip": bool(self.attrs["clip_pretrained"]),
+        }
+
+    def model_input_sizes(self) -> dict[str, int]:
+        """The sizes the model config takes from the store (never from a hand-written table)."""
+        return {
+            "frames_per_tr": self.n_frames,
+            "frame_height": self.height,
+            "frame_width": self.width,
+            "n_codebooks": self.n_q,
+            "code_frames": self.code_frames,
+            "text_slots": self.text_slots,
+            "text_dim": self.text_dim,
+            "n_voxels": self.n_voxels,
+        }
+
+    def subject_index(self, subject: int | str) -> int:
+        """Index of a subject given its position or its id; StoreError when unknown."""
+        if isinstance(subject, str):
+            if subject not in self.subjects:
+                raise StoreError(
+                    self.path,
+                    "unknown subject",
+                    dataset=schema.FMRI_SUBJECTS,
+                    expected=f"one of {self.subjects}",
+                    actual=subject,
+                )
+            return self.subjects.index(subject)
+        if not 0 <= int(subject) < len(self.subjects):
+            raise StoreError(
+                self.path,
+                "subject index out of range",
+                dataset=schema.FMRI_SUBJECTS,
+                expected=f"0..{len(self.subjects) - 1}",
+                actual=subject,
+            )
+        return int(subject)
+
+
+def open_store(path: str | Path, *, check_subjects: bool = False) -> StoreInfo:
+    """Validate the store at ``path`` and describe it; raise ``StoreError`` on any fault.
+
+    Checks: the file exists and is readable HDF5; the schema version; the build completed; every
+    required dataset and attribute exists with its dtype; shapes agree (same T everywhere, V equal
+    to the mask's voxel count, n_q, K and D consistent, statistics sized to their targets); splits
+    lie inside [0, T), are sorted, disjoint and separated by the recorded gap; audio codes lie in
+    0..1023; the subject-mean fMRI, text and statistics are finite. A NaN or Inf in any subject also
+    reaches the subject mean, so the per-subject array is only scanned with ``check_subjects``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(path, "no such store file; build one with tools/build_store.py")
+    if not path.is_file():
+        raise StoreError(path, "is not a file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(
+            path, f"not a readable HDF5 file (truncated or not a store?): {err}"
+        ) from None
+    checker = _Checker(path, handle)
+    try:
+        with handle:
+            return checker.run(check_subjects)
+    except StoreError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        # h5py raises these for corrupt chunks and damaged metadata deep inside a read.
+        raise StoreError(
+            path, f"unreadable store (corrupt or truncated?): {err}", dataset=checker.current
+        ) from None
+
+
+class _Checker:
+    """The validation steps of ``open_store``; ``current`` names the dataset being read."""
+
+    def __init__(self, path: Path, handle: h5py.File) -> None:
+        self.path = path
+        self.handle = handle
+        self.current: str | None = None
+
+    def fail(self, message: str, dataset: str | None, expected: Any = None, actual: Any = None):
+        raise StoreError(self.path, message, dataset=dataset, expected=expected, actual=actual)
+
+    def dataset(self, name: str, ndim: int) -> h5py.Dataset:
+        self.current = name
+        if name not in self.handle or not isinstance(self.handle[name], h5py.Dataset):
+            self.fail("required dataset is missing", name)
+        dset = self.handle[name]
+        dtype_key = "splits" if name.startswith(schema.SPLIT_GROUP + "/") else name
+        expected = schema.DTYPES[dtype_key]
+        if dset.dtype != expected:
+            self.fail("wrong dtype", name, expected, dset.dtype)
+        if dset.ndim != ndim:
+            self.fail("wrong number of dimensions", name, ndim, dset.ndim)
+        return dset
+
+    def shape(self, name: str, expected: tuple[int, ...]) -> h5py.Dataset:
+        dset = self.dataset(name, len(expected))
+        if tuple(dset.shape) != tuple(expected):
+            self.fail("shape does not match the rest of the store", name, expected, dset.shape)
+        return dset
+
+    def attrs(self) -> dict[str, Any]:
+        raw = self.handle.attrs
+        self.current = "attribute schema_version"
+        if "schema_version" not in raw:
+            self.fail("not a giblet-ds store: no schema_version attribute", "/")
+        version = int(raw["schema_version"])
+        if version != schema.SCHEMA_VERSION:
+            self.fail(
+                "unsupported schema version; rebuild the store with tools/build_store.py",
+                "/ attribute schema_version",
+                schema.SCHEMA_VERSION,
+                version,
+            )
+        missing = [key for key in schema.REQUIRED_ATTRS if key not in raw]
+        if missing:
+            self.fail(f"missing file attributes {missing}", "/", None, None)
+        if not bool(raw["complete"]):
+            self.fail("build did not complete", "/ attribute complete", True, raw["complete"])
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and (value.startswith(("{", "[")) or value == "null"):
+                value = json.loads(value)
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+    def finite(self, name: str, dset: h5py.Dataset, rows: int | None = None) -> None:
+        self.current = name
+        n = dset.shape[0] if rows is None else rows
+        for start in range(0, max(n, 1), _BLOCK_TRS):
+            block = np.asarray(dset[start : start + _BLOCK_TRS])
+            bad = ~np.isfinite(block)
+            if bad.any():
+                where = np.argwhere(bad)[0]
+                where[0] += start
+                self.fail(
+                    "contains NaN or Inf",
+                    name,
+                    "finite values",
+                    f"{block[bad][0]} at {tuple(where)}",
+                )
+
+    def run(self, check_subjects: bool) -> StoreInfo:
+        attrs = self.attrs()
+        video = self.dataset(schema.VIDEO, 5)
+        t, f, h, w, c = (int(x) for x in video.shape)
+        if c != 3:
+            self.fail("video frames must be RGB", schema.VIDEO, 3, c)
+        codes = self.dataset(schema.AUDIO_CODES, 3)
+        _, n_q, n_c = (int(x) for x in codes.shape)
+        text = self.dataset(schema.TEXT, 3)
+        _, k, d = (int(x) for x in text.shape)
+        subjects_ds = self.dataset(schema.FMRI_SUBJECTS, 3)
+        s, _, v = (int(x) for x in subjects_ds.shape)
+        mask_ds = self.dataset(schema.MASK, 3)
+        expected = {
+            schema.AUDIO_CODES: (t, n_q, n_c),
+            schema.TEXT: (t, k, d),
+            schema.TEXT_MASK: (t, k),
+            schema.FMRI_SUBJECTS: (s, t, v),
+            schema.FMRI_MEAN: (t, v),
+            schema.FMRI_STATS_MEAN: (s, v),
+            schema.FMRI_STATS_STD: (s, v),
+            "stats/video/mean": (h * w * 3,),
+            "stats/video/var": (h * w * 3,),
+            "stats/text/mean": (k * d,),
+            "stats/text/var": (k * d,),
+            "stats/fmri/mean": (v,),
+            "stats/fmri/var": (v,),
+            "stats/audio/counts": (n_q, schema.N_CODES),
+        }
+        dsets = {name: self.shape(name, shape) for name, shape in expected.items()}
+
+        self.current = schema.MASK
+        mask = np.asarray(mask_ds[()])
+        if int(mask.sum()) != v:
+            self.fail("voxel count differs from the mask", schema.FMRI_MEAN, int(mask.sum()), v)
+        affine = mask_ds.attrs.get("affine")
+        if affine is None:
+            self.fail("mask has no affine attribute", schema.MASK)
+        affine = np.asarray(affine)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            self.fail("mask affine must be a finite 4x4 matrix", schema.MASK, (4, 4), affine.shape)
+        subjects = attrs["subjects"]
+        if not isinstance(subjects, list) or len(subjects) != s:
+            self.fail(
+                "subject ids do not match the subject axis", "/ attribute subjects", s, subjects
+            )
+
+        splits = self.splits(t, int(attrs["split_gap"]))
+
+        self.current = schema.AUDIO_CODES
+        all_codes = np.asarray(codes[()])
+        if all_codes.size and (all_codes.min() < 0 or all_codes.max() >= schema.N_CODES):
+            self.fail(
+                "audio codes out of range",
+                schema.AUDIO_CODES,
+                f"0..{schema.N_CODES - 1}",
+                f"{all_codes.min()}..{all_codes.max()}",
+            )
+        for name in (schema.FMRI_MEAN, schema.TEXT, schema.FMRI_STATS_MEAN, schema.FMRI_STATS_STD):
+            self.finite(name, dsets[name])
+        for name in ("video", "text", "fmri"):
+            for part in ("mean", "var"):
+                self.finite(f"stats/{name}/{part}", dsets[f"stats/{name}/{part}"])
+        std = np.asarray(dsets[schema.FMRI_STATS_STD][()])
+        if (std <= 0).any():
+            self.fail("per-subject std must be > 0", schema.FMRI_STATS_STD, "> 0", float(std.min()))
+        if check_subjects:
+            for i in range(s):
+                self.finite(f"{schema.FMRI_SUBJECTS}[{i}]", subjects_ds[i])
+        self.current = None
+        return StoreInfo(
+            path=self.path,
+            schema_version=int(attrs["schema_version"]),
+            n_trs=t,
+            n_frames=f,
+            height=h,
+            width=w,
+            n_q=n_q,
+            code_frames=n_c,
+            text_slots=k,
+            text_dim=d,
+            n_voxels=v,
+            subjects=[str(x) for x in subjects],
+            mask_shape=(int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])),
+            tr=float(attrs["tr"]),
+            fps=float(attrs["fps"]),
+            frame_skip=int(attrs["frame_skip"]),
+            lag=int(attrs["lag"]),
+            split_gap=int(attrs["split_gap"]),
+            splits=splits,
+            attrs=attrs,
+        )
+
+    def splits(self, n_trs: int, gap: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name in schema.SPLITS:
+            path = schema.split_path(name)
+            index = np.asarray(self.dataset(path, 1)[()])
+            if len(index) == 0:
+                self.fail("split is empty", path, "at least 1 TR", 0)
+            if index.min() < 0 or index.max() >= n_trs:
+                self.fail(
+                    "split index outside the store",
+                    path,
+                    f"0..{n_trs - 1}",
+                    f"{index.min()}..{index.max()}",
+                )
+            if (np.diff(index) <= 0).any():
+                self.fail("split indices must be strictly increasing", path)
+            out[name] = index
+        order = sorted(schema.SPLITS, key=lambda name: int(out[name][0]))
+        for before, after in zip(order, order[1:], strict=False):
+            between = int(out[after][0]) - int(out[before][-1]) - 1
+            if between < gap:
+                self.fail(
+                    f"splits {before} and {after} overlap or are closer than the recorded gap",
+                    schema.split_path(after),
+                    f"gap >= {gap} TRs",
+                    f"{between} TRs",
+                )
+        return out
+
+
+def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The store's shared brain mask (3-D bool) and its affine (4x4)."""
+    info = open_store(path)
+    with h5py.File(info.path, "r") as handle:
+        mask = np.asarray(handle[schema.MASK][()], dtype=bool)
+        affine = np.asarray(handle[schema.MASK].attrs["affine"], dtype=np.float64)
+    return mask, affine
+
+
+def export_mask_nifti(path: str | Path, out: str | Path) -> Path:
+    """Write the store's mask as a uint8 NIfTI with the store's affine; returns ``out``."""
+    import nibabel as nib  # only needed for export
+
+    mask, affine = load_mask(path)
+    out = Path(out)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(out))
+    return out

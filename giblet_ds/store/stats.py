@@ -1,0 +1,122 @@
+"""Training-set statistics of the reconstruction targets (``/stats`` in the store).
+
+The normalized losses divide each modality's MSE by the training variance of its target, so a model
+that predicts the training mean reads 1.0 (REFERENCE.md: the seed divided by a batch-of-2 std).
+Everything here uses training TRs only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from giblet_ds.store import schema
+
+__all__ = ["load_target_stats", "compute_target_stats", "read_rows"]
+
+_BLOCK_TRS = 64
+
+
+def read_rows(dataset: Any, rows: np.ndarray, block: int = _BLOCK_TRS):
+    """Yield ``dataset[rows]`` in blocks of at most ``block`` rows (rows sorted ascending).
+
+    Contiguous runs are read as slices, which h5py serves far faster than index lists.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        if part[-1] - part[0] + 1 == len(part):
+            yield dataset[int(part[0]) : int(part[-1]) + 1]
+        else:
+            yield dataset[part.tolist()]
+
+
+class _Moments:
+    """Per-element mean and variance accumulated in float64 over blocks of rows."""
+
+    def __init__(self, size: int) -> None:
+        self.count = 0
+        self.total = np.zeros(size, dtype=np.float64)
+        self.total_sq = np.zeros(size, dtype=np.float64)
+
+    def add(self, rows: np.ndarray) -> None:
+        flat = rows.reshape(len(rows), -1).astype(np.float64)
+        self.count += len(flat)
+        self.total += flat.sum(axis=0)
+        self.total_sq += np.square(flat).sum(axis=0)
+
+    def result(self) -> dict[str, np.ndarray]:
+        mean = self.total / self.count
+        # Clip: E[x^2] - E[x]^2 can round to a tiny negative for constant elements.
+        var = np.maximum(self.total_sq / self.count - np.square(mean), 0.0)
+        return {"mean": mean.astype(np.float32), "var": var.astype(np.float32)}
+
+
+def compute_target_stats(handle: h5py.File, train: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Statistics of every reconstruction target over the training TRs ``train``.
+
+    video: last frame of the window in [0, 1], flattened (H*W*3); text: (K*D); fmri: the subject
+    mean (V); audio: (n_q, 1024) histogram of the training codes.
+    """
+    video, text = handle[schema.VIDEO], handle[schema.TEXT]
+    fmri, codes = handle[schema.FMRI_MEAN], handle[schema.AUDIO_CODES]
+    frame_size = int(np.prod(video.shape[2:]))
+    video_m = _Moments(frame_size)
+    for block in read_rows(video, train):
+        video_m.add(block[:, -1].astype(np.float32) / 255.0)
+    text_m = _Moments(int(np.prod(text.shape[1:])))
+    for block in read_rows(text, train):
+        text_m.add(block)
+    fmri_m = _Moments(int(fmri.shape[1]))
+    for block in read_rows(fmri, train):
+        fmri_m.add(block.astype(np.float32))
+    n_q = int(codes.shape[1])
+    counts = np.zeros((n_q, schema.N_CODES), dtype=np.int64)
+    for block in read_rows(codes, train):
+        for q in range(n_q):
+            counts[q] += np.bincount(block[:, q].ravel(), minlength=schema.N_CODES)
+    return {
+        "video": video_m.result(),
+        "text": text_m.result(),
+        "fmri": fmri_m.result(),
+        "audio": {"counts": counts},
+    }
+
+
+def load_target_stats(
+    path: str | Path, *, subject: int | str | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Read ``/stats`` of a validated store: ``{"video": {"mean", "var"}, "text": {...},
+    "fmri": {...}, "audio": {"counts"}}`` as numpy arrays.
+
+    ``subject`` (index or id) replaces the fMRI statistics with those of that subject's z-scored
+    series on the training TRs, for runs that train on one subject instead of the subject mean.
+    """
+    from giblet_ds.store.reader import open_store  # reader imports nothing from here
+
+    info = open_store(path)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with h5py.File(info.path, "r") as handle:
+        for modality, names in (
+            ("video", ("mean", "var")),
+            ("text", ("mean", "var")),
+            ("fmri", ("mean", "var")),
+            ("audio", ("counts",)),
+        ):
+            out[modality] = {
+                name: np.asarray(handle[f"{schema.STATS_GROUP}/{modality}/{name}"][()])
+                for name in names
+            }
+        if subject is not None:
+            index = info.subject_index(subject)
+            moments = _Moments(info.n_voxels)
+            train = info.splits["train"]
+            subjects = handle[schema.FMRI_SUBJECTS]
+            for start in range(0, len(train), _BLOCK_TRS):
+                part = train[start : start + _BLOCK_TRS]
+                moments.add(subjects[index, part.tolist()].astype(np.float32))
+            out["fmri"] = moments.result()
+    return out
