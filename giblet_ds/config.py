@@ -441,7 +441,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
-        where = prefix or "the config"
+        where = prefix.rstrip(".") or "the config"
         raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
