@@ -210,7 +210,7 @@ class _Checker:
             block = np.asarray(dset[start : start + _BLOCK_TRS])
             bad = ~np.isfinite(block)
             if bad.any():
-                where = np.argwhere(bad)[0]
+                where = [int(x) for x in np.argwhere(bad)[0]]
                 where[0] += start
                 self.fail(
                     "contains NaN or Inf",
