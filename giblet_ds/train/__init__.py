@@ -1,0 +1,1 @@
+"""Training on DeepSpeed: the only package that imports deepspeed or torch.distributed."""

@@ -1,0 +1,116 @@
+"""Process group and collectives. With engine.py, the only code that imports deepspeed or
+torch.distributed; everything else asks these functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_object",
+    "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
+    "fill_single_process_env",
+    "init_distributed",
+    "is_rank0",
+    "local_rank",
+    "rank",
+    "world_size",
+]
+
+
+def fill_single_process_env() -> None:
+    """Let `python launch/train.py` run as one plain process: without these variables DeepSpeed
+    goes looking for MPI (mpi4py). Launchers (deepspeed, torchrun, SLURM) set them already."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed repeats the same info lines and warnings on every rank; show each warning once."""
+    warnings.filterwarnings("once")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def init_distributed() -> None:
+    """Start the process group: NCCL on GPUs, gloo on CPU (DeepSpeed picks by accelerator)."""
+    fill_single_process_env()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    _quiet_deepspeed()
+    if not torch.cuda.is_available():
+        # Every process would JIT-compile a shared-memory op it never uses (~40 s each).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over ranks (exact for float64 sums of counts and moments)."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when the flag is true on any rank."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value).item() > 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

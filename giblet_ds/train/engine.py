@@ -1,0 +1,113 @@
+"""The DeepSpeed engine: build the model (under zero.Init for ZeRO-3), initialize, save, load, and
+convert a checkpoint for a different world size (DeepSpeed's universal checkpoint)."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from giblet_ds.config import RunConfig
+from giblet_ds.errors import CheckpointError
+from giblet_ds.model import GibletAutoencoder
+from giblet_ds.train import distributed as dist
+from giblet_ds.train.ds_config import zero_stage
+from giblet_ds.train.schedule import make_scheduler
+
+__all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "weight_decay_groups"]
+
+UNIVERSAL_SUFFIX = "-universal"
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and code embeddings are not shrunk toward zero."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if len(shape) == 2 and "codebook" not in name else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    cfg: RunConfig, ds_config: dict[str, Any], total_steps: int
+) -> tuple[Any, GibletAutoencoder]:
+    """Model -> init_weights -> deepspeed.initialize with our warmup + cosine schedule."""
+    stage = zero_stage(ds_config)
+    # Every rank builds the same initial weights (ZeRO-3 additionally takes rank 0's on gather).
+    torch.manual_seed(cfg.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
+        model = GibletAutoencoder(cfg.model)
+    if stage == 3:
+        model.init_weights(lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
+    else:
+        model.init_weights()
+    if cfg.model.activation_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the reentrant variant
+        # silently drops the graph when the first block's input does not).
+        model.set_activation_checkpointing(
+            functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        )
+    s = cfg.schedule
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: make_scheduler(
+            optimizer,
+            peak_lr=cfg.optim.lr,
+            warmup_steps=s.warmup_steps,
+            warmup_start_lr=s.warmup_start_lr,
+            min_lr=s.min_lr,
+            total_steps=total_steps,
+        ),
+    )
+    return engine, model
+
+
+def checkpoint_world_size(tag_dir: Path) -> int:
+    """How many data-parallel ranks wrote this tag (one optimizer-state file each)."""
+    files = sorted(tag_dir.glob("*_optim_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no *_optim_states.pt files; not a DeepSpeed ZeRO tag")
+    return len(files)
+
+
+def convert_to_universal(checkpoint_dir: Path, tag: str) -> str:
+    """Convert ``tag`` to DeepSpeed's universal format once (rank 0; the others wait) and return
+    the universal tag's name. Needed to resume on a different number of ranks."""
+    universal = tag + UNIVERSAL_SUFFIX
+    target = checkpoint_dir / universal
+    if dist.is_rank0() and not (target / "complete").is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint_dir / tag),
+            "--output_folder",
+            str(target),
+            "--inject_missing_state",
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(
+                f"converting {checkpoint_dir / tag} to a universal checkpoint failed:\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            )
+        (target / "complete").write_text(tag + "\n")
+    dist.barrier()
+    return universal

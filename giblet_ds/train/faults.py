@@ -1,0 +1,30 @@
+"""Fault injection for tests of the failure paths (never set in real runs).
+
+GIBLET_FAULT_NAN_STEPS=3,4   rank 0's batch becomes NaN at these optimizer steps (1-based).
+GIBLET_FAULT_KILL_AT_STEP=5  after step 5 is logged (and saved, if a save falls there), rank 0
+                             SIGKILLs its whole process group, as a crashed node would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+__all__ = ["maybe_kill", "maybe_poison"]
+
+
+def _steps(name: str) -> set[int]:
+    raw = os.environ.get(name, "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def maybe_poison(batch: dict[str, torch.Tensor], step: int, rank: int) -> None:
+    if rank == 0 and step in _steps("GIBLET_FAULT_NAN_STEPS"):
+        batch["video"] = torch.full_like(batch["video"], float("nan"))
+
+
+def maybe_kill(step: int, rank: int) -> None:
+    if rank == 0 and step in _steps("GIBLET_FAULT_KILL_AT_STEP"):
+        os.killpg(os.getpgrp(), signal.SIGKILL)

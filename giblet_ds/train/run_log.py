@@ -1,0 +1,93 @@
+"""Rank 0's outputs: metrics.jsonl (one JSON object per line), train.log, and wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLog", "setup_file_logging"]
+
+log = logging.getLogger("giblet_ds")
+
+
+def setup_file_logging(run_dir: Path, enabled: bool) -> None:
+    """Console on rank 0 only (other ranks stay quiet), plus RUN_DIR/train.log."""
+    log.handlers.clear()
+    log.propagate = False
+    if not enabled:
+        log.addHandler(logging.NullHandler())
+        return
+    log.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as "nan"/"inf"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunLog:
+    """Appends records to metrics.jsonl and mirrors numeric ones to wandb. No-op off rank 0."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        wandb_mode: str,
+        wandb_project: str,
+        wandb_run_name: str,
+        config: dict[str, Any],
+    ) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb: Any = None
+        if enabled and wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=wandb_run_name or run_dir.name,
+                dir=str(run_dir),
+                mode=wandb_mode,
+                config=config,
+                resume="allow",
+                id=(wandb_run_name or run_dir.name).replace("/", "-"),
+            )
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "time": time.time(), **fields}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+        if self._wandb is not None and kind in ("train", "val"):
+            flat = {f"{kind}/{k}": v for k, v in _flatten(fields).items()}
+            self._wandb.log(flat, step=int(fields["step"]))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,487 @@
+"""The training loop: one DeepSpeed engine, the feature store, validation, checkpoints, logs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from giblet_ds.config import RunConfig, config_to_dict, cross_check
+from giblet_ds.errors import CheckpointError, GibletError
+from giblet_ds.losses import NormalizedLoss, TargetVariances
+from giblet_ds.metrics import VoxelCorrelation
+from giblet_ds.model import GibletAutoencoder, GibletOutput, format_counts, parameter_counts
+from giblet_ds.store import ResumableDistributedSampler, StoreDataset, load_target_stats, open_store
+from giblet_ds.train import checkpoints as ckpt
+from giblet_ds.train import distributed as dist
+from giblet_ds.train import faults
+from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
+from giblet_ds.train.ds_config import build_ds_config
+from giblet_ds.train.early_stopping import EarlyStopping
+from giblet_ds.train.engine import build_engine, checkpoint_world_size, convert_to_universal
+from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from giblet_ds.train.run_log import RunLog, setup_file_logging
+
+__all__ = ["StepResult", "Trainer"]
+
+log = logging.getLogger("giblet_ds")
+BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "fmri")
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, averaged over its micro batches."""
+
+    loss: float
+    terms: dict[str, float]
+    applied: bool
+    nonfinite_terms: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    """Builds everything in one readable order; :meth:`train` runs until done, early-stopped or
+    failed, and always writes an ``end`` record saying which."""
+
+    cfg: RunConfig
+    run_dir: Path
+    checkpoint_dir: Path
+    rank: int
+    world_size: int
+    engine: Any
+    model: GibletAutoencoder
+    loss_fn: NormalizedLoss
+    train_data: StoreDataset
+    val_data: StoreDataset
+    sampler: ResumableDistributedSampler
+    steps_per_epoch: int
+    max_steps: int
+    early_stopping: EarlyStopping
+    run_log: RunLog
+
+    def __init__(self, cfg: RunConfig, ds_json: dict[str, Any]) -> None:
+        dist.init_distributed()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.run_dir = Path(cfg.checkpoint.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        setup_file_logging(self.run_dir, enabled=self.rank == 0)
+
+        # Store first: it defines the model's input sizes and the loss normalizers.
+        store = open_store(cfg.data.store)
+        cross_check(cfg, world_size=self.world_size, store_sizes=store.model_input_sizes())
+        cfg.model = cfg.model.with_input_sizes(store.model_input_sizes())
+        self.cfg, self.store = cfg, store
+        self.train_data = StoreDataset(store.path, "train", subject=cfg.data.subject, info=store)
+        self.val_data = StoreDataset(store.path, "val", subject=cfg.data.subject, info=store)
+        self.sampler = ResumableDistributedSampler(
+            len(self.train_data),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=cfg.train.seed,
+            drop_last=True,
+        )
+        o = cfg.optim
+        self.steps_per_epoch = self.sampler.num_samples // (o.micro_batch_size * o.grad_accum_steps)
+        if self.steps_per_epoch == 0:
+            raise GibletError(
+                f"the train split has {len(self.train_data)} TRs: too few for one optimizer step of "
+                f"{o.micro_batch_size} x {o.grad_accum_steps} per rank on {self.world_size} ranks; "
+                "lower optim.micro_batch_size or optim.grad_accum_steps"
+            )
+        self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+
+        # Resume target decides the DeepSpeed config (universal loading for a new world size).
+        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        ds_config = build_ds_config(cfg, ds_json, self.world_size)
+        if resume is not None and checkpoint_world_size(resume[0] / resume[1]) != self.world_size:
+            log.info("checkpoint %s was written by another world size: converting", resume[1])
+            resume = (resume[0], convert_to_universal(*resume))
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+        seed_everything(cfg.train.seed + self.rank)
+        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps)
+        self.loss_fn = NormalizedLoss(
+            TargetVariances.from_stats(load_target_stats(store.path)),
+            cfg.loss.weights(),
+            cfg.model.codebook_size,
+        )
+        es = cfg.train.early_stopping
+        self.early_stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
+        self.step = 0
+        self.epoch = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.counts = parameter_counts(self.model)
+        self.run_log = RunLog(
+            self.run_dir,
+            enabled=self.rank == 0,
+            wandb_mode=cfg.logging.wandb_mode,
+            wandb_project=cfg.logging.wandb_project,
+            wandb_run_name=cfg.logging.wandb_run_name,
+            config=config_to_dict(cfg),
+        )
+        if self.rank == 0:
+            (self.run_dir / "config.resolved.yaml").write_text(
+                yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            )
+        if resume is not None:
+            self._load(*resume)
+        log.info("parameters:\n%s", format_counts(self.counts))
+
+    # ---------------------------------------------------------------------------------- loop
+
+    def train(self) -> str:
+        """Run to max_steps or early stop; returns the end status."""
+        status, reason = "failed", "exception"
+        self.run_log.write(
+            "start",
+            world_size=self.world_size,
+            config=config_to_dict(self.cfg),
+            param_counts=self.counts,
+            steps_per_epoch=self.steps_per_epoch,
+            max_steps=self.max_steps,
+            start_step=self.step,
+            store=str(self.store.path),
+            store_hash=self.store.build_hash,
+            device=device_name(),
+            peak_flops=peak_flops(device_name()),
+        )
+        try:
+            while self.step < self.max_steps:
+                if self._train_epoch():
+                    status, reason = "early_stopped", self._early_stop_reason()
+                    break
+                self.epoch += 1
+            else:
+                status, reason = "finished", f"reached max_steps={self.max_steps}"
+            return status
+        except GibletError as exc:
+            reason = str(exc)
+            raise
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.run_log.write("end", step=self.step, status=status, reason=reason)
+            log.info("run %s at step %d: %s", status, self.step, reason)
+            self.run_log.close()
+
+    def _train_epoch(self) -> bool:
+        """One pass over this rank's shard (continuing mid-epoch after a resume). True: stop."""
+        self.sampler.set_epoch(self.epoch)
+        done_in_epoch = self.sampler.consumed // (
+            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps
+        )
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=done_in_epoch,
+            desc=f"epoch {self.epoch}",
+            disable=self.rank != 0 or not self.cfg.logging.progress_bar,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for micro_batches in self._step_batches():
+                started = time.perf_counter()
+                self.step += 1
+                result = self.train_step(micro_batches)
+                self.sampler.advance(self.cfg.optim.micro_batch_size * len(micro_batches))
+                self._after_step(result, time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{self._lr():.2e}")
+                if self._validate_now(end_of_epoch=False) and self._validate_and_checkpoint():
+                    return True
+                if self._save_now(end_of_epoch=False):
+                    self.save(ckpt.step_tag(self.step))
+                faults.maybe_kill(self.step, self.rank)
+                if self.step >= self.max_steps:
+                    break
+        stop = False
+        if self._validate_now(end_of_epoch=True):
+            stop = self._validate_and_checkpoint()
+        if self._save_now(end_of_epoch=True) or self.step >= self.max_steps or stop:
+            self.save(ckpt.step_tag(self.step))
+        return stop
+
+    def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        loader = DataLoader(
+            self.train_data,
+            batch_size=self.cfg.optim.micro_batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.cfg.data.num_workers,
+        )
+        group: list[dict[str, torch.Tensor]] = []
+        remaining = self.steps_per_epoch - self.sampler.consumed // (
+            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps
+        )
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.cfg.optim.grad_accum_steps:
+                yield group
+                group = []
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """Forward, normalized loss, backward and one optimizer step over the micro batches."""
+        self.engine.train()
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for batch in micro_batches:
+            batch = self._to_device(batch)
+            faults.maybe_poison(batch, self.step, self.rank)
+            output = self.engine(batch["video"], batch["audio_codes"], batch["text"])
+            result = self.loss_fn(output, batch)
+            self.engine.backward(result.total)
+            self.engine.step()
+            loss_sum += result.total.item()
+            for name, value in result.terms.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
+        n = len(micro_batches)
+        terms = {k: v / n for k, v in totals.items()}
+        local_bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        # Every rank learns which terms went non-finite anywhere (one small all-reduce).
+        flags = torch.tensor([1.0 if k in local_bad else 0.0 for k in sorted(terms)])
+        bad = [k for k, f in zip(sorted(terms), dist.all_reduce_sum(flags), strict=True) if f > 0]
+        return StepResult(
+            loss=loss_sum / n,
+            terms=terms,
+            applied=bool(self.engine.was_step_applied()) and not bad,
+            nonfinite_terms=bad,
+        )
+
+    def _after_step(self, result: StepResult, seconds: float) -> None:
+        if not result.applied:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            self.run_log.write(
+                "skip",
+                step=self.step,
+                terms=result.nonfinite_terms or ["gradient"],
+                consecutive=self.consecutive_skips,
+            )
+            log.warning(
+                "step %d skipped: non-finite %s (%d in a row)",
+                self.step,
+                ", ".join(result.nonfinite_terms or ["gradient"]),
+                self.consecutive_skips,
+            )
+            if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+                raise GibletError(
+                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or "
+                    f"gradient, the last at step {self.step} (terms: "
+                    f"{', '.join(result.nonfinite_terms or ['gradient'])}); stopping. Lower "
+                    "optim.lr or check the store for bad values (tools/audit_weights.py on the "
+                    "last checkpoint)"
+                )
+        else:
+            self.consecutive_skips = 0
+        if self.step % self.cfg.logging.log_every_steps:
+            return
+        samples = self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps * self.world_size
+        flops = peak_flops(device_name())
+        mfu = (6 * self.counts["total"] * samples / seconds / (flops * self.world_size)) if flops else None
+        grad_norm = self.engine.get_global_grad_norm()
+        self.run_log.write(
+            "train",
+            step=self.step,
+            epoch=self.epoch,
+            loss=result.loss,
+            terms=result.terms,
+            lr=self._lr(),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            skipped_steps=self.skipped_total,
+            step_time_s=seconds,
+            samples_per_s=samples / seconds,
+            mfu=mfu,
+            memory=memory_snapshot(),
+            devices=read_devices(),
+        )
+
+    # ---------------------------------------------------------------------------- validation
+
+    def _validate_now(self, end_of_epoch: bool) -> bool:
+        every = self.cfg.train.val_every_steps
+        return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
+
+    def _save_now(self, end_of_epoch: bool) -> bool:
+        every = self.cfg.checkpoint.save_every_steps
+        return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss terms and fMRI scores over the whole validation split, reduced exactly across
+        ranks (sums and counts). Every rank runs the same number of batches (ZeRO-3 gathers
+        parameters collectively), padding with masked-out repeats."""
+        self.engine.eval()
+        n = len(self.val_data)
+        mine = list(range(self.rank, n, self.world_size))
+        micro = self.cfg.optim.micro_batch_size
+        per_rank = math.ceil(math.ceil(n / self.world_size) / micro) * micro
+        padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
+        real = [True] * len(mine) + [False] * (per_rank - len(mine))
+        scores = VoxelCorrelation(self.store.n_voxels)
+        names = ["fmri", "video", "audio", "text"]
+        sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # terms..., total, count
+        for start in range(0, per_rank, micro):
+            items = [self.val_data[i] for i in padded[start : start + micro]]
+            batch = self._to_device({k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS})
+            output = self.engine(batch["video"], batch["audio_codes"], batch["text"])
+            for j, keep in enumerate(real[start : start + micro]):
+                if not keep:
+                    continue
+                result = self.loss_fn(_select(output, j), {k: v[j : j + 1] for k, v in batch.items()})
+                for i, name in enumerate(names):
+                    if name in result.terms:
+                        sums[i] += result.terms[name].item()
+                sums[-2] += result.total.item()
+                sums[-1] += 1
+                scores.update(output.fmri[j : j + 1].float().cpu(), batch["fmri"][j : j + 1].cpu())
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(scores.state)
+        count = sums[-1].item()
+        metrics = {"loss": sums[-2].item() / count}
+        for i, name in enumerate(names):
+            if name in self.loss_fn.weights and self.loss_fn.weights[name] > 0:
+                metrics[f"loss_{name}"] = sums[i].item() / count
+        metrics.update(scores.compute().as_dict())
+        self.engine.train()
+        return metrics
+
+    def _validate_and_checkpoint(self) -> bool:
+        """Validate, save `best` on improvement, log; True when early stopping says stop."""
+        metrics = self.validate()
+        es = self.cfg.train.early_stopping
+        is_best = self.early_stopping.update(metrics[es.metric], self.step)
+        # All ranks computed identical reduced metrics; rank 0's decision is broadcast anyway so
+        # that no float quirk can split the ranks.
+        stop = bool(dist.broadcast_object(self.early_stopping.should_stop))
+        self.run_log.write(
+            "val",
+            step=self.step,
+            epoch=self.epoch,
+            loss=metrics["loss"],
+            terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
+            **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
+            is_best=is_best,
+            best_metric=self.early_stopping.best,
+            patience_left=self.early_stopping.patience_left,
+        )
+        log.info(
+            "validation at step %d: loss %.4f, fMRI r %.4f%s",
+            self.step,
+            metrics["loss"],
+            metrics["fmri_r_mean"],
+            " (best)" if is_best else "",
+        )
+        if is_best:
+            self.save(ckpt.BEST_TAG)
+        return stop
+
+    def _early_stop_reason(self) -> str:
+        es = self.cfg.train.early_stopping
+        return (
+            f"{es.metric} did not improve by {es.min_delta} for {es.patience} validations; best "
+            f"{self.early_stopping.best:.6g} at step {self.early_stopping.best_step}"
+        )
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def save(self, tag: str) -> None:
+        """Save a tag on every rank; mark it complete and move `latest` only after all wrote."""
+        tag_dir = self.checkpoint_dir / tag
+        if self.rank == 0 and (tag_dir / ckpt.COMPLETE_MARKER).exists():
+            (tag_dir / ckpt.COMPLETE_MARKER).unlink()  # rewriting `best`: incomplete until done
+        dist.barrier()
+        rng_states = dist.all_gather_object(capture_rng_state())
+        client_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_states,
+            "early_stopping": self.early_stopping.state_dict(),
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "config": config_to_dict(self.cfg),
+            "store_hash": self.store.build_hash,
+            "world_size": self.world_size,
+        }
+        self.engine.save_checkpoint(
+            str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False
+        )
+        dist.barrier()
+        if self.rank == 0:
+            (tag_dir / "run_config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+            )
+            ckpt.mark_complete(tag_dir, self.step)
+            if tag != ckpt.BEST_TAG:
+                ckpt.write_latest(self.checkpoint_dir, tag)
+                ckpt.prune_step_tags(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            self.run_log.write("checkpoint", step=self.step, tag=tag, path=str(tag_dir))
+        dist.barrier()
+
+    def _load(self, checkpoint_dir: Path, tag: str) -> None:
+        path, state = self.engine.load_checkpoint(
+            str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None or state is None:
+            raise CheckpointError(f"DeepSpeed could not load {checkpoint_dir / tag}")
+        if state["store_hash"] != self.store.build_hash:
+            raise CheckpointError(
+                f"{checkpoint_dir / tag} was trained on a store with hash {state['store_hash']}, "
+                f"but data.store={self.store.path} has {self.store.build_hash}; resume with the "
+                "same store or start a new run directory"
+            )
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.skipped_total = int(state["skipped_total"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        if len(rng) == self.world_size:
+            restore_rng_state(rng[self.rank])
+        else:  # a new world size cannot replay per-rank streams; reseed deterministically
+            seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
+        log.info("resumed from %s at step %d (epoch %d)", checkpoint_dir / tag, self.step, self.epoch)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.engine.device
+        dtype = next(iter(self.engine.module.parameters())).dtype
+        out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for key in ("video", "text"):  # bf16 engines take bf16 activations
+            out[key] = out[key].to(dtype)
+        return out
+
+    def _lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def close(self) -> None:
+        self.train_data.close()
+        self.val_data.close()
+        self.run_log.close()
+
+
+def _select(output: GibletOutput, j: int) -> GibletOutput:
+    return GibletOutput(
+        fmri=output.fmri[j : j + 1],
+        video=output.video[j : j + 1],
+        audio=output.audio[j : j + 1],
+        text=output.text[j : j + 1],
+        bottleneck=output.bottleneck[j : j + 1],
+    )

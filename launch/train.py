@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train giblet with DeepSpeed.
+
+    deepspeed --num_gpus 8 launch/train.py --deepspeed_config ds_configs/zero2_bf16.json
+    deepspeed --num_gpus 2 launch/train.py --config launch/configs/small.yaml \\
+        --deepspeed_config ds_configs/zero2_fp32_cpu.json
+    python launch/train.py --dry-run            # sizes and memory per GPU, nothing allocated
+
+Also runs under torchrun and as one plain process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from giblet_ds.config import load_config  # noqa: E402
+from giblet_ds.errors import GibletError  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "launch" / "configs" / "giblet_3p5b.yaml"
+DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2_bf16.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: 3.5B)")
+    parser.add_argument("--deepspeed_config", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4"
+    )
+    parser.add_argument("--resume", help="auto | none | PATH (same as --set checkpoint.resume=...)")
+    parser.add_argument("--dry-run", action="store_true", help="print sizes and memory, then exit")
+    parser.add_argument("--num-gpus", type=int, default=8, help="GPUs per node for --dry-run")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes for --dry-run")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # launcher's
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            from giblet_ds.memory_estimate import estimate, format_estimate
+
+            print(format_estimate(estimate(cfg, num_gpus=args.num_gpus, num_nodes=args.num_nodes)))
+            return 0
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from giblet_ds.train.ds_config import load_ds_json
+        from giblet_ds.train.trainer import Trainer
+
+        trainer = Trainer(cfg, load_ds_json(args.deepspeed_config))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except GibletError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
