@@ -1,0 +1,597 @@
+"""Read a DeepSpeed ZeRO-1/2/3 checkpoint tag lazily, one parameter at a time.
+
+A tag holds, per data-parallel rank, a flat fp32 partition of every parameter group (in the
+``*_optim_states.pt`` files, next to the Adam moments) and the model metadata (names, shapes,
+buffers) in the ``*_model_states.pt`` files. Files are opened with ``torch.load(mmap=True,
+weights_only=True)`` so only their pickles are parsed; parameter bytes are then read with positional
+reads straight from the file into the output tensor, so neither the moments nor the other parameters
+are ever resident. Layout rules (the same DeepSpeed's ``zero_to_fp32.py`` relies on):
+
+* ZeRO-1/2: rank r holds slice r of each group's flat vector; the ranks' slices concatenated give
+  the group vector, in which parameters follow each other in ``param_shapes`` order (plus optional
+  per-parameter alignment padding).
+* ZeRO-3: every parameter is split in ``ceil(numel / world_size)`` pieces, rank r holding piece r at
+  the same offset of its own flat vector; the concatenated pieces are truncated to ``numel``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from giblet_ds.checkpoint_tools.safe_load import load_torch_file
+from giblet_ds.errors import CheckpointError
+
+__all__ = [
+    "ZeroCheckpoint",
+    "ParamEntry",
+    "Piece",
+    "resolve_tag_dir",
+    "list_tags",
+    "is_zero_tag_dir",
+    "Source",
+]
+
+Source = Literal["fp32", "exp_avg", "exp_avg_sq"]
+_RANK_RE = re.compile(r"^(?P<prefix>(?:bf16_|fp16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)"
+                      r"_optim_states\.pt$")  # fmt: skip
+_READ_CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read; stay well below
+
+
+def is_zero_tag_dir(path: Path) -> bool:
+    """True when ``path`` holds the model-state file of a DeepSpeed tag."""
+    return (path / "mp_rank_00_model_states.pt").is_file() or (
+        path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    ).is_file()
+
+
+def list_tags(checkpoint_dir: Path) -> list[str]:
+    """Tag folders under ``checkpoint_dir``, sorted by name."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and is_zero_tag_dir(p))
+
+
+def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
+    """The tag folder: ``checkpoint_dir/tag``, else the tag named by ``checkpoint_dir/latest``.
+
+    Also accepts a tag folder itself as ``checkpoint_dir`` (DeepSpeed's script does not).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint folder not found")
+    if tag is None:
+        latest = checkpoint_dir / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if not tag:
+                raise CheckpointError(f"{latest}: file is empty, it should name a tag")
+        elif is_zero_tag_dir(checkpoint_dir):
+            return checkpoint_dir
+        else:
+            raise CheckpointError(
+                f"{checkpoint_dir}: no 'latest' file and no DeepSpeed model-state file here; pass "
+                f"-t TAG (tags found: {list_tags(checkpoint_dir) or 'none'})"
+            )
+    tag_dir = checkpoint_dir / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(
+            f"{tag_dir}: tag folder not found (tags in {checkpoint_dir}: "
+            f"{list_tags(checkpoint_dir) or 'none'})"
+        )
+    return tag_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional reads of tensors that torch.load memory-mapped
+
+
+def _record_offsets(path: Path) -> dict[int, int]:
+    """Byte offset in the file of every non-empty ``data/<key>`` record -> its size."""
+    out: dict[int, int] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            if "/data/" not in f"/{info.filename}" or info.file_size == 0:
+                continue
+            fh.seek(info.header_offset)
+            head = fh.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: bad zip header for record {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            out[info.header_offset + 30 + name_len + extra_len] = info.file_size
+    return out
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _iter_tensors(v)
+
+
+class _MappedFile:
+    """A torch file loaded with mmap, plus the mapping from its tensors to byte offsets in it.
+
+    torch maps the whole file once and gives each storage the slice at its record's offset, so
+    ``storage.data_ptr() - record_offset`` is one constant for the file. It is derived from the
+    lowest storage and checked against every record; if anything disagrees (another torch
+    version), reads fall back to copying from the memory-mapped tensor, which is slower on memory
+    but equally exact.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.obj = load_torch_file(path, mmap=True)
+        self.size = path.stat().st_size
+        self._base: int | None = None
+        records = _record_offsets(path)
+        storages = {}
+        for t in _iter_tensors(self.obj):
+            s = t.untyped_storage()
+            if s.nbytes() > 0:
+                storages[s.data_ptr()] = s.nbytes()
+        if records and storages and len(records) == len(storages):
+            base = min(storages) - min(records)
+            if all(records.get(p - base) == n for p, n in storages.items()):
+                self._base = base
+        self._fd: int | None = None
+
+    def file_offset(self, tensor: torch.Tensor) -> int | None:
+        if self._base is None:
+            return None
+        return tensor.data_ptr() - self._base
+
+    def read_into(self, out: torch.Tensor, src: torch.Tensor, start: int, numel: int) -> None:
+        """Copy ``src.view(-1)[start:start + numel]`` into the 1-D contiguous tensor ``out``."""
+        if start < 0 or start + numel > src.numel():
+            raise CheckpointError(
+                f"{self.path}: a parameter reaches past its partition (elements {start}.."
+                f"{start + numel} of {src.numel()}); the tag's files do not belong together"
+            )
+        offset = self.file_offset(src)
+        if offset is None or not src.is_contiguous():
+            out.copy_(src.reshape(-1)[start : start + numel])
+            return
+        offset += start * src.element_size()
+        nbytes = numel * src.element_size()
+        if offset + nbytes > self.size:
+            raise CheckpointError(f"{self.path}: file is truncated (needs {offset + nbytes} bytes)")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = out.view(torch.uint8).numpy().data.cast("B")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done : min(nbytes, done + _READ_CHUNK)]], offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{self.path}: unexpected end of file at byte {offset + done}"
+                )
+            done += n
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``numel`` elements from ``start`` of group ``group``'s flat tensor on rank ``rank``."""
+
+    rank: int
+    group: int
+    start: int
+    numel: int
+
+
+@dataclass(eq=False)
+class ParamEntry:
+    """One tensor of the consolidated state dict and where its bytes live.
+
+    ``kind`` is ``param`` (fp32 partitions), ``buffer`` or ``frozen`` (read from the model-state
+    files). Tied names map to the same ParamEntry object.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: Literal["param", "buffer", "frozen"]
+    pieces: tuple[Piece, ...] = ()
+    group: int = 0
+    tensor: torch.Tensor | None = field(default=None, repr=False)
+    requires_grad: bool = False  # the flag of the saved source tensor (kept in .bin output)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _z3_partition(numel: int, world_size: int) -> int:
+    return math.ceil(numel / world_size)
+
+
+@dataclass
+class _ModelStates:
+    buffer_names: list[str]
+    module: dict[str, torch.Tensor]
+    param_shapes: list[dict[str, Any]]
+    frozen_shapes: dict[str, Any]
+    frozen_fragments: dict[str, torch.Tensor]
+    shared: dict[str, str]
+
+
+class ZeroCheckpoint:
+    """A DeepSpeed ZeRO tag, opened lazily. Use as a context manager (closes file descriptors).
+
+    >>> with ZeroCheckpoint.open("run/checkpoints") as ckpt:   # doctest: +SKIP
+    ...     for name, entry in ckpt.state_dict_entries().items():
+    ...         weight = ckpt.read(entry)
+    """
+
+    def __init__(self, tag_dir: Path) -> None:
+        self.tag_dir = tag_dir
+        self._files: list[_MappedFile] = []
+        model_file = tag_dir / "mp_rank_00_model_states.pt"
+        z3_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        if z3_file.is_file():
+            self.layout_stage3 = True
+            model_file = z3_file
+        elif model_file.is_file():
+            self.layout_stage3 = False
+        else:
+            raise CheckpointError(
+                f"{tag_dir}: no DeepSpeed model-state file (expected mp_rank_00_model_states.pt "
+                "or zero_pp_rank_0_mp_rank_00_model_states.pt)"
+            )
+        model0 = self._open(model_file)
+        meta = model0.obj
+        if not isinstance(meta, dict) or "buffer_names" not in meta or "param_shapes" not in meta:
+            raise CheckpointError(f"{model_file}: not a DeepSpeed model-state file")
+        self.model_meta: dict[str, Any] = {k: v for k, v in meta.items() if k != "module"}
+        mp = int(meta.get("mp_world_size", 1) or 1)
+        if mp != 1:
+            raise CheckpointError(
+                f"{model_file}: tensor-parallel checkpoints (mp={mp}) are not supported"
+            )
+        self.world_size, self.optim_files, self.model_files = self._expected_files(meta, model_file)
+        self.ds_version: str | None = meta.get("ds_version")
+
+        models = [model0] + [self._open(p) for p in self.model_files[1:]]
+        self._models = [self._model_states(m) for m in models]
+        self._optim = [self._open(p) for p in self.optim_files]
+        self.stage, self._fp32, self._moments = self._read_optim_meta()
+        if self.layout_stage3 != (self.stage == 3):
+            raise CheckpointError(
+                f"{tag_dir}: optimizer files say ZeRO stage {self.stage} but the model-state file "
+                f"names are those of stage {'3' if self.layout_stage3 else '1/2'}"
+            )
+        self._entries: OrderedDict[str, ParamEntry] | None = None
+        self._buffers_float = True
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, checkpoint_dir: str | Path, tag: str | None = None) -> ZeroCheckpoint:
+        """Open ``checkpoint_dir/tag`` (or the ``latest`` tag, or a tag folder given directly)."""
+        return cls(resolve_tag_dir(checkpoint_dir, tag))
+
+    def _open(self, path: Path) -> _MappedFile:
+        mf = _MappedFile(path)
+        self._files.append(mf)
+        return mf
+
+    def _expected_files(
+        self, meta: dict[str, Any], model_file: Path
+    ) -> tuple[int, list[Path], list[Path]]:
+        """Every rank file the tag must hold; fail naming the missing ones before reading any."""
+        found = {}
+        for p in self.tag_dir.iterdir():
+            m = _RANK_RE.match(p.name)
+            if m:
+                found[p.name] = (m.group("prefix"), int(m.group("rank")))
+        if any(self.tag_dir.glob("*expp_rank_*")):
+            raise CheckpointError(
+                f"{self.tag_dir}: mixture-of-experts checkpoints are not supported"
+            )
+        prefixes = sorted({prefix for prefix, _ in found.values()})
+        if len(prefixes) > 1:
+            raise CheckpointError(
+                f"{self.tag_dir}: optimizer files with different prefixes {prefixes}: two saves "
+                "were mixed in one tag folder"
+            )
+        prefix = prefixes[0] if prefixes else ""
+        ws = meta.get("dp_world_size")
+        if not isinstance(ws, int) or ws < 1:
+            # DeepSpeed versions before dp_world_size was saved: trust the file count.
+            ws = max((r for _, r in found.values()), default=-1) + 1
+        optim = [self.tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                 for r in range(max(ws, 1))]  # fmt: skip
+        if self.layout_stage3:
+            models = [self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+                      for r in range(max(ws, 1))]  # fmt: skip
+        else:
+            models = [model_file]
+        missing = [p.name for p in optim + models if not p.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{self.tag_dir}: checkpoint of {ws} data-parallel rank(s) is incomplete, missing "
+                f"{len(missing)} file(s): {', '.join(missing)} (a rank did not finish saving, or "
+                "files were not copied)"
+            )
+        extra = sorted(n for n, (_, r) in found.items() if r >= ws)
+        if extra:
+            raise CheckpointError(
+                f"{self.tag_dir}: files of ranks beyond the world size {ws}: {', '.join(extra)} "
+                "(a stale save from a larger run was left in this tag folder)"
+            )
+        return ws, optim, models
+
+    def _model_states(self, mf: _MappedFile) -> _ModelStates:
+        sd = mf.obj
+        if not isinstance(sd, dict) or "module" not in sd:
+            raise CheckpointError(f"{mf.path}: not a DeepSpeed model-state file")
+        return _ModelStates(
+            buffer_names=list(sd.get("buffer_names") or []),
+            module=sd["module"],
+            param_shapes=list(sd.get("param_shapes") or []),
+            frozen_shapes=dict(sd.get("frozen_param_shapes") or {}),
+            frozen_fragments=dict(sd.get("frozen_param_fragments") or {}),
+            shared=dict(sd.get("shared_params") or {}),
+        )
+
+    def _read_optim_meta(
+        self,
+    ) -> tuple[int, list[list[torch.Tensor]], dict[str, list[list[torch.Tensor | None]]]]:
+        fp32: list[list[torch.Tensor]] = []
+        moments: dict[str, list[list[torch.Tensor | None]]] = {"exp_avg": [], "exp_avg_sq": []}
+        stage: int | None = None
+        for mf in self._optim:
+            osd = mf.obj.get("optimizer_state_dict") if isinstance(mf.obj, dict) else None
+            if not isinstance(osd, dict) or "zero_stage" not in osd:
+                raise CheckpointError(f"{mf.path}: not a ZeRO optimizer-state file (no zero_stage)")
+            s = int(osd["zero_stage"])
+            if stage is not None and s != stage:
+                raise CheckpointError(f"{mf.path}: ZeRO stage {s}, rank 0 has stage {stage}")
+            stage = s
+            count = osd.get("partition_count")
+            count = max(count) if isinstance(count, list) else count
+            if count is not None and int(count) != self.world_size:
+                raise CheckpointError(
+                    f"{mf.path}: partitioned over {count} ranks but the tag has {self.world_size} "
+                    "(files from different saves?)"
+                )
+            key = "fp32_flat_groups" if s == 3 else "single_partition_of_fp32_groups"
+            groups = osd.get(key)
+            if not isinstance(groups, list) or not all(isinstance(t, torch.Tensor) for t in groups):
+                raise CheckpointError(f"{mf.path}: no fp32 partitions under {key!r}")
+            fp32.append(groups)
+            base = osd.get("optimizer_state_dict" if s == 3 else "base_optimizer_state")
+            for name in moments:
+                moments[name].append(_moment_groups(base, name, len(groups)))
+        assert stage is not None
+        if stage not in (1, 2, 3):
+            raise CheckpointError(f"{self.tag_dir}: unsupported ZeRO stage {stage}")
+        ngroups = {len(g) for g in fp32}
+        if len(ngroups) != 1:
+            raise CheckpointError(f"{self.tag_dir}: ranks disagree on the number of param groups")
+        self._alignment = self._optim[0].obj["optimizer_state_dict"].get("param_alignment_paddings")
+        return stage, fp32, moments
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def tag(self) -> str:
+        return self.tag_dir.name
+
+    def files(self) -> list[Path]:
+        """Every file of the tag this reader uses (model states first)."""
+        return list(dict.fromkeys(self.model_files + self.optim_files))
+
+    def has_moments(self) -> bool:
+        return all(all(t is not None for t in groups) for groups in self._moments["exp_avg"])
+
+    def state_dict_entries(
+        self, exclude_frozen_parameters: bool = False
+    ) -> OrderedDict[str, ParamEntry]:
+        """Name -> entry, in the order DeepSpeed's ``zero_to_fp32`` builds its state dict.
+
+        Buffers (floating ones as fp32), frozen parameters, trainable parameters, then tied names.
+        """
+        m0 = self._models[0]
+        out: OrderedDict[str, ParamEntry] = OrderedDict()
+        names = set(m0.buffer_names)
+        for name, t in m0.module.items():
+            if name in names:
+                dtype = torch.float32 if t.is_floating_point() else t.dtype
+                out[name] = ParamEntry(name, tuple(t.shape), dtype, "buffer", tensor=t,
+                                       requires_grad=t.requires_grad)  # fmt: skip
+        if not exclude_frozen_parameters:
+            for name, shape in m0.frozen_shapes.items():
+                frag = m0.frozen_fragments.get(name)
+                if frag is None:
+                    raise CheckpointError(
+                        f"{self.tag_dir}: frozen parameter {name} has no fragment"
+                    )
+                out[name] = ParamEntry(name, tuple(shape), frag.dtype, "frozen",
+                                       requires_grad=frag.requires_grad)  # fmt: skip
+        for entry in self._trainable_entries():
+            out[entry.name] = entry
+        for alias, target in m0.shared.items():
+            if target in out:
+                out[alias] = out[target]
+        return out
+
+    def _trainable_entries(self) -> list[ParamEntry]:
+        shapes = self._models[0].param_shapes
+        if len(shapes) != len(self._fp32[0]):
+            raise CheckpointError(
+                f"{self.tag_dir}: {len(shapes)} parameter groups in the model states but "
+                f"{len(self._fp32[0])} in the optimizer states"
+            )
+        return self._zero3_entries(shapes) if self.stage == 3 else self._zero2_entries(shapes)
+
+    def _zero2_entries(self, shapes: list[dict[str, Any]]) -> list[ParamEntry]:
+        ws = self.world_size
+        out = []
+        for g, group_shapes in enumerate(shapes):
+            sizes = [int(self._fp32[r][g].numel()) for r in range(ws)]
+            starts = [sum(sizes[:r]) for r in range(ws)]
+            avail = sum(sizes)
+            paddings = self._alignment[g] if self._alignment is not None else None
+            if paddings is not None and len(paddings) != len(group_shapes):
+                raise CheckpointError(
+                    f"{self.tag_dir}: group {g} has {len(group_shapes)} parameters but "
+                    f"{len(paddings)} alignment paddings"
+                )
+            offset = 0
+            for i, (name, shape) in enumerate(group_shapes.items()):
+                numel = math.prod(shape)
+                pieces = []
+                lo, hi = offset, offset + numel
+                for r in range(ws):
+                    a, b = max(lo, starts[r]), min(hi, starts[r] + sizes[r])
+                    if a < b:
+                        pieces.append(Piece(r, g, a - starts[r], b - a))
+                if sum(p.numel for p in pieces) != numel:
+                    raise CheckpointError(
+                        f"{self.tag_dir}: parameter {name} ({numel} elements at {offset}) runs past "
+                        f"the {avail} elements of group {g}'s partitions"
+                    )
+                grad = any(self._fp32[p.rank][g].requires_grad for p in pieces)
+                out.append(ParamEntry(name, tuple(shape), torch.float32, "param", tuple(pieces), g,
+                                      requires_grad=grad))  # fmt: skip
+                offset = hi + (int(paddings[i]) if paddings is not None else 0)
+            # DeepSpeed pads each group to a multiple of 2 x world size; both counts must agree
+            # after that rounding, as its own script checks.
+            align = 2 * ws
+            if align * math.ceil(offset / align) != align * math.ceil(avail / align):
+                raise CheckpointError(
+                    f"{self.tag_dir}: consumed {offset} of {avail} elements in group {g}; the "
+                    "parameter shapes do not match the optimizer partitions"
+                )
+        return out
+
+    def _zero3_entries(self, shapes: list[dict[str, Any]]) -> list[ParamEntry]:
+        ws = self.world_size
+        group_sizes = [int(t.numel()) for t in self._fp32[0]]
+        for r in range(ws):
+            if [int(t.numel()) for t in self._fp32[r]] != group_sizes:
+                raise CheckpointError(
+                    f"{self.optim_files[r]}: partition sizes differ from rank 0's"
+                )
+        bounds = [0]
+        for n in group_sizes:
+            bounds.append(bounds[-1] + n)
+        merged: dict[str, Any] = {}
+        for group_shapes in shapes:
+            merged.update(group_shapes)
+        out = []
+        offset = 0
+        for name, shape in merged.items():
+            numel = math.prod(shape)
+            part = _z3_partition(numel, ws)
+            pieces = []
+            remaining = numel
+            for r in range(ws):
+                lo, hi = offset, offset + min(part, remaining)
+                for g in range(len(group_sizes)):
+                    a, b = max(lo, bounds[g]), min(hi, bounds[g + 1])
+                    if a < b:
+                        pieces.append(Piece(r, g, a - bounds[g], b - a))
+                remaining -= hi - lo
+                if remaining <= 0:
+                    break
+            if offset + part > bounds[-1]:
+                raise CheckpointError(
+                    f"{self.tag_dir}: parameter {name} runs past the {bounds[-1]} elements of the "
+                    "flat partitions; the parameter shapes do not match the optimizer files"
+                )
+            group = next(g for g in range(len(group_sizes)) if bounds[g] <= offset < bounds[g + 1])
+            grad = any(self._fp32[p.rank][p.group].requires_grad for p in pieces)
+            out.append(ParamEntry(name, tuple(shape), torch.float32, "param", tuple(pieces), group,
+                                  requires_grad=grad))  # fmt: skip
+            offset += part
+        if offset * ws != bounds[-1] * ws:
+            raise CheckpointError(
+                f"{self.tag_dir}: consumed {offset * ws} of {bounds[-1] * ws} elements; the "
+                "parameter shapes do not match the optimizer partitions"
+            )
+        return out
+
+    def read(self, entry: ParamEntry, source: Source = "fp32") -> torch.Tensor:
+        """The full tensor of ``entry`` (a fresh contiguous tensor; only its bytes are read).
+
+        ``source`` picks the fp32 master weights or an Adam moment (same layout, trainable
+        parameters only).
+        """
+        if entry.kind == "buffer":
+            assert entry.tensor is not None
+            t = entry.tensor
+            return t.float() if t.is_floating_point() else t.clone()
+        if entry.kind == "frozen":
+            return self._read_frozen(entry)
+        groups: list[list[torch.Tensor]] | list[list[torch.Tensor | None]]
+        groups = self._fp32 if source == "fp32" else self._moments[source]
+        out = torch.empty(entry.numel, dtype=torch.float32)
+        pos = 0
+        for piece in entry.pieces:
+            src = groups[piece.rank][piece.group]
+            if src is None:
+                raise CheckpointError(f"{self.optim_files[piece.rank]}: no {source} state saved")
+            take = min(piece.numel, entry.numel - pos)
+            self._optim[piece.rank].read_into(out[pos : pos + take], src, piece.start, take)
+            pos += take
+            if pos >= entry.numel:
+                break
+        return out.view(entry.shape)
+
+    def _read_frozen(self, entry: ParamEntry) -> torch.Tensor:
+        frags = [m.frozen_fragments[entry.name] for m in self._models]
+        if self.stage != 3:
+            return frags[0].reshape(entry.shape).clone()
+        flat = torch.cat([f.reshape(-1) for f in frags])
+        return flat[: entry.numel].reshape(entry.shape).clone()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> ZeroCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _moment_groups(base: Any, name: str, ngroups: int) -> list[torch.Tensor | None]:
+    """Per-group Adam moment tensors from a base optimizer state dict (None where absent)."""
+    states: Any = None
+    if isinstance(base, dict):
+        states = base.get("state")
+    elif isinstance(base, list):  # older DeepSpeed: one optimizer state dict per group
+        states = {g: (b.get("state", {}).get(0, {}) if isinstance(b, dict) else {})
+                  for g, b in enumerate(base)}  # fmt: skip
+    out: list[torch.Tensor | None] = []
+    for g in range(ngroups):
+        st = states.get(g) if isinstance(states, dict) else None
+        t = st.get(name) if isinstance(st, dict) else None
+        out.append(t if isinstance(t, torch.Tensor) else None)
+    return out
