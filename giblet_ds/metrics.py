@@ -67,7 +67,8 @@ class VoxelCorrelation:
         r = self.per_voxel_r()
         return FmriScores(
             r_mean=float(r.mean()),
-            r_median=float(r.median()),
+            # torch's median() returns the lower of the two middle values; quantile averages them
+            r_median=float(torch.quantile(r, 0.5)),
             frac_r_gt_0p1=float((r > 0.1).double().mean()),
             spatial_r=float(self.state[5 * self.n_voxels + 1] / n),
             n_samples=int(n),
