@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, NamedTuple
 
 import torch
 from torch import nn
@@ -26,9 +25,9 @@ GatherFn = Callable[[list[nn.Parameter]], ContextManager[object]]
 OUTPUT_INIT_SCALE = 0.1
 
 
-@dataclass
-class GibletOutput:
-    """Model predictions for a batch of B TRs."""
+class GibletOutput(NamedTuple):
+    """Model predictions for a batch of B TRs. A NamedTuple, not a dataclass: ZeRO-3's hooks find
+    tensors inside tuples, not inside arbitrary objects."""
 
     fmri: torch.Tensor
     """(B, n_voxels) predicted BOLD."""

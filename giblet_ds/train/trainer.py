@@ -44,6 +44,8 @@ class StepResult:
     loss: float
     terms: dict[str, float]
     applied: bool
+    lr: float
+    """The learning rate this step used (the schedule advances only on applied steps)."""
     nonfinite_terms: list[str] = field(default_factory=list)
 
 
@@ -123,6 +125,7 @@ class Trainer:
         self.epoch = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
+        self._last_saved_step = -1
         self.counts = parameter_counts(self.model)
         self.run_log = RunLog(
             self.run_dir,
@@ -191,6 +194,7 @@ class Trainer:
             disable=self.rank != 0 or not self.cfg.logging.progress_bar,
             dynamic_ncols=True,
         )
+        stop = False
         with bar:
             for micro_batches in self._step_batches():
                 started = time.perf_counter()
@@ -199,16 +203,15 @@ class Trainer:
                 self.sampler.advance(self.cfg.optim.micro_batch_size * len(micro_batches))
                 self._after_step(result, time.perf_counter() - started)
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{self._lr():.2e}")
-                if self._validate_now(end_of_epoch=False) and self._validate_and_checkpoint():
-                    return True
-                if self._save_now(end_of_epoch=False):
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                if self._validate_now(end_of_epoch=False):
+                    stop = self._validate_and_checkpoint()
+                if self._save_now(end_of_epoch=False) or stop:
                     self.save(ckpt.step_tag(self.step))
                 faults.maybe_kill(self.step, self.rank)
-                if self.step >= self.max_steps:
+                if stop or self.step >= self.max_steps:
                     break
-        stop = False
-        if self._validate_now(end_of_epoch=True):
+        if not stop and self._validate_now(end_of_epoch=True):
             stop = self._validate_and_checkpoint()
         if self._save_now(end_of_epoch=True) or self.step >= self.max_steps or stop:
             self.save(ckpt.step_tag(self.step))
@@ -238,6 +241,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """Forward, normalized loss, backward and one optimizer step over the micro batches."""
         self.engine.train()
+        lr = self._lr()
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for batch in micro_batches:
@@ -260,6 +264,7 @@ class Trainer:
             loss=loss_sum / n,
             terms=terms,
             applied=bool(self.engine.was_step_applied()) and not bad,
+            lr=lr,
             nonfinite_terms=bad,
         )
 
@@ -301,7 +306,7 @@ class Trainer:
             epoch=self.epoch,
             loss=result.loss,
             terms=result.terms,
-            lr=self._lr(),
+            lr=result.lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped_steps=self.skipped_total,
             step_time_s=seconds,
@@ -402,6 +407,8 @@ class Trainer:
 
     def save(self, tag: str) -> None:
         """Save a tag on every rank; mark it complete and move `latest` only after all wrote."""
+        if tag != ckpt.BEST_TAG and self._last_saved_step == self.step:
+            return  # this step is already on disk under its step tag
         tag_dir = self.checkpoint_dir / tag
         if self.rank == 0 and (tag_dir / ckpt.COMPLETE_MARKER).exists():
             (tag_dir / ckpt.COMPLETE_MARKER).unlink()  # rewriting `best`: incomplete until done
@@ -432,6 +439,8 @@ class Trainer:
                 ckpt.write_latest(self.checkpoint_dir, tag)
                 ckpt.prune_step_tags(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
             self.run_log.write("checkpoint", step=self.step, tag=tag, path=str(tag_dir))
+        if tag != ckpt.BEST_TAG:
+            self._last_saved_step = self.step
         dist.barrier()
 
     def _load(self, checkpoint_dir: Path, tag: str) -> None:
