@@ -8,6 +8,7 @@ sections (batch sizes vs world size, store shapes vs model sizes, ZeRO stage vs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -147,7 +148,9 @@ class ModelConfig:
         )
         _require(self.bottleneck > 0, "model.bottleneck", self.bottleneck, "must be > 0")
         _require(self.codebook_size > 1, "model.codebook_size", self.codebook_size, "must be > 1")
-        _require(self.audio_embed_dim > 0, "model.audio_embed_dim", self.audio_embed_dim, "must be > 0")
+        _require(
+            self.audio_embed_dim > 0, "model.audio_embed_dim", self.audio_embed_dim, "must be > 0"
+        )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         _require(
             not (self.seed_compat and self.activation_checkpointing),
@@ -169,8 +172,10 @@ class ModelConfig:
         """
         unknown = set(sizes) - set(MODEL_INPUT_KEYS)
         if unknown:
-            raise ConfigError(f"unknown model input sizes {sorted(unknown)}; valid: {MODEL_INPUT_KEYS}")
-        filled = {k: v for k, v in sizes.items() if getattr(self, k) is None}
+            raise ConfigError(
+                f"unknown model input sizes {sorted(unknown)}; valid: {MODEL_INPUT_KEYS}"
+            )
+        filled: dict[str, Any] = {k: v for k, v in sizes.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
 
@@ -187,7 +192,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.subject is None or self.subject >= 0, "data.subject", self.subject, "must be >= 0 or null"
+            self.subject is None or self.subject >= 0,
+            "data.subject",
+            self.subject,
+            "must be >= 0 or null",
         )
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
@@ -223,9 +231,21 @@ class OptimConfig:
             "must be two numbers in [0, 1)",
         )
         _require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
-        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
-        _require(self.micro_batch_size > 0, "optim.micro_batch_size", self.micro_batch_size, "must be > 0")
-        _require(self.grad_accum_steps > 0, "optim.grad_accum_steps", self.grad_accum_steps, "must be > 0")
+        _require(
+            self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)"
+        )
+        _require(
+            self.micro_batch_size > 0,
+            "optim.micro_batch_size",
+            self.micro_batch_size,
+            "must be > 0",
+        )
+        _require(
+            self.grad_accum_steps > 0,
+            "optim.grad_accum_steps",
+            self.grad_accum_steps,
+            "must be > 0",
+        )
         _require(
             self.global_batch_size is None or self.global_batch_size > 0,
             "optim.global_batch_size",
@@ -248,7 +268,10 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(
-            self.warmup_start_lr >= 0, "schedule.warmup_start_lr", self.warmup_start_lr, "must be >= 0"
+            self.warmup_start_lr >= 0,
+            "schedule.warmup_start_lr",
+            self.warmup_start_lr,
+            "must be >= 0",
         )
         _require(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "must be >= 0")
 
@@ -298,11 +321,21 @@ class EarlyStoppingConfig:
             f"loss_{t}" for t in ("fmri", "video", "audio", "text")
         }
         _require(
-            self.metric in valid, "train.early_stopping.metric", self.metric, f"must be one of {sorted(valid)}"
+            self.metric in valid,
+            "train.early_stopping.metric",
+            self.metric,
+            f"must be one of {sorted(valid)}",
         )
-        _require(self.mode in ("max", "min"), "train.early_stopping.mode", self.mode, "must be max or min")
+        _require(
+            self.mode in ("max", "min"),
+            "train.early_stopping.mode",
+            self.mode,
+            "must be max or min",
+        )
         _require(self.patience >= 0, "train.early_stopping.patience", self.patience, "must be >= 0")
-        _require(self.min_delta >= 0, "train.early_stopping.min_delta", self.min_delta, "must be >= 0")
+        _require(
+            self.min_delta >= 0, "train.early_stopping.min_delta", self.min_delta, "must be >= 0"
+        )
 
 
 @dataclass
@@ -325,7 +358,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0")
         _require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
-        _require(self.val_every_steps >= 0, "train.val_every_steps", self.val_every_steps, "must be >= 0")
+        _require(
+            self.val_every_steps >= 0, "train.val_every_steps", self.val_every_steps, "must be >= 0"
+        )
         _require(
             self.max_consecutive_skips > 0,
             "train.max_consecutive_skips",
@@ -350,10 +385,15 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "checkpoint.run_dir", self.run_dir, "must be a directory path")
         _require(
-            self.save_every_steps >= 0, "checkpoint.save_every_steps", self.save_every_steps, "must be >= 0"
+            self.save_every_steps >= 0,
+            "checkpoint.save_every_steps",
+            self.save_every_steps,
+            "must be >= 0",
         )
         _require(self.keep_last > 0, "checkpoint.keep_last", self.keep_last, "must be > 0")
-        _require(bool(self.resume), "checkpoint.resume", self.resume, "must be auto, none or a path")
+        _require(
+            bool(self.resume), "checkpoint.resume", self.resume, "must be auto, none or a path"
+        )
 
 
 @dataclass
@@ -372,7 +412,9 @@ class LoggingConfig:
     """Rank 0 shows a progress bar per epoch."""
 
     def __post_init__(self) -> None:
-        _require(self.log_every_steps > 0, "logging.log_every_steps", self.log_every_steps, "must be > 0")
+        _require(
+            self.log_every_steps > 0, "logging.log_every_steps", self.log_every_steps, "must be > 0"
+        )
         _require(
             self.wandb_mode in ("offline", "online", "disabled"),
             "logging.wandb_mode",
@@ -448,7 +490,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         dotted = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ConfigError(f"unknown config key {dotted}; valid keys under '{prefix or '.'}': {names}")
+        raise ConfigError(
+            f"unknown config key {dotted}; valid keys under '{prefix or '.'}': {names}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]
@@ -471,10 +515,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML reads 3e-4 as a string (no dot in the mantissa); numbers are what users mean.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
     return dotted.strip().split("."), value
 
 
@@ -498,7 +540,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config PATH to a run YAML")
+            raise ConfigError(
+                f"config file {path} does not exist; pass --config PATH to a run YAML"
+            )
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

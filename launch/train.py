@@ -27,11 +27,17 @@ DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2_bf16.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: 3.5B)")
     parser.add_argument("--deepspeed_config", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=3e-4",
     )
     parser.add_argument("--resume", help="auto | none | PATH (same as --set checkpoint.resume=...)")
     parser.add_argument("--dry-run", action="store_true", help="print sizes and memory, then exit")

@@ -75,7 +75,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
     reference_run = _reference(ds_config, tmp_path_factory, tiny_store)
     run_dir = tmp_path / "run"
     killed = run_training(
-        run_dir, tiny_store, ds_config=ds_config, sets=COMMON, env={"GIBLET_FAULT_KILL_AT_STEP": "5"}
+        run_dir,
+        tiny_store,
+        ds_config=ds_config,
+        sets=COMMON,
+        env={"GIBLET_FAULT_KILL_AT_STEP": "5"},
     )
     assert killed.returncode != 0
     assert not records(run_dir, "end"), "a killed run must not write an end record"
@@ -123,7 +127,9 @@ def test_nan_step_is_skipped_and_early_stopping_stops_every_rank(
     assert all(torch.isfinite(t).all() for t in state["module"].values())
 
 
-def test_universal_resume_on_one_rank(reference_run: Path, tiny_store: Path, tmp_path: Path) -> None:
+def test_universal_resume_on_one_rank(
+    reference_run: Path, tiny_store: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
     (run_dir / "metrics.jsonl").unlink()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from typing import ContextManager, NamedTuple
+from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ __all__ = ["GibletAutoencoder", "GibletOutput", "GatherFn"]
 # Context manager factory that makes a list of parameters whole and writable, e.g.
 # deepspeed.zero.GatheredParameters(params, modifier_rank=0) under ZeRO-3. The model never imports
 # deepspeed: the training layer passes this in.
-GatherFn = Callable[[list[nn.Parameter]], ContextManager[object]]
+GatherFn = Callable[[list[nn.Parameter]], AbstractContextManager[object]]
 
 OUTPUT_INIT_SCALE = 0.1
 

@@ -36,7 +36,9 @@ class DenseBlock(nn.Module):
             nn.BatchNorm1d(out_features) if seed_compat else nn.LayerNorm(out_features)
         )
         self.activation: nn.Module = nn.ReLU() if activation else nn.Identity()
-        self.dropout: nn.Module = nn.Dropout(dropout) if activation and dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = (
+            nn.Dropout(dropout) if activation and dropout > 0 else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.activation(self.norm(self.linear(x))))

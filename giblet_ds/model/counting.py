@@ -41,7 +41,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
     counts["total"] = total
     if counts["encoder"] + counts["decoder"] != total:
-        raise AssertionError(f"parameter groups sum to {counts['encoder'] + counts['decoder']}, not {total}")
+        raise AssertionError(
+            f"parameter groups sum to {counts['encoder'] + counts['decoder']}, not {total}"
+        )
     return counts
 
 

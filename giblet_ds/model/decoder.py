@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -25,20 +27,20 @@ class GibletDecoder(nn.Module):
         super().__init__()
         assert cfg.frame_height and cfg.frame_width and cfg.n_codebooks and cfg.code_frames
         assert cfg.text_slots and cfg.text_dim
-        common = {"seed_compat": cfg.seed_compat, "dropout": cfg.dropout}
+        stack = functools.partial(DenseStack, seed_compat=cfg.seed_compat, dropout=cfg.dropout)
         self.seed_compat = cfg.seed_compat
         self.codebook_size = cfg.codebook_size
         self.audio_shape = (cfg.n_codebooks, cfg.code_frames, cfg.audio_embed_dim)
-        self.trunk = DenseStack(cfg.bottleneck, cfg.decoder_hidden, **common)
+        self.trunk = stack(cfg.bottleneck, cfg.decoder_hidden)
         width = cfg.decoder_hidden[-1]
         frame = cfg.frame_height * cfg.frame_width * 3
-        self.video = DenseStack(width, cfg.video_decoder_hidden, out_features=frame, **common)
+        self.video = stack(width, cfg.video_decoder_hidden, out_features=frame)
         audio_out = cfg.n_codebooks * cfg.code_frames
         if not cfg.seed_compat:
             audio_out *= cfg.audio_embed_dim
-        self.audio = DenseStack(width, cfg.audio_decoder_hidden, out_features=audio_out, **common)
-        self.text = DenseStack(
-            width, cfg.text_decoder_hidden, out_features=cfg.text_slots * cfg.text_dim, **common
+        self.audio = stack(width, cfg.audio_decoder_hidden, out_features=audio_out)
+        self.text = stack(
+            width, cfg.text_decoder_hidden, out_features=cfg.text_slots * cfg.text_dim
         )
 
     def forward(

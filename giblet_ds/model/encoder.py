@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -76,20 +78,16 @@ class GibletEncoder(nn.Module):
             raise ValueError(f"model input sizes {missing} are unset; fill them from the store")
         assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width
         assert cfg.text_slots and cfg.text_dim and cfg.n_voxels
-        common = {"seed_compat": cfg.seed_compat, "dropout": cfg.dropout}
+        stack = functools.partial(DenseStack, seed_compat=cfg.seed_compat, dropout=cfg.dropout)
         video_in = cfg.frames_per_tr * cfg.frame_height * cfg.frame_width * 3
-        self.video = DenseStack(video_in, cfg.video_hidden, **common)
+        self.video = stack(video_in, cfg.video_hidden)
         self.audio = AudioEncoder(cfg)
-        self.text = DenseStack(cfg.text_slots * cfg.text_dim, cfg.text_hidden, **common)
+        self.text = stack(cfg.text_slots * cfg.text_dim, cfg.text_hidden)
         fused = cfg.video_hidden[-1] + cfg.audio_hidden[-1] + cfg.text_hidden[-1]
         # The bottleneck is normalized but not activated: it is the code the decoder and the fMRI
         # head read, and a ReLU there would zero half of it.
-        self.trunk = DenseStack(
-            fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False, **common
-        )
-        self.fmri_head = DenseStack(
-            cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels, **common
-        )
+        self.trunk = stack(fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False)
+        self.fmri_head = stack(cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels)
 
     def forward(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor

@@ -39,15 +39,21 @@ ENGINE_KEYS = {
 }
 OPTIMIZER_TYPES = {"AdamW", "Adam"}
 OPTIMIZER_ENGINE_PARAMS = {"torch_adam", "adam_w_mode", "fused"}
-RUN_CONFIG_OPTIMIZER_PARAMS = {"lr": "optim.lr", "betas": "optim.betas", "eps": "optim.eps",
-                               "weight_decay": "optim.weight_decay"}
+RUN_CONFIG_OPTIMIZER_PARAMS = {
+    "lr": "optim.lr",
+    "betas": "optim.betas",
+    "eps": "optim.eps",
+    "weight_decay": "optim.weight_decay",
+}
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:
     """Read and validate one DeepSpeed JSON (keys, types, stage vs offload)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; see ds_configs/ for the shipped ones")
+        raise ConfigError(
+            f"DeepSpeed config {path} does not exist; see ds_configs/ for the shipped ones"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -88,7 +94,9 @@ def _validate(ds: dict[str, Any]) -> list[str]:
     if optimizer is not None:
         kind = optimizer.get("type")
         if kind not in OPTIMIZER_TYPES:
-            problems.append(f"optimizer.type must be one of {sorted(OPTIMIZER_TYPES)}, got {kind!r}")
+            problems.append(
+                f"optimizer.type must be one of {sorted(OPTIMIZER_TYPES)}, got {kind!r}"
+            )
         params = optimizer.get("params", {})
         for key in sorted(set(params) & set(RUN_CONFIG_OPTIMIZER_PARAMS)):
             problems.append(

@@ -28,7 +28,8 @@ UNIVERSAL_SUFFIX = "-universal"
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: norms, biases and code embeddings are not shrunk toward zero."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         shape = getattr(param, "ds_shape", param.shape)
         (decay if len(shape) == 2 and "codebook" not in name else no_decay).append(param)

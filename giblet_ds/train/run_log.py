@@ -61,7 +61,7 @@ class RunLog:
                 project=wandb_project,
                 name=wandb_run_name or run_dir.name,
                 dir=str(run_dir),
-                mode=wandb_mode,
+                mode=wandb_mode,  # type: ignore[arg-type]  # validated by LoggingConfig
                 config=config,
                 resume="allow",
                 id=(wandb_run_name or run_dir.name).replace("/", "-"),

@@ -10,7 +10,13 @@ __all__ = ["lr_at", "make_scheduler"]
 
 
 def lr_at(
-    step: int, *, peak_lr: float, warmup_steps: int, warmup_start_lr: float, min_lr: float, total_steps: int
+    step: int,
+    *,
+    peak_lr: float,
+    warmup_steps: int,
+    warmup_start_lr: float,
+    min_lr: float,
+    total_steps: int,
 ) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 

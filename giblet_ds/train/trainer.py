@@ -296,9 +296,15 @@ class Trainer:
             self.consecutive_skips = 0
         if self.step % self.cfg.logging.log_every_steps:
             return
-        samples = self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps * self.world_size
+        samples = (
+            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps * self.world_size
+        )
         flops = peak_flops(device_name())
-        mfu = (6 * self.counts["total"] * samples / seconds / (flops * self.world_size)) if flops else None
+        mfu = (
+            (6 * self.counts["total"] * samples / seconds / (flops * self.world_size))
+            if flops
+            else None
+        )
         grad_norm = self.engine.get_global_grad_norm()
         self.run_log.write(
             "train",
@@ -348,7 +354,9 @@ class Trainer:
             for j, keep in enumerate(real[start : start + micro]):
                 if not keep:
                     continue
-                result = self.loss_fn(_select(output, j), {k: v[j : j + 1] for k, v in batch.items()})
+                result = self.loss_fn(
+                    _select(output, j), {k: v[j : j + 1] for k, v in batch.items()}
+                )
                 for i, name in enumerate(names):
                     if name in result.terms:
                         sums[i] += result.terms[name].item()
@@ -465,7 +473,9 @@ class Trainer:
             restore_rng_state(rng[self.rank])
         else:  # a new world size cannot replay per-rank streams; reseed deterministically
             seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
-        log.info("resumed from %s at step %d (epoch %d)", checkpoint_dir / tag, self.step, self.epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d)", checkpoint_dir / tag, self.step, self.epoch
+        )
 
     # ------------------------------------------------------------------------------- helpers
 
