@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -74,7 +74,11 @@ class GibletAutoencoder(nn.Module):
             stack.checkpoint_fn = checkpoint_fn
 
     @torch.no_grad()
-    def init_weights(self, gather: GatherFn | None = None) -> None:
+    def init_weights(
+        self,
+        gather: GatherFn | None = None,
+        output_means: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Set every parameter and buffer. Rules, per tensor:
 
         - hidden Linear weights (followed by ReLU): normal, std sqrt(2 / fan_in) (He);
@@ -84,7 +88,10 @@ class GibletAutoencoder(nn.Module):
           starts near 1.0; their biases 0;
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
-        - audio code embeddings: normal, std 1.
+        - audio code embeddings: normal, std 1;
+        - with ``output_means`` (training means of the targets, keys ``fmri``, ``video``,
+          ``text``): those output biases start at the mean, so every normalized MSE term starts
+          near 1.0 (predicting the mean) instead of mean^2 / var above it.
 
         ``gather`` makes partitioned parameters whole for the write (ZeRO-3); one module's own
         parameters at a time, so peak memory is one tensor, never the model.
@@ -96,6 +103,16 @@ class GibletAutoencoder(nn.Module):
                 continue
             with gather(params):
                 self._init_module(module)
+        heads = {
+            "fmri": self.encoder.fmri_head,
+            "video": self.decoder.video,
+            "text": self.decoder.text,
+        }
+        for name, mean in (output_means or {}).items():
+            out = heads[name].out
+            assert out is not None and out.bias is not None
+            with gather([out.bias]):
+                out.bias.copy_(mean.reshape(out.bias.shape))
 
     def _init_module(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -40,7 +40,10 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def build_engine(
-    cfg: RunConfig, ds_config: dict[str, Any], total_steps: int
+    cfg: RunConfig,
+    ds_config: dict[str, Any],
+    total_steps: int,
+    output_means: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, GibletAutoencoder]:
     """Model -> init_weights -> deepspeed.initialize with our warmup + cosine schedule."""
     stage = zero_stage(ds_config)
@@ -49,9 +52,11 @@ def build_engine(
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
         model = GibletAutoencoder(cfg.model)
     if stage == 3:
-        model.init_weights(lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
+        model.init_weights(
+            lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0), output_means
+        )
     else:
-        model.init_weights()
+        model.init_weights(output_means=output_means)
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the reentrant variant
         # silently drops the graph when the first block's input does not).

@@ -112,10 +112,12 @@ class Trainer:
             resume = (resume[0], convert_to_universal(*resume))
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
+        stats = load_target_stats(store.path, subject=cfg.data.subject)
+        means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
         seed_everything(cfg.train.seed + self.rank)
-        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps)
+        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means)
         self.loss_fn = NormalizedLoss(
-            TargetVariances.from_stats(load_target_stats(store.path)),
+            TargetVariances.from_stats(stats),
             cfg.loss.weights(),
             cfg.model.codebook_size,
         )

@@ -1,0 +1,82 @@
+"""launch/train.py as a user meets it: clear errors with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train_harness import REPO, TRAIN, records, run_training
+
+
+def _train(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    result = _train("--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert f"config file {tmp_path / 'nope.yaml'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_override_lists_valid_keys() -> None:
+    result = _train("--set", "optim.learning_rate=1e-3", "--dry-run")
+    assert result.returncode == 2
+    assert (
+        "unknown config key optim.learning_rate; valid keys under 'optim.': ['lr'," in result.stderr
+    )
+
+
+def test_dry_run_prints_exact_counts_without_allocating() -> None:
+    result = _train("--dry-run", "--num-gpus", "8")
+    assert result.returncode == 0, result.stderr
+    assert "3,513,036,418" in result.stdout
+
+
+def test_repeated_nonfinite_steps_stop_the_run(tiny_store: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_training(
+        run_dir,
+        tiny_store,
+        world=1,
+        sets=("train.max_consecutive_skips=2",),
+        env={"GIBLET_FAULT_NAN_STEPS": "2,3"},
+    )
+    assert result.returncode == 2
+    assert (
+        "2 optimizer steps in a row had a non-finite loss or gradient, the last at step 3 "
+        "(terms: audio, fmri, text, video)" in result.stderr
+    )
+    (end,) = records(run_dir, "end")
+    assert end["status"] == "failed" and end["step"] == 3
+    assert not (run_dir / "checkpoints" / "latest").exists(), "no checkpoint after NaN steps"
+
+
+def test_resume_on_a_different_store_is_refused(
+    tiny_store: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from giblet_ds.store import write_synthetic_store
+
+    other = write_synthetic_store(tmp_path_factory.mktemp("other") / "other.h5", seed=1)
+    run_dir = tmp_path / "run"
+    first = run_training(run_dir, tiny_store, world=1, sets=("train.max_steps=2",))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_training(run_dir, other, world=1, sets=("train.max_steps=4",))
+    assert again.returncode == 2
+    assert "was trained on a store with hash" in again.stderr
+    assert "resume with the same store or start a new run directory" in again.stderr
+
+
+def test_resume_path_without_checkpoint_is_named(tiny_store: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_training(
+        tmp_path / "run", tiny_store, world=1, sets=(f"checkpoint.resume={empty}",)
+    )
+    assert result.returncode == 2
+    assert f"--resume {empty}: no complete checkpoint found" in result.stderr

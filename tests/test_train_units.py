@@ -1,0 +1,190 @@
+"""Trainer building blocks without a process group: schedule, early stopping, checkpoint folders,
+DeepSpeed JSON validation, RNG capture."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from giblet_ds.config import load_config
+from giblet_ds.errors import CheckpointError, ConfigError
+from giblet_ds.train import checkpoints as ckpt
+from giblet_ds.train.ds_config import build_ds_config, load_ds_json, zero_stage
+from giblet_ds.train.early_stopping import EarlyStopping
+from giblet_ds.train.rng import capture_rng_state, restore_rng_state
+from giblet_ds.train.schedule import lr_at, make_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEDULE = {"peak_lr": 1e-3, "warmup_steps": 4, "warmup_start_lr": 1e-5, "min_lr": 1e-6}
+
+
+def test_lr_schedule_follows_the_formula() -> None:
+    total = 14
+    assert lr_at(0, total_steps=total, **SCHEDULE) == 1e-5
+    assert lr_at(2, total_steps=total, **SCHEDULE) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 2 / 4)
+    assert lr_at(4, total_steps=total, **SCHEDULE) == pytest.approx(1e-3)
+    # half way through the cosine: the mid point of peak and floor
+    assert lr_at(9, total_steps=total, **SCHEDULE) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert lr_at(14, total_steps=total, **SCHEDULE) == pytest.approx(1e-6)
+    assert lr_at(99, total_steps=total, **SCHEDULE) == pytest.approx(1e-6)
+
+
+def test_scheduler_steps_match_lr_at() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=123.0)
+    scheduler = make_scheduler(optimizer, total_steps=14, **SCHEDULE)
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [lr_at(s, total_steps=14, **SCHEDULE) for s in range(15)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_early_stopping_counts_validations_without_improvement() -> None:
+    es = EarlyStopping(mode="max", patience=2, min_delta=0.01)
+    assert es.update(0.10, step=1) is True
+    assert es.update(0.105, step=2) is False  # inside min_delta
+    assert not es.should_stop and es.patience_left == 1
+    assert es.update(0.2, step=3) is True and es.patience_left == 2
+    es.update(0.1, step=4)
+    es.update(float("nan"), step=5)
+    assert es.should_stop and es.best == 0.2 and es.best_step == 3
+    restored = EarlyStopping(mode="max", patience=2, min_delta=0.01)
+    restored.load_state_dict(es.state_dict())
+    assert restored == es
+    assert not EarlyStopping(mode="min", patience=0, min_delta=0).should_stop
+
+
+def _make_tag(root: Path, step: int, complete: bool = True) -> Path:
+    tag = root / ckpt.step_tag(step)
+    tag.mkdir(parents=True)
+    if complete:
+        ckpt.mark_complete(tag, step)
+    return tag
+
+
+def test_resume_resolution(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert ckpt.resolve_resume("auto", run) is None
+    _make_tag(run / "checkpoints", 4)
+    _make_tag(run / "checkpoints", 6)
+    _make_tag(run / "checkpoints", 8, complete=False)  # killed during the save
+    assert ckpt.resolve_resume("auto", run) == (run / "checkpoints", "step-00000006")
+    assert ckpt.resolve_resume("none", run) is None
+    assert ckpt.resolve_resume(str(run), run) == (run / "checkpoints", "step-00000006")
+    tag = run / "checkpoints" / "step-00000004"
+    assert ckpt.resolve_resume(str(tag), run) == (run / "checkpoints", "step-00000004")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.resolve_resume(str(empty), run)
+    assert str(err.value) == (
+        f"--resume {empty}: no complete checkpoint found (searched {empty}, {empty / 'checkpoints'} "
+        "for folders named step-NNNNNNNN holding a 'complete' file)"
+    )
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        ckpt.resolve_resume(str(tmp_path / "missing"), run)
+
+
+def test_prune_keeps_newest_complete_tags(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        _make_tag(tmp_path, step)
+    _make_tag(tmp_path, 5, complete=False)
+    deleted = ckpt.prune_step_tags(tmp_path, keep_last=2)
+    assert sorted(deleted) == ["step-00000002", "step-00000004", "step-00000005"]
+    assert ckpt.complete_step_tags(tmp_path) == ["step-00000006", "step-00000008"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_json_validates(path: Path) -> None:
+    ds = load_ds_json(path)
+    assert zero_stage(ds) in (2, 3)
+    built = build_ds_config(load_config(REPO / "launch/configs/giblet_3p5b.yaml"), ds, world_size=8)
+    assert built["train_batch_size"] == 16 and built["train_micro_batch_size_per_gpu"] == 2
+    assert built["optimizer"]["params"]["lr"] == 1e-3
+    if "bf16" in path.name:
+        assert built["bf16"] == {"enabled": True, "check_grad_overflow": True}
+        # Buckets must hold the 432,000 x 4,096 video matrix in one piece.
+        assert built["zero_optimization"]["reduce_bucket_size"] >= 432_000 * 4_096
+
+
+def _write_json(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_deepspeed_json_errors_name_the_key_and_fix(tmp_path: Path) -> None:
+    bad = {
+        "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
+        "fp16x": {},
+    }
+    with pytest.raises(ConfigError) as err:
+        load_ds_json(_write_json(tmp_path, bad))
+    text = str(err.value)
+    assert "unknown keys ['fp16x']" in text
+    assert "zero_optimization.offload_param needs stage 3, got stage 2" in text
+    assert "optimizer.params.lr belongs in the run config (optim.lr)" in text
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_ds_json(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_ds_json(tmp_path / "nope.json")
+
+
+def test_batch_sizes_in_json_are_checked_never_overwritten(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "launch/configs/tiny.yaml")
+    ds = {"train_batch_size": 64, "gradient_clipping": 0.5}
+    with pytest.raises(ConfigError) as err:
+        build_ds_config(cfg, ds, world_size=2)
+    text = str(err.value)
+    assert "DeepSpeed config sets train_batch_size=64 but the run config implies 4" in text
+    assert "gradient_clipping=0.5 but optim.grad_clip=1.0" in text
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> None:
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    state = capture_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_output_biases_start_at_the_training_means() -> None:
+    from giblet_ds.model import GibletAutoencoder
+
+    cfg = load_config(
+        REPO / "launch/configs/tiny.yaml",
+        [
+            f"model.{k}={v}"
+            for k, v in dict(
+                frames_per_tr=2,
+                frame_height=6,
+                frame_width=10,
+                n_codebooks=2,
+                code_frames=5,
+                text_slots=2,
+                text_dim=7,
+                n_voxels=23,
+            ).items()
+        ],
+    )
+    model = GibletAutoencoder(cfg.model)
+    video_mean = torch.linspace(0, 1, 180)
+    model.init_weights(output_means={"video": video_mean, "fmri": torch.full((23,), 0.25)})
+    assert model.decoder.video.out is not None and model.encoder.fmri_head.out is not None
+    assert torch.equal(model.decoder.video.out.bias, video_mean)
+    assert torch.equal(model.encoder.fmri_head.out.bias, torch.full((23,), 0.25))
+    assert torch.count_nonzero(model.decoder.text.out.bias) == 0
