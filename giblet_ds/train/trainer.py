@@ -203,9 +203,14 @@ class Trainer:
                 self.step += 1
                 result = self.train_step(micro_batches)
                 self.sampler.advance(self.cfg.optim.micro_batch_size * len(micro_batches))
-                self._after_step(result, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._after_step(result, seconds)
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                bar.set_postfix(
+                    loss=f"{result.loss:.4f}",
+                    lr=f"{result.lr:.2e}",
+                    samples_s=f"{self._global_batch / seconds:.1f}",
+                )
                 if self._validate_now(end_of_epoch=False):
                     stop = self._validate_and_checkpoint()
                 if self._save_now(end_of_epoch=False) or stop:
@@ -488,6 +493,11 @@ class Trainer:
         for key in ("video", "text"):  # bf16 engines take bf16 activations
             out[key] = out[key].to(dtype)
         return out
+
+    @property
+    def _global_batch(self) -> int:
+        o = self.cfg.optim
+        return o.micro_batch_size * o.grad_accum_steps * self.world_size
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
