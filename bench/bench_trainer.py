@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,19 +20,16 @@ from pathlib import Path
 
 import torch
 
+from giblet_ds.config import load_config
+from giblet_ds.losses import NormalizedLoss, TargetVariances
+from giblet_ds.model import GibletAutoencoder
+from giblet_ds.store import StoreDataset, load_target_stats, open_store, write_synthetic_store
+from giblet_ds.train import distributed as dist
+from giblet_ds.train.ds_config import build_ds_config, load_ds_json
+from giblet_ds.train.engine import weight_decay_groups
+from giblet_ds.train.trainer import Trainer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from giblet_ds.config import load_config  # noqa: E402
-from giblet_ds.losses import NormalizedLoss, TargetVariances  # noqa: E402
-from giblet_ds.model import GibletAutoencoder  # noqa: E402
-from giblet_ds.store import StoreDataset, load_target_stats, open_store  # noqa: E402
-from giblet_ds.store import write_synthetic_store  # noqa: E402
-from giblet_ds.train import distributed as dist  # noqa: E402
-from giblet_ds.train.ds_config import build_ds_config, load_ds_json  # noqa: E402
-from giblet_ds.train.engine import weight_decay_groups  # noqa: E402
-from giblet_ds.train.trainer import Trainer  # noqa: E402
-
 STORE_SHAPE = dict(
     n_trs=160,
     n_voxels=5000,
@@ -122,7 +118,7 @@ def main() -> None:
         "giblet_trainer": trainer_step,
     }
     times: dict[str, list[float]] = {name: [] for name in loops}
-    for name, step in loops.items():  # warm-up
+    for step in loops.values():  # warm-up
         for batch in batches[:2]:
             step(batch)
     for _ in range(args.rounds):
