@@ -295,7 +295,8 @@ def format_estimate(est: MemoryEstimate) -> str:
         f"  (ZeRO-3 gathers it whole: {_size(4 * est.largest_layer_params)} of 16-bit weights "
         "and gradients per GPU)",
         "",
-        f"activations per GPU at micro-batch {act.micro_batch_size} (bf16 tensors saved for backward):",
+        f"activations per GPU at micro-batch {act.micro_batch_size} "
+        "(bf16 tensors saved for backward):",
         f"  without activation checkpointing  {_size(act.without_checkpointing):>12}",
         f"  with activation checkpointing     {_size(act.with_checkpointing):>12}",
         f"  configured: {configured} (model.activation_checkpointing="

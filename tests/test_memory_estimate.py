@@ -1,4 +1,4 @@
-"""The memory estimate: DeepSpeed's ZeRO figures against hand formulas, activations, no allocation."""
+"""Memory estimate: DeepSpeed's ZeRO figures against hand formulas, activations, no allocation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming fMRI metrics: per-voxel r against numpy, batch and rank reductions, degenerate voxels."""
+"""Streaming fMRI metrics: per-voxel r against numpy, batch and rank reductions, constant voxels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The giblet model family: exact counts, shapes, the default architecture's rules, init, checkpointing."""
+"""The giblet model family: exact counts, shapes, architecture rules, init, checkpointing."""
 
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ def test_tiny_seed_compat_counts() -> None:
     cfg = dataclasses.replace(tiny_config(), seed_compat=True)
     counts = parameter_counts(meta_model(cfg))
     # From the default's 16,701: + 110 block biases (the sum of hidden widths), the code table and
-    # the 15-wide audio input (6,280) become a 10-wide raw-code input (96), the audio output 300 -> 100.
+    # the 15-wide audio input (6,280) become a 10-wide raw-code input (96), the audio output
+    # 300 -> 100.
     assert counts["total"] == 16_701 + 110 - 6_280 + 96 - 300 + 100 == 10_427
     assert counts == hand_counts(cfg)
 
@@ -293,7 +294,7 @@ def test_default_audio_logits_score_the_shared_code_table() -> None:
     model = _built(tiny_config()).eval()
     codebook = model.encoder.audio.codebook
     assert isinstance(codebook, AudioCodebook)
-    # Default audio: codes embedded per codebook (offset so codebook 1's code 0 is not codebook 0's).
+    # Codes are embedded per codebook (offset: codebook 1's code 0 is not codebook 0's code 0).
     codes = torch.tensor([[[0, 1023, 5, 5, 0], [0, 1023, 5, 7, 0]]])
     emb = codebook(codes=codes)
     assert torch.equal(emb[0, 0, 0], codebook.weight[0, 0])
