@@ -33,6 +33,7 @@ from giblet_ds.checkpoint_tools.safe_load import load_torch_file
 from giblet_ds.errors import CheckpointError
 
 __all__ = [
+    "MappedTorchFile",
     "ZeroCheckpoint",
     "ParamEntry",
     "Piece",
@@ -123,7 +124,7 @@ def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _iter_tensors(v)
 
 
-class _MappedFile:
+class MappedTorchFile:
     """A torch file loaded with mmap, plus the mapping from its tensors to byte offsets in it.
 
     torch maps the whole file once and gives each storage the slice at its record's offset, so
@@ -248,7 +249,7 @@ class ZeroCheckpoint:
 
     def __init__(self, tag_dir: Path) -> None:
         self.tag_dir = tag_dir
-        self._files: list[_MappedFile] = []
+        self._files: list[MappedTorchFile] = []
         model_file = tag_dir / "mp_rank_00_model_states.pt"
         z3_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
         if z3_file.is_file():
@@ -293,8 +294,8 @@ class ZeroCheckpoint:
         """Open ``checkpoint_dir/tag`` (or the ``latest`` tag, or a tag folder given directly)."""
         return cls(resolve_tag_dir(checkpoint_dir, tag))
 
-    def _open(self, path: Path) -> _MappedFile:
-        mf = _MappedFile(path)
+    def _open(self, path: Path) -> MappedTorchFile:
+        mf = MappedTorchFile(path)
         self._files.append(mf)
         return mf
 
@@ -344,7 +345,7 @@ class ZeroCheckpoint:
             )
         return ws, optim, models
 
-    def _model_states(self, mf: _MappedFile) -> _ModelStates:
+    def _model_states(self, mf: MappedTorchFile) -> _ModelStates:
         sd = mf.obj
         if not isinstance(sd, dict) or "module" not in sd:
             raise CheckpointError(f"{mf.path}: not a DeepSpeed model-state file")
@@ -562,6 +563,31 @@ class ZeroCheckpoint:
             if pos >= entry.numel:
                 break
         return out.view(entry.shape)
+
+    def iter_chunks(
+        self, entry: ParamEntry, source: Source = "fp32", chunk: int = 1 << 24
+    ) -> Iterator[torch.Tensor]:
+        """The flat elements of ``entry`` in order, at most ``chunk`` at a time (bounded memory)."""
+        if entry.kind != "param":
+            yield self.read(entry, source).reshape(-1)
+            return
+        groups: list[list[torch.Tensor]] | list[list[torch.Tensor | None]]
+        groups = self._fp32 if source == "fp32" else self._moments[source]
+        left = entry.numel
+        for piece in entry.pieces:
+            src = groups[piece.rank][piece.group]
+            if src is None:
+                raise CheckpointError(f"{self.optim_files[piece.rank]}: no {source} state saved")
+            pos, end = piece.start, piece.start + min(piece.numel, left)
+            while pos < end:
+                n = min(chunk, end - pos)
+                out = torch.empty(n, dtype=src.dtype)
+                self._optim[piece.rank].read_into(out, src, pos, n)
+                yield out
+                pos += n
+                left -= n
+            if left <= 0:
+                return
 
     def _read_frozen(self, entry: ParamEntry) -> torch.Tensor:
         frags = [m.frozen_fragments[entry.name] for m in self._models]

@@ -1,0 +1,467 @@
+"""Weight audit: per-tensor statistics and health checks, streamed chunk by chunk.
+
+Reads a consolidated file (``.bin``, ``.safetensors``, a sharded ``*.index.json``), a ZeRO tag folder
+directly (fp32 master weights and Adam moments, no consolidation), or a run directory (its
+``latest`` and ``best`` tags). Every tensor is read in chunks of at most ``chunk`` elements with
+positional reads, so auditing a 3.5B-parameter checkpoint needs a few hundred MB.
+
+Checks (each finding names the tensor by its full parameter name):
+
+* ``nonfinite`` (error): NaN or Inf in a weight or buffer;
+* ``moments_nonfinite`` (error): NaN or Inf in an Adam moment of a parameter;
+* ``abs_max`` (warn): a parameter element beyond ``max_abs``;
+* ``dead`` (warn): a trainable tensor whose elements are all equal (no gradient ever reached it,
+  e.g. a bias right before a norm layer);
+* ``norm_at_init`` (warn): a norm scale still exactly 1.0 everywhere (updates lost, e.g. pure bf16
+  weights without fp32 master copies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from giblet_ds.checkpoint_tools.safe_load import check_zip_file
+from giblet_ds.checkpoint_tools.zero_reader import (
+    MappedTorchFile,
+    ZeroCheckpoint,
+    is_zero_tag_dir,
+    resolve_tag_dir,
+)
+from giblet_ds.errors import CheckpointError
+
+__all__ = [
+    "AuditReport",
+    "AuditSection",
+    "Finding",
+    "TensorStats",
+    "audit_path",
+    "format_report",
+    "SEVERITIES",
+]
+
+Severity = Literal["warn", "error"]
+SEVERITIES: tuple[Severity, ...] = ("warn", "error")
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_NORM_RE = re.compile(r"(^|[._])(norm|layernorm|layer_norm|batchnorm|bn|ln)[\w]*\.weight$", re.I)
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one tensor; mean/std/min/max are over its finite elements."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    kind: str  # param | buffer | frozen | tensor (kind unknown in consolidated files)
+    numel: int
+    mean: float = math.nan
+    std: float = math.nan
+    min: float = math.nan
+    max: float = math.nan
+    abs_max: float = math.nan
+    nan: int = 0
+    inf: int = 0
+
+
+@dataclass
+class Finding:
+    severity: Severity
+    check: str
+    tensor: str
+    message: str
+
+
+@dataclass
+class AuditSection:
+    """The audit of one checkpoint (a file set or a tag)."""
+
+    label: str
+    path: str
+    tensors: list[TensorStats] = field(default_factory=list)
+    moments: list[TensorStats] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass
+class AuditReport:
+    path: str
+    sections: list[AuditSection] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for s in self.sections for f in s.findings]
+
+    def count(self, severity: Severity) -> int:
+        return sum(f.severity == severity for f in self.findings)
+
+    def exit_code(self, fail_on: Severity = "error") -> int:
+        """0 healthy, 1 when a finding is at or above ``fail_on``."""
+        level = SEVERITIES.index(fail_on)
+        return int(any(SEVERITIES.index(f.severity) >= level for f in self.findings))
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(obj: Any) -> Any:  # JSON has no NaN: write null
+            if isinstance(obj, float) and not math.isfinite(obj):
+                return None
+            if isinstance(obj, dict):
+                return {k: clean(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [clean(v) for v in obj]
+            return obj
+
+        return clean(
+            {
+                "path": self.path,
+                "summary": {
+                    "tensors": sum(len(s.tensors) for s in self.sections),
+                    "errors": self.count("error"),
+                    "warnings": self.count("warn"),
+                },
+                "sections": [asdict(s) for s in self.sections],
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming statistics
+
+
+class _Running:
+    """Count, mean, M2 (Chan et al. merge), min, max over finite values; NaN and Inf counts."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.nan = 0
+        self.inf = 0
+
+    def update(self, chunk: torch.Tensor) -> None:
+        if chunk.numel() == 0:
+            return
+        if not chunk.is_floating_point():
+            chunk = chunk.to(torch.float64)
+        finite = torch.isfinite(chunk)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(chunk).sum())
+            self.nan += nan
+            self.inf += int((~finite).sum()) - nan
+            chunk = chunk[finite]
+            if chunk.numel() == 0:
+                return
+        x = chunk.to(torch.float64)
+        n = x.numel()
+        mean = float(x.mean())
+        m2 = float((x - mean).square().sum())
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.n = total
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+
+    def fill(self, stats: TensorStats) -> TensorStats:
+        stats.nan, stats.inf = self.nan, self.inf
+        if self.n:
+            stats.mean = self.mean
+            stats.std = math.sqrt(self.m2 / self.n)
+            stats.min, stats.max = self.min, self.max
+            stats.abs_max = max(abs(self.min), abs(self.max))
+        return stats
+
+
+def _stats(name: str, shape: tuple[int, ...], dtype: torch.dtype, kind: str,
+           chunks: Iterator[torch.Tensor]) -> TensorStats:  # fmt: skip
+    run = _Running()
+    for c in chunks:
+        run.update(c)
+    return run.fill(TensorStats(name, list(shape), str(dtype).replace("torch.", ""), kind,
+                                math.prod(shape)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: (name, shape, dtype, kind, chunk iterator) for each tensor
+
+
+_Item = tuple[str, tuple[int, ...], torch.dtype, str, Iterator[torch.Tensor]]
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def _torch_file_items(path: Path, chunk: int) -> Iterator[_Item]:
+    mf = MappedTorchFile(path)
+    try:
+        for name, t in _flatten(mf.obj):
+            yield name, tuple(t.shape), t.dtype, _guess_kind(name), _torch_chunks(mf, t, chunk)
+    finally:
+        mf.close()
+
+
+def _torch_chunks(mf: MappedTorchFile, t: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    if not t.is_contiguous():
+        yield t.reshape(-1).clone()
+        return
+    for pos in range(0, t.numel(), chunk):
+        n = min(chunk, t.numel() - pos)
+        out = torch.empty(n, dtype=t.dtype)
+        mf.read_into(out, t, pos, n)
+        yield out
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _safetensors_items(path: Path, chunk: int) -> Iterator[_Item]:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {hlen})")
+        try:
+            header = json.loads(fh.read(hlen))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from exc
+    base = 8 + hlen
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}"
+                )
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+            if base + end > size or end - start != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(
+                    f"{path}: tensor {name} runs past the end of the file (truncated?)"
+                )
+            yield (
+                name,
+                shape,
+                dtype,
+                _guess_kind(name),
+                _pread_chunks(fd, base + start, math.prod(shape), dtype, chunk),
+            )
+    finally:
+        os.close(fd)
+
+
+def _pread_chunks(fd: int, offset: int, numel: int, dtype: torch.dtype,
+                  chunk: int) -> Iterator[torch.Tensor]:  # fmt: skip
+    for pos in range(0, numel, chunk):
+        n = min(chunk, numel - pos)
+        out = torch.empty(n, dtype=dtype)
+        view = out.view(torch.uint8).numpy().data.cast("B")
+        got = os.preadv(fd, [view], offset + pos * dtype.itemsize)
+        if got != len(view):
+            raise CheckpointError(f"file ends early at byte {offset + pos * dtype.itemsize + got}")
+        yield out
+
+
+def _guess_kind(name: str) -> str:
+    """Consolidated files do not say what is a buffer; BatchNorm's running stats are by name."""
+    return "buffer" if name.endswith(_BUFFER_SUFFIXES) else "tensor"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check(stats: TensorStats, section: AuditSection, max_abs: float) -> None:
+    name, kind = stats.name, stats.kind
+    if stats.nan or stats.inf:
+        section.findings.append(Finding("error", "nonfinite", name,
+                                        f"{name}: {stats.nan} NaN and {stats.inf} Inf of "
+                                        f"{stats.numel} elements"))  # fmt: skip
+    if kind == "buffer" or not stats.dtype.startswith(("float", "bfloat")):
+        return
+    if math.isfinite(stats.abs_max) and stats.abs_max > max_abs:
+        section.findings.append(Finding("warn", "abs_max", name,
+                                        f"{name}: |x| reaches {stats.abs_max:.4g} (> {max_abs:g})"))  # fmt: skip
+    if kind == "frozen" or stats.numel < 2 or stats.nan + stats.inf == stats.numel:
+        return
+    if _NORM_RE.search(name) and len(stats.shape) == 1 and stats.min == stats.max == 1.0:
+        section.findings.append(Finding("warn", "norm_at_init", name,
+                                        f"{name}: norm scale still exactly 1.0 everywhere (never "
+                                        "updated: lost bf16 updates or no gradient)"))  # fmt: skip
+    elif stats.min == stats.max:
+        section.findings.append(Finding("warn", "dead", name,
+                                        f"{name}: all {stats.numel} elements equal {stats.min:.6g} "
+                                        "(std 0: no gradient reached it)"))  # fmt: skip
+
+
+def _audit_items(section: AuditSection, items: Iterator[_Item], max_abs: float) -> None:
+    for name, shape, dtype, kind, chunks in items:
+        stats = _stats(name, shape, dtype, kind, chunks)
+        section.tensors.append(stats)
+        _check(stats, section, max_abs)
+
+
+def _audit_zero_tag(tag_dir: Path, label: str, max_abs: float, chunk: int,
+                    moments: bool) -> AuditSection:  # fmt: skip
+    section = AuditSection(label, str(tag_dir))
+    with ZeroCheckpoint(tag_dir) as ckpt:
+        entries = ckpt.state_dict_entries()
+        seen: set[int] = set()
+        for name, entry in entries.items():
+            if id(entry) in seen:  # a tied name: same tensor, audited once
+                continue
+            seen.add(id(entry))
+            stats = _stats(
+                name, entry.shape, entry.dtype, entry.kind, ckpt.iter_chunks(entry, "fp32", chunk)
+            )
+            section.tensors.append(stats)
+            _check(stats, section, max_abs)
+        if moments and ckpt.has_moments():
+            for name, entry in entries.items():
+                if entry.kind != "param" or entry.name != name:
+                    continue
+                for source in ("exp_avg", "exp_avg_sq"):
+                    st = _stats(f"{name}:{source}", entry.shape, torch.float32, "moment",
+                                ckpt.iter_chunks(entry, source, chunk))  # fmt: skip
+                    section.moments.append(st)
+                    if st.nan or st.inf:
+                        section.findings.append(Finding(
+                            "error", "moments_nonfinite", name,
+                            f"{name}: Adam {source} holds {st.nan} NaN and {st.inf} Inf "
+                            "(the next update will corrupt the weight)"))  # fmt: skip
+    return section
+
+
+def _audit_files(paths: list[Path], label: str, max_abs: float, chunk: int) -> AuditSection:
+    section = AuditSection(label, str(paths[0].parent if len(paths) > 1 else paths[0]))
+    for path in paths:
+        if path.suffix == ".safetensors":
+            _audit_items(section, _safetensors_items(path, chunk), max_abs)
+        else:
+            check_zip_file(path)
+            _audit_items(section, _torch_file_items(path, chunk), max_abs)
+    return section
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a shard index JSON with a weight_map ({exc})") from exc
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+    return files
+
+
+def audit_path(
+    path: str | Path,
+    *,
+    max_abs: float = 1e3,
+    chunk: int = 1 << 24,
+    moments: bool = True,
+) -> AuditReport:
+    """Audit whatever ``path`` is (see module docstring). Raises CheckpointError if unreadable."""
+    path = Path(path)
+    report = AuditReport(str(path))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            report.sections.append(_audit_files(_index_files(path), path.name, max_abs, chunk))
+        elif path.suffix in (".bin", ".pt", ".pth", ".safetensors"):
+            report.sections.append(_audit_files([path], path.name, max_abs, chunk))
+        else:
+            raise CheckpointError(
+                f"{path}: not a .bin/.pt/.safetensors file or *.index.json shard index"
+            )
+        return report
+    if is_zero_tag_dir(path):
+        report.sections.append(_audit_zero_tag(path, path.name, max_abs, chunk, moments))
+        return report
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tags: list[tuple[str, Path]] = []
+    if (ckpt_dir / "latest").is_file():
+        latest = resolve_tag_dir(ckpt_dir)
+        tags.append((f"latest ({latest.name})", latest))
+    if (ckpt_dir / "best").is_dir() and is_zero_tag_dir(ckpt_dir / "best"):
+        tags.append(("best", ckpt_dir / "best"))
+    if tags:
+        for label, tag_dir in tags:
+            report.sections.append(_audit_zero_tag(tag_dir, label, max_abs, chunk, moments))
+        return report
+    consolidated = sorted(p for p in path.iterdir() if p.name.endswith(".index.json"))
+    if consolidated:
+        report.sections.append(_audit_files(_index_files(consolidated[0]), consolidated[0].name,
+                                            max_abs, chunk))  # fmt: skip
+        return report
+    singles = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()]
+    if singles:
+        report.sections.append(_audit_files(singles[:1], singles[0].name, max_abs, chunk))
+        return report
+    raise CheckpointError(
+        f"{path}: nothing to audit (no ZeRO tag files, no checkpoints/latest or best, no "
+        "consolidated weights)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Console table
+
+
+def _fmt(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.4g}"
+
+
+def format_report(report: AuditReport, *, all_tensors: bool = True) -> str:
+    """The console table per section, then findings and a one-line verdict."""
+    lines = []
+    for s in report.sections:
+        lines.append(f"== {s.label}: {s.path}")
+        flagged = {f.tensor for f in s.findings}
+        rows = [t for t in s.tensors if all_tensors or t.name in flagged]
+        header = ("tensor", "shape", "dtype", "mean", "std", "min", "max", "absmax", "nan", "inf")
+        table = [header] + [
+            (t.name, "x".join(map(str, t.shape)) or "()", t.dtype, _fmt(t.mean), _fmt(t.std),
+             _fmt(t.min), _fmt(t.max), _fmt(t.abs_max), str(t.nan), str(t.inf))
+            for t in rows
+        ]  # fmt: skip
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for r in table:
+            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
+        if s.moments:
+            bad = sum(1 for m in s.moments if m.nan or m.inf)
+            lines.append(f"optimizer moments: {len(s.moments)} tensors checked, {bad} non-finite")
+        for f in s.findings:
+            lines.append(f"{f.severity.upper():5s} [{f.check}] {f.message}")
+        lines.append("")
+    n_err, n_warn = report.count("error"), report.count("warn")
+    total = sum(len(s.tensors) for s in report.sections)
+    verdict = "UNHEALTHY" if n_err else ("WARNINGS" if n_warn else "HEALTHY")
+    lines.append(f"{verdict}: {total} tensors, {n_err} error(s), {n_warn} warning(s)")
+    return "\n".join(lines)
