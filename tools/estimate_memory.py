@@ -14,12 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from giblet_ds.config import load_config
+from giblet_ds.errors import GibletError
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from giblet_ds.config import load_config  # noqa: E402
-from giblet_ds.errors import GibletError  # noqa: E402
-
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "giblet_3p5b.yaml"
 
 
