@@ -35,6 +35,7 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "cross_check",
+    "zero_engine_problems",
     "load_config",
     "MODEL_INPUT_KEYS",
 ]
@@ -463,6 +464,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot in the mantissa) as a string; it is a number to users.
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -594,6 +599,7 @@ def cross_check(
             f"feature store or set them in the model section"
         )
     if ds_config is not None:
+        problems.extend(zero_engine_problems(ds_config))
         problems.extend(_check_ds_against_run(cfg, ds_config, world_size))
     if cfg.schedule.warmup_start_lr > cfg.optim.lr:
         problems.append(
@@ -603,6 +609,27 @@ def cross_check(
         problems.append(f"schedule.min_lr={cfg.schedule.min_lr} exceeds optim.lr={cfg.optim.lr}")
     if problems:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+
+
+def zero_engine_problems(ds: Mapping[str, Any]) -> list[str]:
+    """ZeRO stage vs offload and precision checks of a DeepSpeed config dict."""
+    problems = []
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        problems.append("fp16.enabled and bf16.enabled are both true; pick one (bf16 on A100/H100)")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    offload_param = zero.get("offload_param", {}).get("device", "none")
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none")
+    if offload_param != "none" and stage != 3:
+        problems.append(
+            f"zero_optimization.offload_param needs stage 3, got stage {stage}; use stage 3 or "
+            "remove offload_param"
+        )
+    if offload_opt != "none" and stage == 0:
+        problems.append("zero_optimization.offload_optimizer needs stage 1, 2 or 3")
+    return problems
 
 
 def _check_ds_against_run(

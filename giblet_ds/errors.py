@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GibletError", "ConfigError", "StoreError", "CheckpointError"]
+__all__ = ["GibletError", "ConfigError", "DataError", "StoreError", "CheckpointError"]
 
 
 class GibletError(Exception):
@@ -36,6 +36,10 @@ class StoreError(GibletError):
         self.dataset = dataset
         self.expected = expected
         self.actual = actual
+
+
+class DataError(GibletError, ValueError):
+    """Training data or its statistics cannot be used (e.g. a target with zero variance)."""
 
 
 class CheckpointError(GibletError):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from giblet_ds.errors import DataError
 from giblet_ds.model.autoencoder import GibletOutput
 
 __all__ = ["LossResult", "NormalizedLoss", "TargetVariances", "reconstruction_targets"]
@@ -48,7 +49,7 @@ class TargetVariances:
         result = cls(audio=audio_var, **out)
         for name, value in vars(result).items():
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(
+                raise DataError(
                     f"training variance of {name} is {value}; the store's /stats/{name} is "
                     f"degenerate (constant target?): rebuild the store"
                 )

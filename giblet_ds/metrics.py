@@ -90,4 +90,6 @@ def _rowwise_r(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xc = x - x.mean(1, keepdim=True)
     yc = y - y.mean(1, keepdim=True)
     denom = torch.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
-    return torch.where(denom > 0, (xc * yc).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    return torch.where(
+        denom > 0, (xc * yc).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom)
+    )

@@ -64,7 +64,9 @@ class AudioEncoder(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.codebook is None:
-            return self.mlp(codes.flatten(1).float())
+            # raw code numbers as floats, in the weights' dtype (bf16 engines included)
+            first = self.mlp.blocks[0].linear.weight
+            return self.mlp(codes.flatten(1).to(first.dtype))
         return self.mlp(self.codebook(codes=codes).sum(dim=1).flatten(1))
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from giblet_ds.config import RunConfig, cross_check
+from giblet_ds.config import RunConfig, cross_check, zero_engine_problems
 from giblet_ds.errors import ConfigError
 
 __all__ = ["build_ds_config", "load_ds_json", "zero_stage"]
@@ -75,21 +75,7 @@ def _validate(ds: dict[str, Any]) -> list[str]:
     unknown = sorted(set(ds) - ENGINE_KEYS)
     if unknown:
         problems.append(f"unknown keys {unknown}; valid keys: {sorted(ENGINE_KEYS)}")
-    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
-        problems.append("fp16.enabled and bf16.enabled are both true; pick one (bf16 on A100/H100)")
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    offload_param = zero.get("offload_param", {}).get("device", "none")
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none")
-    if offload_param != "none" and stage != 3:
-        problems.append(
-            f"zero_optimization.offload_param needs stage 3, got stage {stage}; use stage 3 or "
-            "remove offload_param"
-        )
-    if offload_opt != "none" and stage == 0:
-        problems.append("zero_optimization.offload_optimizer needs stage 1, 2 or 3")
+    problems.extend(zero_engine_problems(ds))
     optimizer = ds.get("optimizer")
     if optimizer is not None:
         kind = optimizer.get("type")
