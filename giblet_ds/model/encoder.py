@@ -65,8 +65,8 @@ class AudioEncoder(nn.Module):
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.codebook is None:
             # raw code numbers as floats, in the weights' dtype (bf16 engines included)
-            first = self.mlp.blocks[0].linear.weight
-            return self.mlp(codes.flatten(1).to(first.dtype))
+            dtype = next(self.mlp.parameters()).dtype
+            return self.mlp(codes.flatten(1).to(dtype))
         return self.mlp(self.codebook(codes=codes).sum(dim=1).flatten(1))
 
 
