@@ -218,11 +218,11 @@ def test_failure_midway_leaves_no_partial_output(
     calls = {"n": 0}
     real_read = ZeroCheckpoint.read
 
-    def flaky(self, entry, source="fp32"):  # type: ignore[no-untyped-def]
+    def flaky(self, entry, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 6:
             raise CheckpointError("disk vanished")
-        return real_read(self, entry, source)
+        return real_read(self, entry, *args, **kwargs)
 
     monkeypatch.setattr(ZeroCheckpoint, "read", flaky)
     out = tmp_path / "out"

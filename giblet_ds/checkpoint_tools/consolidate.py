@@ -83,10 +83,26 @@ def convert_zero_checkpoint(
             metas[name] = by_entry[id(entry)]
         plan = plan_shards(metas, weights_name, max_shard_size)
 
+        # One fp32 buffer (and one output-dtype buffer) of the largest parameter's size, reused
+        # for every tensor: the writer is done with a tensor before it asks for the next one.
+        largest = max((e.numel for e in entries.values() if e.kind == "param"), default=0)
+        scratch: dict[torch.dtype, torch.Tensor] = {}
+
+        def buffer(dtype: torch.dtype) -> torch.Tensor:
+            if dtype not in scratch:
+                scratch[dtype] = torch.empty(largest, dtype=dtype)
+            return scratch[dtype]
+
         def produce(name: str) -> torch.Tensor:
             entry: ParamEntry = entries[name]
-            tensor = ckpt.read(entry)
-            return tensor.to(metas[name].dtype) if tensor.is_floating_point() else tensor
+            if entry.kind != "param":
+                tensor = ckpt.read(entry)
+                return tensor.to(metas[name].dtype) if tensor.is_floating_point() else tensor
+            tensor = ckpt.read(entry, out=buffer(torch.float32))
+            if target == torch.float32:
+                return tensor
+            converted = buffer(target)[: entry.numel].view(entry.shape)
+            return converted.copy_(tensor)  # same rounding as Tensor.to (round to nearest even)
 
         result = ConversionResult(ckpt.tag_dir, ckpt.stage, ckpt.world_size, output_dir)
         with staged_output_dir(output_dir, last=(index_name,)) as stage:

@@ -70,6 +70,7 @@ class TensorMeta:
 
 
 # Called with a tensor name, returns that tensor (contiguous, of the TensorMeta's shape and dtype).
+# The writers finish with a tensor before the next call, so a producer may reuse one buffer.
 Producer = Callable[[str], torch.Tensor]
 
 

@@ -537,11 +537,15 @@ class ZeroCheckpoint:
             )
         return out
 
-    def read(self, entry: ParamEntry, source: Source = "fp32") -> torch.Tensor:
-        """The full tensor of ``entry`` (a fresh contiguous tensor; only its bytes are read).
+    def read(
+        self, entry: ParamEntry, source: Source = "fp32", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The full tensor of ``entry`` (contiguous; only its bytes are read from disk).
 
         ``source`` picks the fp32 master weights or an Adam moment (same layout, trainable
-        parameters only).
+        parameters only). ``out``, a 1-D float32 tensor of at least ``entry.numel`` elements,
+        receives a parameter's bytes instead of a fresh allocation: reusing one buffer avoids
+        faulting in new pages for every tensor, which costs more than the read itself.
         """
         if entry.kind == "buffer":
             assert entry.tensor is not None
@@ -551,7 +555,11 @@ class ZeroCheckpoint:
             return self._read_frozen(entry)
         groups: list[list[torch.Tensor]] | list[list[torch.Tensor | None]]
         groups = self._fp32 if source == "fp32" else self._moments[source]
-        out = torch.empty(entry.numel, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(entry.numel, dtype=torch.float32)
+        elif out.dtype != torch.float32 or out.dim() != 1 or out.numel() < entry.numel:
+            raise ValueError(f"out must be 1-D float32 with >= {entry.numel} elements")
+        out = out[: entry.numel]
         pos = 0
         for piece in entry.pieces:
             src = groups[piece.rank][piece.group]
