@@ -124,6 +124,23 @@ def _build_rank(args: argparse.Namespace) -> None:
     torch.distributed.barrier()
 
 
+@functools.cache
+def build_real_run(base: Path) -> Path:
+    """A run directory written by the real trainer (tiny preset, 1 rank, ZeRO-2 fp32 on CPU, 2
+    epochs): metrics.jsonl, config.resolved.yaml, checkpoints with latest and best. About 10 s."""
+    from giblet_ds.store import write_synthetic_store
+    from tests.train_harness import run_training
+
+    run_dir = base / "real_run"
+    if (run_dir / "metrics.jsonl").is_file():
+        return run_dir
+    store = write_synthetic_store(base / "real_run_store.h5")
+    proc = run_training(run_dir, store, world=1)
+    if proc.returncode:
+        raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return run_dir
+
+
 def load_tool(name: str):  # type: ignore[no-untyped-def]
     """Import ``tools/<name>.py`` (a script, not a package) so tests call its ``main`` in-process."""
     import importlib.util

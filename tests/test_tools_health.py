@@ -1,0 +1,144 @@
+"""tools/health_report.py on hand-written finished/crashed/running runs and on a real trainer run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from giblet_ds.checkpoint_tools.health import build_health_report
+from tests.test_tools_common import build_real_run, load_tool
+
+health_report = load_tool("health_report")
+T0 = 1_800_000_000.0  # a fixed clock: reports are compared as text
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.getbasetemp() / "real_run_fixture"
+    base.mkdir(exist_ok=True)
+    return build_real_run(base)
+
+
+def _gpus(temp: float) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "util_pct": 97.0, "mem_used_gb": 44.1, "mem_total_gb": 49.1,
+         "temp_c": temp + i}
+        for i in range(2)
+    ]  # fmt: skip
+
+
+def _write_run(
+    run_dir: Path,
+    *,
+    train_losses: list[list[float | str]],
+    val: list[tuple[float, float]],  # (val loss, fmri r) per epoch
+    end: str | None,
+    skips: tuple[int, ...] = (),
+    fmri_term: float = 0.8,
+    torn_tail: bool = False,
+) -> None:
+    """A metrics.jsonl as the trainer writes it: 4 steps per epoch, one validation per epoch."""
+    run_dir.mkdir(parents=True)
+    spe = len(train_losses[0])
+    counts = {"encoder": 3_235_947_138, "decoder": 264_241_152, "total": 3_500_188_290}
+    config = {"optim": {"lr": 1e-3, "micro_batch_size": 2, "grad_accum_steps": 1},
+              "data": {"store": str(run_dir / "absent.h5")}}  # fmt: skip
+    recs: list[dict[str, Any]] = [
+        {"kind": "start", "time": T0, "world_size": 2, "config": config, "param_counts": counts,
+         "steps_per_epoch": spe, "max_steps": spe * 10, "store": "absent.h5",
+         "store_hash": "abc", "device": "NVIDIA H100", "peak_flops": 989e12}
+    ]  # fmt: skip
+    step, t = 0, T0
+    for epoch, losses in enumerate(train_losses):
+        for loss in losses:
+            step += 1
+            t += 5.0
+            if step in skips:
+                recs.append({"kind": "skip", "step": step, "time": t, "terms": ["video"],
+                             "consecutive": 1})  # fmt: skip
+                continue
+            recs.append({"kind": "train", "step": step, "epoch": epoch, "time": t, "loss": loss,
+                         "terms": {"fmri": fmri_term, "video": 0.9}, "lr": 1e-3 * (step / 40),
+                         "grad_norm": 1.0, "skipped_steps": sum(s <= step for s in skips),
+                         "step_time_s": 5.0, "samples_per_s": 0.8, "mfu": 0.02,
+                         "memory": {"rss_gb": 30.0, "gpu_allocated_gb": 40.0,
+                                    "gpu_max_allocated_gb": 44.0},
+                         "devices": _gpus(53.0)})  # fmt: skip
+        if epoch < len(val):
+            vloss, r = val[epoch]
+            recs.append({"kind": "val", "step": step, "epoch": epoch, "time": t + 1, "loss": vloss,
+                         "terms": {"fmri": fmri_term, "video": 0.9}, "fmri_r_mean": r,
+                         "fmri_r_median": r / 2, "fmri_r_frac_gt_0p1": 0.25,
+                         "fmri_spatial_r": 0.1, "is_best": True, "best_metric": r,
+                         "patience_left": 20})  # fmt: skip
+    if end:
+        recs.append({"kind": "end", "time": t + 2, "step": step, "status": end,
+                     "reason": "reached max_steps=12" if end == "finished" else "stop"})  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in recs)
+    if torn_tail:
+        text += '{"kind": "train", "step": 99, "los'
+    (run_dir / "metrics.jsonl").write_text(text)
+    last = recs[-1]["time"]
+    os.utime(
+        run_dir / "metrics.jsonl", (last, last)
+    )  # the file was last written with its last record
+
+
+def test_finished_run_report(tmp_path: Path) -> None:
+    run = tmp_path / "finished"
+    _write_run(run, train_losses=[[4.0, 3.8, 3.6, 3.4], [3.2, 3.0, 2.9, 2.7], [2.6, 2.5, 2.4, 2.3]],
+               val=[(3.5, 0.05), (3.0, 0.12), (2.6, 0.2)], end="finished")  # fmt: skip
+    report = build_health_report(run, now=T0 + 3600)
+    md = report.markdown()
+    assert report.status == "finished" and report.verdict == "HEALTHY", md
+    assert "## Status: FINISHED — HEALTHY" in md
+    assert "| 1 | 4 | 3.7000 | 3.5000 | 0.0500 | 0.0250 | 0.250 | 1.00e-04 | 0.8 |" in md
+    assert "| 3 | 4 | 2.4500 | 2.6000 | 0.2000 | 0.1000 | 0.250 | 3.00e-04 | 0.8 |" in md
+    assert "GPU 0: 97% util, 44.1 GB / 49.1 GB (89.8%) | Temp: 53°C" in md
+    assert "GPU 1: 97% util, 44.1 GB / 49.1 GB (89.8%) | Temp: 54°C" in md
+    assert "- **Time per step**: 5.000 s" in md and "- **MFU**: 2.0%" in md
+    assert "| **total** | **3,500,188,290** |" in md
+    assert "- **Step**: 12 / 40 (30.0%)" in md
+    assert "validation loss 3.5000 -> best 2.6000 (25.7% lower)" in md
+    assert "Store `" in md and "not found here" in md  # an absent store is said, not hidden
+
+
+def test_crashed_run_with_nan_skips_and_near_zero_r(tmp_path: Path) -> None:
+    run = tmp_path / "crashed"
+    _write_run(run, train_losses=[[725.7, 720.7, 721.2, 722.0], [720.1, "nan", 721.0, 720.5]],
+               val=[(566.57, -0.0005), (566.96, -0.0008)], end=None, skips=(3, 7),
+               fmri_term=1.002, torn_tail=True)  # fmt: skip
+    report = build_health_report(run, now=T0 + 2 * 3600)
+    md = report.markdown()
+    assert report.status == "crashed" and report.verdict == "UNHEALTHY"
+    assert "## Status: CRASHED — UNHEALTHY" in md
+    assert "no end record and nothing written for" in md
+    levels = {(c.component, c.level) for c in report.checks}
+    assert ("Run", "fail") in levels and ("Numerics", "fail") in levels
+    notes = " ".join(c.note for c in report.checks)
+    assert "validation loss flat: first 566.5700, best 566.5700" in notes
+    assert "near zero: mean per-voxel r -0.0008" in notes
+    assert "no better than predicting the training mean" in notes
+    assert "2 skipped step(s), first at step 3" in notes
+    assert "- Skipped steps (non-finite loss or gradient): 3 (video), 7 (video)" in md
+    assert "unreadable metrics.jsonl line(s) [12] skipped" in notes
+    # the same records, read a minute after the last one: running, with an ETA
+    running = build_health_report(run, now=T0 + 8 * 5.0 + 60)
+    assert running.status == "running" and "- **ETA**: 2 min 40 s" in running.markdown()
+    assert running.verdict != "HEALTHY"  # near-zero r is never healthy, even while running
+
+
+def test_cli_writes_report_and_plot_of_a_real_run(real_run: Path, tmp_path: Path) -> None:
+    md, png = tmp_path / "health.md", tmp_path / "loss.png"
+    assert health_report.main([str(real_run), "--out", str(md), "--plot", str(png)]) == 0
+    text = md.read_text()
+    assert "## Status: FINISHED" in text and "| 2 |" in text  # the tiny preset runs 2 epochs
+    latest = (real_run / "checkpoints" / "latest").read_text().strip()
+    assert f"Audit of `{latest}`" in text and "0 error(s)" in text
+    assert "z-scored per subject with training-TR statistics" in text  # store was read
+    assert png.stat().st_size > 20_000
+    assert health_report.main([str(tmp_path / "nope")]) == 2
