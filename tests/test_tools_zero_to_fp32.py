@@ -28,6 +28,7 @@ from tests.test_tools_common import (
     REPO,
     TAG,
     assert_bitwise_equal,
+    build_real_run,
     build_zero_checkpoint,
     load_tool,
     load_weights,
@@ -136,6 +137,26 @@ def test_bf16_output_equals_deepspeed_and_rounds_fp32(
             assert_bitwise_equal(b[key], expected, key)
         assert b["enc.weight"].dtype == torch.bfloat16
         assert b["norm.num_batches_tracked"].dtype == torch.int64  # integer buffers keep theirs
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.getbasetemp() / "real_run_fixture"
+    base.mkdir(exist_ok=True)
+    return build_real_run(base)
+
+
+def test_trainer_tags_equal_deepspeed(real_run: Path, tmp_path: Path) -> None:
+    """Tags written by launch/train.py (client state with RNG, sampler and config) read with
+    weights_only=True and consolidate to DeepSpeed's tensors; `best` by tag name."""
+    for tag in ("best", None):
+        ds_out, ours = tmp_path / f"ds_{tag}", tmp_path / f"ours_{tag}"
+        deepspeed_convert(real_run / "checkpoints", ds_out, tag=tag)
+        convert_zero_checkpoint(real_run / "checkpoints", ours, tag=tag)
+        a, b = load_weights(ds_out), load_weights(ours)
+        assert list(a) == list(b) and len(a) > 20
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], key)
 
 
 @pytest.mark.distributed
