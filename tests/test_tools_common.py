@@ -125,17 +125,20 @@ def _build_rank(args: argparse.Namespace) -> None:
 
 
 @functools.cache
-def build_real_run(base: Path) -> Path:
-    """A run directory written by the real trainer (tiny preset, 1 rank, ZeRO-2 fp32 on CPU, 2
-    epochs): metrics.jsonl, config.resolved.yaml, checkpoints with latest and best. About 10 s."""
+def build_real_run(base: Path, stage: int = 2) -> Path:
+    """A run directory written by the real trainer (tiny preset, 1 rank, ZeRO-2 or 3 fp32 on CPU,
+    2 epochs): metrics.jsonl, config.resolved.yaml, checkpoints with latest and best. About 10 s.
+    The store is ``base / "real_run_store.h5"``."""
     from giblet_ds.store import write_synthetic_store
     from tests.train_harness import run_training
 
-    run_dir = base / "real_run"
+    run_dir = base / ("real_run" if stage == 2 else f"real_run_zero{stage}")
     if (run_dir / "metrics.jsonl").is_file():
         return run_dir
-    store = write_synthetic_store(base / "real_run_store.h5")
-    proc = run_training(run_dir, store, world=1)
+    store = base / "real_run_store.h5"
+    if not store.is_file():
+        write_synthetic_store(store)
+    proc = run_training(run_dir, store, world=1, ds_config=f"zero{stage}_fp32_cpu.json")
     if proc.returncode:
         raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return run_dir

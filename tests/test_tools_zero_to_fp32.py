@@ -148,11 +148,13 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_trainer_tags_equal_deepspeed(real_run: Path, tmp_path: Path) -> None:
     """Tags written by launch/train.py (client state with RNG, sampler and config) read with
-    weights_only=True and consolidate to DeepSpeed's tensors; `best` by tag name."""
-    for tag in ("best", None):
-        ds_out, ours = tmp_path / f"ds_{tag}", tmp_path / f"ours_{tag}"
-        deepspeed_convert(real_run / "checkpoints", ds_out, tag=tag)
-        convert_zero_checkpoint(real_run / "checkpoints", ours, tag=tag)
+    weights_only=True and consolidate to DeepSpeed's tensors: ZeRO-2 latest and best, ZeRO-3."""
+    zero3_run = build_real_run(real_run.parent, 3)
+    for run, tag in ((real_run, "best"), (real_run, None), (zero3_run, None)):
+        ds_out, ours = tmp_path / f"ds_{run.name}_{tag}", tmp_path / f"ours_{run.name}_{tag}"
+        deepspeed_convert(run / "checkpoints", ds_out, tag=tag)
+        result = convert_zero_checkpoint(run / "checkpoints", ours, tag=tag)
+        assert result.stage == (3 if run is zero3_run else 2)
         a, b = load_weights(ds_out), load_weights(ours)
         assert list(a) == list(b) and len(a) > 20
         for key in a:
