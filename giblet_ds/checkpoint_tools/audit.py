@@ -35,6 +35,7 @@ from giblet_ds.checkpoint_tools.zero_reader import (
     MappedTorchFile,
     ZeroCheckpoint,
     is_zero_tag_dir,
+    pread_into,
     resolve_tag_dir,
 )
 from giblet_ds.errors import CheckpointError
@@ -279,7 +280,7 @@ def _pread_chunks(fd: int, offset: int, numel: int, dtype: torch.dtype,
         n = min(chunk, numel - pos)
         out = torch.empty(n, dtype=dtype)
         view = out.view(torch.uint8).numpy().data.cast("B")
-        got = os.preadv(fd, [view], offset + pos * dtype.itemsize)
+        got = pread_into(fd, view, offset + pos * dtype.itemsize)
         if got != len(view):
             raise CheckpointError(f"file ends early at byte {offset + pos * dtype.itemsize + got}")
         yield out

@@ -34,6 +34,7 @@ from giblet_ds.errors import CheckpointError
 
 __all__ = [
     "MappedTorchFile",
+    "pread_into",
     "ZeroCheckpoint",
     "ParamEntry",
     "Piece",
@@ -47,6 +48,26 @@ Source = Literal["fp32", "exp_avg", "exp_avg_sq"]
 _RANK_RE = re.compile(r"^(?P<prefix>(?:bf16_|fp16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)"
                       r"_optim_states\.pt$")  # fmt: skip
 _READ_CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read; stay well below
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from byte ``offset`` of ``fd`` without moving a file position; bytes read.
+
+    Loops because one read returns at most ~2 GiB on Linux; stops early only at end of file.
+    """
+    done = 0
+    while done < len(view):
+        part = view[done : min(len(view), done + _READ_CHUNK)]
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [part], offset + done)
+        else:  # platforms without preadv (older macOS): pread into bytes, then copy
+            data = os.pread(fd, len(part), offset + done)
+            n = len(data)
+            part[:n] = data
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def is_zero_tag_dir(path: Path) -> bool:
@@ -174,14 +195,9 @@ class MappedTorchFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         view = out.view(torch.uint8).numpy().data.cast("B")
-        done = 0
-        while done < nbytes:
-            n = os.preadv(self._fd, [view[done : min(nbytes, done + _READ_CHUNK)]], offset + done)
-            if n <= 0:
-                raise CheckpointError(
-                    f"{self.path}: unexpected end of file at byte {offset + done}"
-                )
-            done += n
+        done = pread_into(self._fd, view[:nbytes], offset)
+        if done != nbytes:
+            raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done}")
 
     def close(self) -> None:
         if self._fd is not None:
