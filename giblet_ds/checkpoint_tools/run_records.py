@@ -41,8 +41,19 @@ class RunRecords:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The resolved config of the latest (re)start."""
-        return dict(self.start[-1].get("config") or {}) if self.start else {}
+        """The resolved config of the latest (re)start, else RUN_DIR/config.resolved.yaml."""
+        if self.start and self.start[-1].get("config"):
+            return dict(self.start[-1]["config"])
+        path = self.run_dir / "config.resolved.yaml"
+        if path.is_file():
+            import yaml
+
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return {}
+            return loaded if isinstance(loaded, dict) else {}
+        return {}
 
     @property
     def last_time(self) -> float | None:
