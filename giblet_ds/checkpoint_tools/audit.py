@@ -30,14 +30,9 @@ from typing import Any, Literal
 
 import torch
 
+from giblet_ds.checkpoint_tools.mapped_file import MappedTorchFile, pread_into
 from giblet_ds.checkpoint_tools.safe_load import check_zip_file
-from giblet_ds.checkpoint_tools.zero_reader import (
-    MappedTorchFile,
-    ZeroCheckpoint,
-    is_zero_tag_dir,
-    pread_into,
-    resolve_tag_dir,
-)
+from giblet_ds.checkpoint_tools.zero_reader import ZeroCheckpoint, is_zero_tag_dir, resolve_tag_dir
 from giblet_ds.errors import CheckpointError
 
 __all__ = [

@@ -17,10 +17,7 @@ are ever resident. Layout rules (the same DeepSpeed's ``zero_to_fp32.py`` relies
 from __future__ import annotations
 
 import math
-import os
 import re
-import struct
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,12 +26,10 @@ from typing import Any, Literal
 
 import torch
 
-from giblet_ds.checkpoint_tools.safe_load import load_torch_file
+from giblet_ds.checkpoint_tools.mapped_file import MappedTorchFile
 from giblet_ds.errors import CheckpointError
 
 __all__ = [
-    "MappedTorchFile",
-    "pread_into",
     "ZeroCheckpoint",
     "ParamEntry",
     "Piece",
@@ -47,27 +42,6 @@ __all__ = [
 Source = Literal["fp32", "exp_avg", "exp_avg_sq"]
 _RANK_RE = re.compile(r"^(?P<prefix>(?:bf16_|fp16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)"
                       r"_optim_states\.pt$")  # fmt: skip
-_READ_CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read; stay well below
-
-
-def pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from byte ``offset`` of ``fd`` without moving a file position; bytes read.
-
-    Loops because one read returns at most ~2 GiB on Linux; stops early only at end of file.
-    """
-    done = 0
-    while done < len(view):
-        part = view[done : min(len(view), done + _READ_CHUNK)]
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [part], offset + done)
-        else:  # platforms without preadv (older macOS): pread into bytes, then copy
-            data = os.pread(fd, len(part), offset + done)
-            n = len(data)
-            part[:n] = data
-        if n <= 0:
-            break
-        done += n
-    return done
 
 
 def is_zero_tag_dir(path: Path) -> bool:
@@ -112,97 +86,6 @@ def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
             f"{list_tags(checkpoint_dir) or 'none'})"
         )
     return tag_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Positional reads of tensors that torch.load memory-mapped
-
-
-def _record_offsets(path: Path) -> dict[int, int]:
-    """Byte offset in the file of every non-empty ``data/<key>`` record -> its size."""
-    out: dict[int, int] = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-        for info in zf.infolist():
-            if "/data/" not in f"/{info.filename}" or info.file_size == 0:
-                continue
-            fh.seek(info.header_offset)
-            head = fh.read(30)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                raise CheckpointError(f"{path}: bad zip header for record {info.filename}")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            out[info.header_offset + 30 + name_len + extra_len] = info.file_size
-    return out
-
-
-def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _iter_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _iter_tensors(v)
-
-
-class MappedTorchFile:
-    """A torch file loaded with mmap, plus the mapping from its tensors to byte offsets in it.
-
-    torch maps the whole file once and gives each storage the slice at its record's offset, so
-    ``storage.data_ptr() - record_offset`` is one constant for the file. It is derived from the
-    lowest storage and checked against every record; if anything disagrees (another torch
-    version), reads fall back to copying from the memory-mapped tensor, which is slower on memory
-    but equally exact.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.obj = load_torch_file(path, mmap=True)
-        self.size = path.stat().st_size
-        self._base: int | None = None
-        records = _record_offsets(path)
-        storages = {}
-        for t in _iter_tensors(self.obj):
-            s = t.untyped_storage()
-            if s.nbytes() > 0:
-                storages[s.data_ptr()] = s.nbytes()
-        if records and storages and len(records) == len(storages):
-            base = min(storages) - min(records)
-            if all(records.get(p - base) == n for p, n in storages.items()):
-                self._base = base
-        self._fd: int | None = None
-
-    def file_offset(self, tensor: torch.Tensor) -> int | None:
-        if self._base is None:
-            return None
-        return tensor.data_ptr() - self._base
-
-    def read_into(self, out: torch.Tensor, src: torch.Tensor, start: int, numel: int) -> None:
-        """Copy ``src.view(-1)[start:start + numel]`` into the 1-D contiguous tensor ``out``."""
-        if start < 0 or start + numel > src.numel():
-            raise CheckpointError(
-                f"{self.path}: a parameter reaches past its partition (elements {start}.."
-                f"{start + numel} of {src.numel()}); the tag's files do not belong together"
-            )
-        offset = self.file_offset(src)
-        if offset is None or not src.is_contiguous():
-            out.copy_(src.reshape(-1)[start : start + numel])
-            return
-        offset += start * src.element_size()
-        nbytes = numel * src.element_size()
-        if offset + nbytes > self.size:
-            raise CheckpointError(f"{self.path}: file is truncated (needs {offset + nbytes} bytes)")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        view = out.view(torch.uint8).numpy().data.cast("B")
-        done = pread_into(self._fd, view[:nbytes], offset)
-        if done != nbytes:
-            raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done}")
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +183,6 @@ class ZeroCheckpoint:
                 f"{tag_dir}: optimizer files say ZeRO stage {self.stage} but the model-state file "
                 f"names are those of stage {'3' if self.layout_stage3 else '1/2'}"
             )
-        self._entries: OrderedDict[str, ParamEntry] | None = None
-        self._buffers_float = True
 
     # -- construction helpers ------------------------------------------------------------------
 
