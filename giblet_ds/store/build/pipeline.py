@@ -1,0 +1,308 @@
+"""``build_store``: raw movie, annotations and fMRI -> one validated HDF5 store.
+
+Stages (each with a progress bar): hash inputs (a matching existing store makes the build a no-op),
+decode video, encode audio, embed text, mask and z-score fMRI, write statistics, rename into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from giblet_ds.errors import StoreError
+from giblet_ds.store import schema
+from giblet_ds.store.build import align, audio, fmri, text, video
+from giblet_ds.store.build.hashing import build_sha256, file_sha256, settings_sha256
+from giblet_ds.store.build.normalize import zscore_train
+from giblet_ds.store.build.settings import BuildSettings
+from giblet_ds.store.build.splits import make_splits
+from giblet_ds.store.build.writer import StoreLayout, StoreWriter, remove_stale_temps
+from giblet_ds.store.reader import open_store
+
+__all__ = ["BuildInputs", "BuildResult", "build_store", "hash_inputs"]
+
+RANDOM_WEIGHTS_WARNING = (
+    "built with --no-pretrained: EnCodec and CLIP weights are RANDOM (fixed seed); audio codes and "
+    "text embeddings carry no learned meaning. Use only for demos and tests."
+)
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """The raw files of one build."""
+
+    video: Path
+    annotations: Path
+    fmri: tuple[Path, ...]
+    mask: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fmri:
+            raise StoreError("--fmri", "at least one fMRI file is needed")
+        ids = [fmri.subject_id(p) for p in self.fmri]
+        if len(set(ids)) != len(ids):
+            raise StoreError("--fmri", "subject ids (file names) must be unique", actual=ids)
+
+
+@dataclass
+class BuildResult:
+    """What a build did: the store path, whether it was rebuilt, and seconds per stage."""
+
+    path: Path
+    rebuilt: bool
+    n_trs: int
+    build_hash: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    movie_seconds: float = 0.0
+
+
+def _log(message: str) -> None:
+    print(f"[build_store] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _bar(desc: str, total: float | None, unit: str, enabled: bool) -> Iterator[Callable[[int], Any]]:
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+               unit_scale=unit == "B", dynamic_ncols=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
+    """SHA-256, name and size of every input file (the basis of the no-op rebuild check)."""
+    files: list[tuple[str, Path]] = [("video", inputs.video), ("annotations", inputs.annotations)]
+    files += [(f"fmri:{fmri.subject_id(p)}", p) for p in inputs.fmri]
+    if inputs.mask is not None:
+        files.append(("mask", inputs.mask))
+    for role, path in files:
+        if not path.is_file():
+            raise StoreError(path, "input file not found", dataset=f"--{role.split(':')[0]}")
+    total = sum(p.stat().st_size for _, p in files)
+    out: dict[str, Any] = {}
+    with _bar("hash inputs", total, "B", progress) as update:
+        for role, path in files:
+            out[role] = {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            update(path.stat().st_size)
+    return out
+
+
+def build_store(
+    inputs: BuildInputs,
+    out: str | Path,
+    settings: BuildSettings | None = None,
+    *,
+    progress: bool = True,
+) -> BuildResult:
+    """Build (or confirm up to date) the store ``out`` from ``inputs`` with ``settings``."""
+    settings = settings or BuildSettings()
+    out = Path(out)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
+    if (inputs.mask is not None) != (settings.mask_rule == "file"):
+        raise StoreError(
+            "--mask",
+            "a mask file goes with mask_rule 'file' and only with it",
+            expected="--mask PATH with --mask-rule file, or neither",
+            actual=f"mask {inputs.mask}, mask_rule {settings.mask_rule!r}",
+        )
+    input_hashes = hash_inputs(inputs, progress)
+    settings_hash = settings_sha256(settings.hashed())
+    build_hash = build_sha256(settings_hash, input_hashes, schema.SCHEMA_VERSION)
+    lap("hash")
+    if out.exists():
+        try:
+            existing = open_store(out)
+        except StoreError as err:
+            _log(f"existing {out} is not a valid store ({err}); rebuilding")
+        else:
+            if existing.build_hash == build_hash:
+                _log(f"{out} is up to date (build hash {build_hash[:12]}); nothing to do")
+                return BuildResult(out, False, existing.n_trs, build_hash, seconds)
+            _log(f"{out} was built from other inputs or settings; rebuilding")
+    for stale in remove_stale_temps(out):
+        _log(f"removed stale temporary file {stale}")
+    if not settings.pretrained:
+        _log("WARNING: " + RANDOM_WEIGHTS_WARNING)
+
+    # -- probe and decode what fixes the number of TRs -------------------------------------------
+    probe = video.probe_video(inputs.video)
+    n_frames = settings.frames_per_tr or video.frames_per_tr(
+        settings.tr, probe.fps, settings.frame_skip
+    )
+    fmri_infos = fmri.probe_fmri(inputs.fmri)
+    for info in fmri_infos:
+        if info.header_tr > 0 and abs(info.header_tr - settings.tr) > 0.01 * settings.tr:
+            _log(f"note: {info.path.name} header says TR {info.header_tr} s; using tr={settings.tr}")
+    annotations, annotation_counts = text.read_annotations(inputs.annotations, settings.text_columns)
+    estimate = int(probe.duration_s * probe.fps) if np.isfinite(probe.duration_s) else None
+    with _bar("decode video", estimate, "frame", progress) as update:
+        frames, fps = video.decode_video(
+            inputs.video,
+            tr=settings.tr,
+            frame_skip=settings.frame_skip,
+            n_frames=n_frames,
+            height=settings.frame_height,
+            width=settings.frame_width,
+            progress=update,
+        )
+    lap("video")
+    audio_report: dict[str, int] = {}
+    wave = audio.decode_audio(inputs.video, report=audio_report)
+    if audio_report["bad_packets"]:
+        _log(f"WARNING: {audio_report['bad_packets']} damaged audio packets replaced by silence")
+    counts = align.common_trs(
+        video=len(frames),
+        audio=align.whole_trs(len(wave) / audio.SAMPLE_RATE, settings.tr),
+        fmri_volumes=min(info.n_volumes for info in fmri_infos),
+        lag=settings.lag,
+    )
+    n_trs = counts["n_trs"]
+    _log(
+        f"TRs available: video {counts['video']}, audio {counts['audio']}, fMRI {counts['fmri']} "
+        f"(volumes - lag {settings.lag}); using the common {n_trs} TRs ({n_trs * settings.tr:.1f} s)"
+    )
+    splits = make_splits(n_trs, settings.split_fractions, settings.gap)
+    first, stop = settings.lag, settings.lag + n_trs  # fMRI volumes paired with stimulus TRs
+
+    # -- fMRI mask (needs every subject before any subject can be written) -----------------------
+    with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
+        mask = fmri.compute_mask(
+            fmri_infos, start=first, stop=stop, rule=settings.mask_rule, mask_file=inputs.mask,
+            progress=update,
+        )
+    lap("fmri_mask")
+
+    layout = StoreLayout(
+        n_trs=n_trs,
+        n_frames=n_frames,
+        height=settings.frame_height,
+        width=settings.frame_width,
+        n_q=_n_codebooks(settings.encodec_bandwidth),
+        code_frames=int(np.floor(settings.tr * 75 + 1e-9)),
+        text_slots=settings.annotations_per_tr,
+        text_dim=0,  # set below once the text tower is known
+        subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
+        n_voxels=int(mask.sum()),
+        mask_shape=fmri_infos[0].shape,
+    )
+    encode_text, text_dim, clip_tag = text.load_text_encoder(
+        settings.clip_model, settings.pretrained, settings.clip_pretrained_tag, settings.device
+    )
+    layout = StoreLayout(**{**layout.__dict__, "text_dim": text_dim})
+    lap("load_text_model")
+
+    with StoreWriter(out, layout, mask=mask, affine=fmri_infos[0].affine, splits=splits) as writer:
+        writer.write_video(0, frames[:n_trs])
+        del frames
+
+        model = audio.load_encodec(settings.encodec_bandwidth, settings.pretrained)
+        if not settings.pretrained:
+            audio.init_random_codebooks(model, wave)
+        n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
+        with _bar("encode audio", n_segments, "segment", progress) as update:
+            codes = audio.encode_audio(
+                wave, model, segment_s=settings.audio_segment_s, device=settings.device,
+                progress=update,
+            )
+        if codes.shape[0] != layout.n_q:
+            raise StoreError(audio.ENCODEC_MODEL, "codebook count differs from the bandwidth table",
+                             expected=layout.n_q, actual=codes.shape[0])
+        writer.write_audio_codes(audio.codes_per_tr(codes, settings.tr, n_trs))
+        del model, wave
+        lap("audio")
+
+        with _bar("embed text", len({a.text for a in annotations}), "text", progress) as update:
+            embeddings = text.embed_texts([a.text for a in annotations], encode_text,
+                                          progress=update)
+        text_array, text_mask = text.annotations_per_tr(
+            annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
+        )
+        writer.write_text(text_array, text_mask)
+        lap("text")
+
+        with _bar("fmri z-score", len(fmri_infos), "subject", progress) as update:
+            for index, info in enumerate(fmri_infos):
+                series = fmri.masked_series(info, mask, start=first, stop=stop)
+                zscored, mean, std = zscore_train(series, splits["train"])
+                writer.write_subject(index, zscored, mean, std)
+                update(1)
+        lap("fmri")
+
+        attrs: dict[str, Any] = {
+            "tr": float(settings.tr),
+            "fps": float(fps),
+            "frame_skip": int(settings.frame_skip),
+            "frames_per_tr": int(n_frames),
+            "lag": int(settings.lag),
+            "split_gap": int(settings.gap),
+            "split_fractions": list(settings.split_fractions),
+            "encodec_model": audio.ENCODEC_MODEL,
+            "encodec_bandwidth": float(settings.encodec_bandwidth),
+            "encodec_pretrained": bool(settings.pretrained),
+            "encodec_codebooks": "pretrained" if settings.pretrained else
+            "random weights; codebooks by k-means on the first 30 s of this movie",
+            "clip_model": settings.clip_model,
+            "clip_pretrained": bool(settings.pretrained),
+            "clip_pretrained_tag": clip_tag or "",
+            "text_normalized": True,
+            "text_columns": list(settings.text_columns),
+            "annotation_counts": annotation_counts,
+            "trs_available": counts,
+            "audio_bad_packets": audio_report["bad_packets"],
+            "fmri_volumes": [first, stop],
+            "mask_rule": settings.mask_rule,
+            "input_hashes": input_hashes,
+            "settings": settings.hashed(),
+            "settings_hash": settings_hash,
+            "build_hash": build_hash,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "warning": "" if settings.pretrained else RANDOM_WEIGHTS_WARNING,
+        }
+        writer.finish(attrs)
+    lap("stats_and_write")
+    open_store(out)  # the gate every reader uses must accept what we wrote
+    _log(f"wrote {out}: {n_trs} TRs, {layout.n_voxels} voxels, {len(layout.subjects)} subjects")
+    return BuildResult(out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * settings.tr)
+
+
+def _n_codebooks(bandwidth: float) -> int:
+    # Only a prediction for the layout; the codes' real shape is checked against it.
+    return {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}[float(bandwidth)]
+
+
+def build_from_paths(
+    video_path: str | Path,
+    annotations_path: str | Path,
+    fmri_paths: Sequence[str | Path],
+    out: str | Path,
+    settings: BuildSettings | None = None,
+    *,
+    mask: str | Path | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """``build_store`` with plain paths (what the command-line tool calls)."""
+    inputs = BuildInputs(
+        video=Path(video_path),
+        annotations=Path(annotations_path),
+        fmri=tuple(Path(p) for p in fmri_paths),
+        mask=Path(mask) if mask is not None else None,
+    )
+    return build_store(inputs, out, settings, progress=progress)

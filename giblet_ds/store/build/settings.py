@@ -1,0 +1,143 @@
+"""Build settings: one frozen dataclass, from flags or a YAML, validated on construction.
+
+Everything that changes the store's content is a field here and goes into ``settings_hash``;
+``device`` only changes where the work runs and is left out of the hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from giblet_ds.errors import ConfigError
+from giblet_ds.store.build.splits import min_real_gap
+from giblet_ds.store.build.text import TEXT_COLUMNS
+
+__all__ = ["BuildSettings", "MASK_RULES", "load_settings_yaml"]
+
+MASK_RULES = ("intersection", "file")
+ENCODEC_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How raw files become a store (defaults reproduce the seed's features)."""
+
+    tr: float = 1.5
+    """Repetition time in seconds: the length of one stimulus window."""
+    lag: int = 3
+    """Stimulus TR t is paired with fMRI volume t + lag (haemodynamic delay, in TRs)."""
+    frame_skip: int = 4
+    """Take every frame_skip-th frame of each TR window."""
+    frames_per_tr: int | None = None
+    """Frames stored per TR; None: ceil(tr * fps / frame_skip) from the file's real fps."""
+    frame_height: int = 90
+    """Stored frame height in pixels (area-filtered resize)."""
+    frame_width: int = 160
+    """Stored frame width in pixels."""
+    encodec_bandwidth: float = 6.0
+    """EnCodec 24 kHz bandwidth in kbps: 1.5/3/6/12/24 give 2/4/8/16/32 codebooks."""
+    clip_model: str = "ViT-H-14"
+    """open_clip model whose text tower embeds annotations (ViT-H-14: 1,024-d)."""
+    clip_pretrained_tag: str | None = None
+    """open_clip pretrained tag; None: the first tag open_clip lists for clip_model."""
+    pretrained: bool = True
+    """Use pretrained EnCodec and CLIP weights; False builds random weights (recorded)."""
+    annotations_per_tr: int = 3
+    """Text slots K per TR."""
+    text_columns: tuple[str, ...] = TEXT_COLUMNS
+    """Annotation columns joined into the embedded text."""
+    mask_rule: str = "intersection"
+    """'intersection': voxels valid in every subject; 'file': the --mask NIfTI."""
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    """Relative sizes of the contiguous train, val and test segments."""
+    split_gap: int | None = None
+    """TRs left out between splits; None: lag + 10 (the minimum a real build accepts)."""
+    audio_segment_s: float = 30.0
+    """EnCodec encodes the audio in segments of this length (with 1 s of left context)."""
+    device: str = field(default="cpu", metadata={"hashed": False})
+    """Torch device for EnCodec and CLIP ('cpu', 'cuda'); not part of the settings hash."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.tr > 0:
+            problems.append(f"tr must be > 0, got {self.tr}")
+        if self.lag < 0:
+            problems.append(f"lag must be >= 0, got {self.lag}")
+        if self.frame_skip < 1:
+            problems.append(f"frame_skip must be >= 1, got {self.frame_skip}")
+        if self.frames_per_tr is not None and self.frames_per_tr < 1:
+            problems.append(f"frames_per_tr must be >= 1 or null, got {self.frames_per_tr}")
+        if self.frame_height < 1 or self.frame_width < 1:
+            problems.append(
+                f"frame_height and frame_width must be >= 1, got {self.frame_height}x"
+                f"{self.frame_width}"
+            )
+        if float(self.encodec_bandwidth) not in ENCODEC_BANDWIDTHS:
+            problems.append(
+                f"encodec_bandwidth must be one of {ENCODEC_BANDWIDTHS}, got {self.encodec_bandwidth}"
+            )
+        if self.annotations_per_tr < 1:
+            problems.append(f"annotations_per_tr must be >= 1, got {self.annotations_per_tr}")
+        if not self.text_columns:
+            problems.append("text_columns must name at least one column")
+        if self.mask_rule not in MASK_RULES:
+            problems.append(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
+        if len(self.split_fractions) != 3 or any(f <= 0 for f in self.split_fractions):
+            problems.append(
+                f"split_fractions must be three positive numbers, got {self.split_fractions}"
+            )
+        minimum = min_real_gap(self.lag)
+        if self.split_gap is not None and self.split_gap < minimum:
+            problems.append(
+                f"split_gap must be >= lag + 10 = {minimum} TRs (HRF leakage), got {self.split_gap}"
+            )
+        if not self.audio_segment_s > 0:
+            problems.append(f"audio_segment_s must be > 0, got {self.audio_segment_s}")
+        if problems:
+            raise ConfigError("invalid build settings:\n  " + "\n  ".join(problems))
+
+    @property
+    def gap(self) -> int:
+        """The split gap in effect."""
+        return self.split_gap if self.split_gap is not None else min_real_gap(self.lag)
+
+    def hashed(self) -> dict[str, Any]:
+        """The settings that determine the store's content, as plain JSON values."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("hashed", True):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["split_gap"] = self.gap
+        return out
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> BuildSettings:
+        """Settings from a mapping; unknown keys are rejected with the list of valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"{source}: unknown build setting(s) {unknown}; valid keys: {names}")
+        clean = dict(values)
+        for key in ("text_columns", "split_fractions"):
+            if key in clean and clean[key] is not None:
+                clean[key] = tuple(clean[key])
+        return cls(**clean)
+
+
+def load_settings_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a settings YAML file (validated by ``BuildSettings.from_mapping``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"settings file {path} not found")
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of build settings, got {type(data).__name__}")
+    return data

@@ -1,0 +1,284 @@
+"""Write a store atomically: a temporary file in the same folder, renamed only when complete.
+
+An interrupted build (exception, Ctrl-C) removes its temporary file; a killed one leaves only a
+``.NAME.tmp-PID`` file that no reader mistakes for a store (wrong name, no ``complete`` attribute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from giblet_ds.errors import StoreError
+from giblet_ds.store import schema
+from giblet_ds.store.stats import compute_target_stats
+
+__all__ = ["StoreLayout", "StoreWriter", "temp_path_for", "remove_stale_temps"]
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of one store; every dataset's shape follows from these."""
+
+    n_trs: int
+    n_frames: int
+    height: int
+    width: int
+    n_q: int
+    code_frames: int
+    text_slots: int
+    text_dim: int
+    subjects: tuple[str, ...]
+    n_voxels: int
+    mask_shape: tuple[int, int, int]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every required dataset (the reader checks the same table)."""
+        t, s, v = self.n_trs, len(self.subjects), self.n_voxels
+        return {
+            schema.VIDEO: (t, self.n_frames, self.height, self.width, 3),
+            schema.AUDIO_CODES: (t, self.n_q, self.code_frames),
+            schema.TEXT: (t, self.text_slots, self.text_dim),
+            schema.TEXT_MASK: (t, self.text_slots),
+            schema.FMRI_SUBJECTS: (s, t, v),
+            schema.FMRI_MEAN: (t, v),
+            schema.FMRI_STATS_MEAN: (s, v),
+            schema.FMRI_STATS_STD: (s, v),
+            schema.MASK: self.mask_shape,
+        }
+
+
+def temp_path_for(path: Path) -> Path:
+    """Temporary name of an in-progress build of ``path`` (hidden, with this process id)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temporary files of earlier builds of ``path`` whose process no longer runs."""
+    removed = []
+    for candidate in path.parent.glob(f".{path.name}.tmp-*"):
+        pid_text = candidate.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreWriter:
+    """Create the datasets of ``layout`` in a temporary file, fill them stage by stage, then
+    ``finish(attrs)``: write the subject mean and training statistics and rename into place.
+
+    Use as a context manager; leaving the block without ``finish`` deletes the temporary file.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        layout: StoreLayout,
+        *,
+        mask: np.ndarray,
+        affine: np.ndarray,
+        splits: Mapping[str, np.ndarray],
+    ) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        self.temp_path = temp_path_for(self.path)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != layout.mask_shape or int(mask.sum()) != layout.n_voxels:
+            raise StoreError(
+                self.path,
+                "mask does not match the layout",
+                dataset=schema.MASK,
+                expected=f"shape {layout.mask_shape} with {layout.n_voxels} voxels",
+                actual=f"shape {mask.shape} with {int(mask.sum())} voxels",
+            )
+        self._mask = mask
+        self._affine = np.asarray(affine, dtype=np.float64)
+        self._splits = {name: np.asarray(splits[name], dtype=np.int64) for name in schema.SPLITS}
+        self._file: h5py.File | None = None
+        self._video_done = np.zeros(layout.n_trs, dtype=bool)
+        self._done: set[str] = set()
+        self._fmri_sum: np.ndarray | None = None
+        self._finished = False
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.temp_path, "w")
+        self._create_datasets(self._file)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._finished:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.temp_path.unlink(missing_ok=True)
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None:
+            raise RuntimeError("StoreWriter used outside its `with` block")
+        return self._file
+
+    def _create_datasets(self, handle: h5py.File) -> None:
+        lay = self.layout
+        shapes = lay.shapes()
+        # One chunk per TR (and per subject for /fmri/subjects): a sample is one contiguous read.
+        chunks: dict[str, tuple[int, ...]] = {
+            schema.VIDEO: (1, *shapes[schema.VIDEO][1:]),
+            schema.AUDIO_CODES: (1, lay.n_q, lay.code_frames),
+            schema.TEXT: (1, lay.text_slots, lay.text_dim),
+            schema.TEXT_MASK: (1, lay.text_slots),
+            schema.FMRI_SUBJECTS: (1, 1, lay.n_voxels),
+            schema.FMRI_MEAN: (1, lay.n_voxels),
+        }
+        for name, chunk in chunks.items():
+            handle.create_dataset(name, shape=shapes[name], dtype=schema.DTYPES[name], chunks=chunk)
+        for name in (schema.FMRI_STATS_MEAN, schema.FMRI_STATS_STD):
+            handle.create_dataset(name, shape=shapes[name], dtype=schema.DTYPES[name])
+        handle.create_dataset(schema.MASK, data=self._mask)
+        handle[schema.MASK].attrs["affine"] = self._affine
+        for name, index in self._splits.items():
+            handle.create_dataset(schema.split_path(name), data=index)
+
+    # -- stages -------------------------------------------------------------------------------
+    def write_video(self, start: int, frames: np.ndarray) -> None:
+        """Write TRs ``start .. start + len(frames)`` of uint8 frames (n, F, H, W, 3)."""
+        frames = np.asarray(frames)
+        self._check_block(schema.VIDEO, frames, start)
+        self.file[schema.VIDEO][start : start + len(frames)] = frames
+        self._video_done[start : start + len(frames)] = True
+
+    def write_audio_codes(self, codes: np.ndarray) -> None:
+        """Write all codes (T, n_q, C); values must be EnCodec codes 0..1023."""
+        codes = np.asarray(codes)
+        self._check_block(schema.AUDIO_CODES, codes, 0, full=True)
+        if codes.size and (codes.min() < 0 or codes.max() >= schema.N_CODES):
+            raise StoreError(
+                self.path,
+                "audio codes out of range",
+                dataset=schema.AUDIO_CODES,
+                expected=f"0..{schema.N_CODES - 1}",
+                actual=f"{codes.min()}..{codes.max()}",
+            )
+        self.file[schema.AUDIO_CODES][...] = codes.astype(np.int16)
+        self._done.add(schema.AUDIO_CODES)
+
+    def write_text(self, text: np.ndarray, mask: np.ndarray) -> None:
+        """Write all text embeddings (T, K, D) and the mask of real slots (T, K)."""
+        self._check_block(schema.TEXT, np.asarray(text), 0, full=True)
+        self._check_block(schema.TEXT_MASK, np.asarray(mask), 0, full=True)
+        self.file[schema.TEXT][...] = np.asarray(text, dtype=np.float32)
+        self.file[schema.TEXT_MASK][...] = np.asarray(mask, dtype=bool)
+        self._done.add(schema.TEXT)
+
+    def write_subject(
+        self, index: int, zscored: np.ndarray, raw_mean: np.ndarray, raw_std: np.ndarray
+    ) -> None:
+        """Write one subject's z-scored series (T, V) and the raw train mean and std it used."""
+        lay = self.layout
+        zscored = np.asarray(zscored, dtype=np.float32)
+        expected = (lay.n_trs, lay.n_voxels)
+        if zscored.shape != expected:
+            raise StoreError(
+                self.path,
+                f"subject {lay.subjects[index]} has the wrong shape",
+                dataset=schema.FMRI_SUBJECTS,
+                expected=expected,
+                actual=zscored.shape,
+            )
+        self.file[schema.FMRI_SUBJECTS][index] = zscored.astype(np.float16)
+        self.file[schema.FMRI_STATS_MEAN][index] = raw_mean
+        self.file[schema.FMRI_STATS_STD][index] = raw_std
+        if self._fmri_sum is None:
+            self._fmri_sum = np.zeros(expected, dtype=np.float64)
+        self._fmri_sum += zscored
+        self._done.add(f"subject:{index}")
+
+    def _check_block(self, name: str, block: np.ndarray, start: int, full: bool = False) -> None:
+        expected = self.layout.shapes()[name]
+        n = expected[0] if full else block.shape[0] if block.ndim else 0
+        want = (n, *expected[1:])
+        if block.shape != want or start < 0 or start + n > expected[0]:
+            raise StoreError(
+                self.path,
+                "block does not fit the layout",
+                dataset=name,
+                expected=f"{want} at TR {start} of {expected[0]}",
+                actual=block.shape,
+            )
+
+    # -- completion ---------------------------------------------------------------------------
+    def finish(self, attrs: Mapping[str, Any]) -> Path:
+        """Write the subject mean, training statistics and ``attrs``; rename into place."""
+        handle = self.file
+        missing = []
+        if not self._video_done.all():
+            missing.append(f"{schema.VIDEO} TRs {np.flatnonzero(~self._video_done)[:5].tolist()}")
+        for name in (schema.AUDIO_CODES, schema.TEXT):
+            if name not in self._done:
+                missing.append(name)
+        for i, subject in enumerate(self.layout.subjects):
+            if f"subject:{i}" not in self._done:
+                missing.append(f"{schema.FMRI_SUBJECTS}[{subject}]")
+        if missing:
+            raise StoreError(self.path, f"build incomplete, never written: {', '.join(missing)}")
+        assert self._fmri_sum is not None
+        handle[schema.FMRI_MEAN][...] = (self._fmri_sum / len(self.layout.subjects)).astype(
+            np.float16
+        )
+        stats = compute_target_stats(handle, self._splits["train"])
+        for modality, arrays in stats.items():
+            for name, value in arrays.items():
+                handle.create_dataset(f"{schema.STATS_GROUP}/{modality}/{name}", data=value)
+        for key, value in attrs.items():
+            handle.attrs[key] = _attr_value(value)
+        handle.attrs["schema_version"] = schema.SCHEMA_VERSION
+        handle.attrs["subjects"] = json.dumps(list(self.layout.subjects))
+        # Written last: a reader that sees `complete` knows every dataset above is in place.
+        handle.attrs["complete"] = True
+        handle.flush()
+        handle.close()
+        self._file = None
+        with open(self.temp_path, "rb") as raw:
+            os.fsync(raw.fileno())
+        os.replace(self.temp_path, self.path)
+        self._finished = True
+        return self.path
+
+
+def _attr_value(value: Any) -> Any:
+    """HDF5 attributes hold scalars, strings and arrays; dicts and lists are stored as JSON."""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    if value is None:
+        return "null"
+    return value
