@@ -20,6 +20,7 @@ ALLOWED = {
     "metrics": {"errors"},
     "store": {"errors", "config"},
     "memory_estimate": {"errors", "config", "model"},
+    "demo_data": {"errors", "store"},
     "checkpoint_tools": {"errors", "config", "model", "losses", "metrics", "store"},
     "train": {"errors", "config", "model", "losses", "metrics", "store"},
 }

@@ -360,15 +360,18 @@ def test_init_weights_follows_its_docstring() -> None:
     assert big.weight.numel() == 23_040
     assert big.weight.mean().abs() < 0.05 * math.sqrt(2 / 360)  # 7 standard errors
     assert big.weight.std().item() == pytest.approx(math.sqrt(2 / 360), rel=0.03)
-    # Output layers start small: 0.1 * sqrt(1 / fan_in), zero bias.
-    for stack in (model.encoder.fmri_head, model.decoder.video, model.decoder.audio):
+    # Output layers start at zero (weights and bias): predictions start at the bias.
+    for stack in (
+        model.encoder.fmri_head,
+        model.decoder.video,
+        model.decoder.audio,
+        model.decoder.text,
+    ):
         assert stack.out is not None
-        fan_in = stack.out.in_features
-        assert stack.out.weight.std().item() == pytest.approx(0.1 * math.sqrt(1 / fan_in), rel=0.2)
+        assert torch.count_nonzero(stack.out.weight) == 0
         assert torch.equal(stack.out.bias, torch.zeros_like(stack.out.bias))
     video_out = model.decoder.video.out
     assert video_out is not None and video_out.weight.numel() == 2_520
-    assert video_out.weight.std().item() == pytest.approx(0.1 * math.sqrt(1 / 14), rel=0.06)
     # Norms: scale 1, shift 0.
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
@@ -436,8 +439,14 @@ def _loss_and_grads(model: GibletAutoencoder, batch: dict[str, torch.Tensor]):  
 def test_activation_checkpointing_is_bit_identical_with_dropout() -> None:
     cfg = tiny_config("model.dropout=0.3")
     model = _built(cfg, seed=11).train()
+    # Output layers start at zero; give them values so every hidden layer gets a gradient.
+    with torch.no_grad():
+        for stack in model.stacks():
+            if stack.out is not None:
+                stack.out.weight.normal_(std=0.1)
     batch = tiny_batch(cfg, batch=4, seed=5)
     loss_plain, grads_plain = _loss_and_grads(model, batch)
+    assert all(torch.count_nonzero(g) > 0 for g in grads_plain.values())
 
     calls = []
 

@@ -23,8 +23,6 @@ __all__ = ["GibletAutoencoder", "GibletOutput", "GatherFn"]
 # deepspeed: the training layer passes this in.
 GatherFn = Callable[[list[nn.Parameter]], AbstractContextManager[object]]
 
-OUTPUT_INIT_SCALE = 0.1
-
 
 class GibletOutput(NamedTuple):
     """Model predictions for a batch of B TRs. A NamedTuple, not a dataclass: ZeRO-3's hooks find
@@ -83,9 +81,10 @@ class GibletAutoencoder(nn.Module):
 
         - hidden Linear weights (followed by ReLU): normal, std sqrt(2 / fan_in) (He);
         - the bottleneck Linear (no activation): normal, std sqrt(1 / fan_in);
-        - output Linear weights (fMRI, video, audio, text heads): normal, std
-          0.1 * sqrt(1 / fan_in), so predictions start near zero and each normalized loss term
-          starts near 1.0; their biases 0;
+        - output Linear weights (fMRI, video, audio, text heads): zero, so the first predictions
+          are the output biases and the first audio logits are uniform (a random start adds noise
+          whose variance can exceed the target's: a text term of 7.5 at step 0 in the demo);
+          their biases 0;
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
         - audio code embeddings: normal, std 1;
@@ -116,12 +115,11 @@ class GibletAutoencoder(nn.Module):
 
     def _init_module(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            std = math.sqrt(1.0 / module.in_features)
             if self._is_output_linear(module):
-                std *= OUTPUT_INIT_SCALE
-            elif self._is_activated(module):
-                std = math.sqrt(2.0 / module.in_features)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.weight)
+            else:
+                gain = 2.0 if self._is_activated(module) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(gain / module.in_features))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm | nn.BatchNorm1d):
