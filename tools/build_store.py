@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the store to write (.h5)")
     p.add_argument("--mask", help="mask NIfTI on the fMRI grid (implies --mask-rule file)")
     p.add_argument("--config", help="YAML of build settings; flags override it")
+    p.add_argument("--encodec-weights", help="folder with encodec_24khz-d7cc33bc.th (offline)")
     s = p.add_argument_group("settings (default: the YAML, else BuildSettings defaults)")
     s.add_argument("--tr", type=float)
     s.add_argument("--lag", type=int, help="pair stimulus TR t with fMRI volume t + lag")
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             settings_from_args(args),
             mask=args.mask,
             progress=not args.quiet,
+            encodec_weights=args.encodec_weights,
         )
     except GibletError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -103,8 +103,13 @@ def build_store(
     settings: BuildSettings | None = None,
     *,
     progress: bool = True,
+    encodec_weights: str | Path | None = None,
 ) -> BuildResult:
-    """Build (or confirm up to date) the store ``out`` from ``inputs`` with ``settings``."""
+    """Build (or confirm up to date) the store ``out`` from ``inputs`` with ``settings``.
+
+    ``encodec_weights``: a folder holding ``encodec_24khz-d7cc33bc.th`` for offline pretrained
+    builds (the checkpoint is checksum-verified, so where it comes from does not change the store).
+    """
     settings = settings or BuildSettings()
     out = Path(out)
     seconds: dict[str, float] = {}
@@ -141,6 +146,17 @@ def build_store(
         _log(f"removed stale temporary file {stale}")
     if not settings.pretrained:
         _log("WARNING: " + RANDOM_WEIGHTS_WARNING)
+
+    # -- models first: a missing pretrained checkpoint fails before minutes of decoding ----------
+    model = audio.load_encodec(
+        settings.encodec_bandwidth,
+        settings.pretrained,
+        str(encodec_weights) if encodec_weights and settings.pretrained else None,
+    )
+    encode_text, text_dim, clip_tag = text.load_text_encoder(
+        settings.clip_model, settings.pretrained, settings.clip_pretrained_tag, settings.device
+    )
+    lap("load_models")
 
     # -- probe and decode what fixes the number of TRs -------------------------------------------
     probe = video.probe_video(inputs.video)
@@ -198,22 +214,16 @@ def build_store(
         n_q=_n_codebooks(settings.encodec_bandwidth),
         code_frames=int(np.floor(settings.tr * 75 + 1e-9)),
         text_slots=settings.annotations_per_tr,
-        text_dim=0,  # set below once the text tower is known
+        text_dim=text_dim,
         subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
         n_voxels=int(mask.sum()),
         mask_shape=fmri_infos[0].shape,
     )
-    encode_text, text_dim, clip_tag = text.load_text_encoder(
-        settings.clip_model, settings.pretrained, settings.clip_pretrained_tag, settings.device
-    )
-    layout = StoreLayout(**{**layout.__dict__, "text_dim": text_dim})
-    lap("load_text_model")
 
     with StoreWriter(out, layout, mask=mask, affine=fmri_infos[0].affine, splits=splits) as writer:
         writer.write_video(0, frames[:n_trs])
         del frames
 
-        model = audio.load_encodec(settings.encodec_bandwidth, settings.pretrained)
         if not settings.pretrained:
             audio.init_random_codebooks(model, wave)
         n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
@@ -297,6 +307,7 @@ def build_from_paths(
     *,
     mask: str | Path | None = None,
     progress: bool = True,
+    encodec_weights: str | Path | None = None,
 ) -> BuildResult:
     """``build_store`` with plain paths (what the command-line tool calls)."""
     inputs = BuildInputs(
@@ -305,4 +316,4 @@ def build_from_paths(
         fmri=tuple(Path(p) for p in fmri_paths),
         mask=Path(mask) if mask is not None else None,
     )
-    return build_store(inputs, out, settings, progress=progress)
+    return build_store(inputs, out, settings, progress=progress, encodec_weights=encodec_weights)
