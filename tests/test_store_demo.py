@@ -113,3 +113,17 @@ def test_demo_store_keeps_the_planted_answer(
 
     assert mean_r(paired, data) > 0.4
     assert mean_r(paired, data) > mean_r(unpaired, data) + 0.1
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py"
+    spec = importlib.util.spec_from_file_location("make_demo_data_cli", script)
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(tmp_path / "x"), "--seconds", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: demo needs duration_s >= 60") and "got 20.0" in err
+    assert not (tmp_path / "x").exists()
