@@ -397,20 +397,24 @@ def _store(rec: RunRecords) -> tuple[list[str], list[Check]]:
         var = values.get("var")
         if var is not None:
             finite = bool((var == var).all()) and bool((abs(var) != float("inf")).all())
-            positive = bool((var > 0).all())
+            # The loss divides by the mean over elements, so constant elements (letterbox pixels,
+            # padded text slots) are fine as long as the mean is positive.
+            positive = float(var.mean()) > 0
+            constant = int((var == 0).sum())
             rows.append([modality, f"{float(var.mean()):.4g}", f"{float(var.min()):.4g}",
+                         f"{constant:,} of {var.size:,}",
                          "yes" if finite and positive else "**no**"])  # fmt: skip
             if not (finite and positive):
                 bad.append(modality)
         elif "counts" in values:
             counts = values["counts"]
             used = int((counts > 0).sum())
-            rows.append([modality, f"{used:,} of {counts.size:,} codes used", "-", "yes"])
+            rows.append([modality, f"{used:,} of {counts.size:,} codes used", "-", "-", "yes"])
     lines += ["", "Loss denominators (`/stats/<modality>/var`, training TRs only):", ""]
-    lines += _table(["Target", "Mean var", "Min var", "Usable"], rows)
+    lines += _table(["Target", "Mean var", "Min var", "Constant elements", "Usable"], rows)
     if bad:
         checks.append(
-            Check("Data / normalization", "fail", f"zero or non-finite variance in {bad}")
+            Check("Data / normalization", "fail", f"zero mean or non-finite variance in {bad}")
         )
     if not checks:
         checks.append(Check("Data / normalization", "ok", "training-split statistics present and "

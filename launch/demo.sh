@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The whole pipeline on a laptop-class CPU, end to end (make demo). Outputs land in $1 (demo_out).
+#   1. dry run of the 3.5B model      4. train the small preset, 2 CPU ranks, ZeRO-2
+#   2. demo raw data (planted truth)  5. consolidate, audit, plot, health report
+#   3. build the feature store        6. validation r next to the planted oracle r
+set -euo pipefail
+OUT=${1:-demo_out}
+PY=.venv/bin/python
+RAW=$OUT/raw
+STORE=$OUT/store.h5
+RUN=$OUT/run_small
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
+mkdir -p "$OUT"
+SECONDS=0
+step() { printf '\n=== [%3ds] %s\n' "$SECONDS" "$*"; }
+
+step "1/6 dry run of the 3.5B model (nothing is allocated)"
+$PY launch/train.py --dry-run --num-gpus 8 2>/dev/null | tee "$OUT/dry_run.txt"
+
+step "2/6 demo raw data in the Sherlock formats -> $RAW"
+if [ -f "$RAW/ground_truth.json" ]; then
+  echo "already there (delete $RAW to remake it)"
+else
+  $PY tools/make_demo_data.py "$RAW"
+fi
+
+step "3/6 feature store -> $STORE (a rebuild with the same inputs is a no-op)"
+$PY tools/build_store.py --video "$RAW/stimuli_demo.m4v" --annotations "$RAW/annotations.xlsx" \
+  --fmri "$RAW"/demo_nii/*.nii.gz --config "$RAW/demo_build.yaml" --out "$STORE" --no-pretrained
+
+step "4/6 train the small preset: deepspeed --num_gpus 2, CPU, ZeRO-2 fp32 -> $RUN"
+rm -rf "$RUN"
+.venv/bin/deepspeed --num_gpus 2 launch/train.py --config launch/configs/small.yaml \
+  --deepspeed_config ds_configs/zero2_fp32_cpu.json \
+  --set data.store="$STORE" --set checkpoint.run_dir="$RUN" 2>&1 \
+  | grep -v -E "FutureWarning|return func|^\[20..-..-.. ..:..:..,...\] \[INFO\]"
+
+step "5/6 tools on the run"
+$PY tools/zero_to_fp32.py "$RUN/checkpoints" "$OUT/consolidated" -t best --safe_serialization
+$PY tools/audit_weights.py "$RUN" --json "$OUT/audit.json" --flagged-only || true  # report, not gate
+$PY tools/plot_reconstructions.py --checkpoint "$RUN/checkpoints/best" --store "$STORE" \
+  --out "$OUT/plots" --split val --num-samples 3 --device cpu
+$PY tools/health_report.py "$RUN" --out "$OUT/health_report.md" --plot "$OUT/loss_curves.png"
+
+step "6/6 summary"
+$PY - "$RUN" "$RAW/ground_truth.json" <<'PY'
+import json, sys
+run, truth = sys.argv[1], json.load(open(sys.argv[2]))
+rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+vals = [r for r in rows if r["kind"] == "val"]
+best = max(vals, key=lambda r: r["fmri_r_mean"])
+end = [r for r in rows if r["kind"] == "end"][-1]
+oracle = truth["oracle"]
+print(f"run {end['status']} at step {end['step']}: {end['reason']}")
+print(f"validation per-voxel r (mean over {truth['n_voxels']:,} mask voxels, subject mean):")
+print(f"  trained model, best validation       {best['fmri_r_mean']:+.4f} (step {best['step']}, "
+      f"{best['fmri_r_frac_gt_0p1']:.1%} of voxels > 0.1)")
+print(f"  planted oracle (the true response)   {oracle['mean_subjects']['r_mean_all']:+.4f}")
+print(f"  linear model on the planted features {oracle['window_linear_test']['r_mean_all']:+.4f} "
+      "(fit on train, scored on test)")
+PY
+cat <<MSG
+
+Outputs ($SECONDS s in all):
+  $OUT/dry_run.txt               3.5B parameter counts and memory per GPU
+  $RAW/                   demo movie, annotations.xlsx, NIfTI, ground_truth.json
+  $STORE                 the HDF5 feature store (EnCodec and CLIP with RANDOM weights: offline)
+  $RUN/              metrics.jsonl, train.log, config.resolved.yaml, checkpoints/
+  $OUT/consolidated/            model.safetensors of the best tag (tools/zero_to_fp32.py)
+  $OUT/audit.json               weight audit of latest and best (tools/audit_weights.py)
+  $OUT/plots/index.html         reconstructions and the per-voxel r map (tools/plot_reconstructions.py)
+  $OUT/health_report.md         the training health report, with $OUT/loss_curves.png
+MSG
