@@ -153,7 +153,7 @@ def build_store(
         settings.pretrained,
         str(encodec_weights) if encodec_weights and settings.pretrained else None,
     )
-    encode_text, text_dim, clip_tag = text.load_text_encoder(
+    encode_text, _, clip_tag = text.load_text_encoder(
         settings.clip_model, settings.pretrained, settings.clip_pretrained_tag, settings.device
     )
     lap("load_models")
@@ -206,47 +206,45 @@ def build_store(
         )
     lap("fmri_mask")
 
+    # -- audio and text are small once encoded: finish them before the file opens -----------------
+    if not settings.pretrained:
+        audio.init_random_codebooks(model, wave)
+    n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
+    with _bar("encode audio", n_segments, "segment", progress) as update:
+        codes = audio.encode_audio(
+            wave, model, segment_s=settings.audio_segment_s, device=settings.device,
+            progress=update,
+        )
+    # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
+    codes_tr = audio.codes_per_tr(codes, settings.tr, n_trs)
+    del model, wave, codes
+    lap("audio")
+
+    with _bar("embed text", len({a.text for a in annotations}), "text", progress) as update:
+        embeddings = text.embed_texts([a.text for a in annotations], encode_text, progress=update)
+    text_array, text_mask = text.annotations_per_tr(
+        annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
+    )
+    lap("text")
+
     layout = StoreLayout(
         n_trs=n_trs,
         n_frames=n_frames,
         height=settings.frame_height,
         width=settings.frame_width,
-        n_q=_n_codebooks(settings.encodec_bandwidth),
-        code_frames=int(np.floor(settings.tr * 75 + 1e-9)),
+        n_q=int(codes_tr.shape[1]),
+        code_frames=int(codes_tr.shape[2]),
         text_slots=settings.annotations_per_tr,
-        text_dim=text_dim,
+        text_dim=int(text_array.shape[2]),
         subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
         n_voxels=int(mask.sum()),
         mask_shape=fmri_infos[0].shape,
     )
-
     with StoreWriter(out, layout, mask=mask, affine=fmri_infos[0].affine, splits=splits) as writer:
         writer.write_video(0, frames[:n_trs])
         del frames
-
-        if not settings.pretrained:
-            audio.init_random_codebooks(model, wave)
-        n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
-        with _bar("encode audio", n_segments, "segment", progress) as update:
-            codes = audio.encode_audio(
-                wave, model, segment_s=settings.audio_segment_s, device=settings.device,
-                progress=update,
-            )
-        if codes.shape[0] != layout.n_q:
-            raise StoreError(audio.ENCODEC_MODEL, "codebook count differs from the bandwidth table",
-                             expected=layout.n_q, actual=codes.shape[0])
-        writer.write_audio_codes(audio.codes_per_tr(codes, settings.tr, n_trs))
-        del model, wave
-        lap("audio")
-
-        with _bar("embed text", len({a.text for a in annotations}), "text", progress) as update:
-            embeddings = text.embed_texts([a.text for a in annotations], encode_text,
-                                          progress=update)
-        text_array, text_mask = text.annotations_per_tr(
-            annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
-        )
+        writer.write_audio_codes(codes_tr)
         writer.write_text(text_array, text_mask)
-        lap("text")
 
         with _bar("fmri z-score", len(fmri_infos), "subject", progress) as update:
             for index, info in enumerate(fmri_infos):
@@ -291,11 +289,6 @@ def build_store(
     open_store(out)  # the gate every reader uses must accept what we wrote
     _log(f"wrote {out}: {n_trs} TRs, {layout.n_voxels} voxels, {len(layout.subjects)} subjects")
     return BuildResult(out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * settings.tr)
-
-
-def _n_codebooks(bandwidth: float) -> int:
-    # Only a prediction for the layout; the codes' real shape is checked against it.
-    return {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}[float(bandwidth)]
 
 
 def build_from_paths(
