@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from giblet_ds.store import schema
-from giblet_ds.store.reader import StoreInfo, open_store
+from giblet_ds.store.reader import StoreInfo, open_read_only, open_store
 
 __all__ = ["StoreDataset"]
 
@@ -51,7 +51,7 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
             # A handle inherited through fork shares the parent's file state: open a fresh one.
-            self._handle = h5py.File(self.path, "r")
+            self._handle = open_read_only(self.path)
             self._pid = os.getpid()
         return self._handle
 

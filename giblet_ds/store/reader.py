@@ -17,9 +17,16 @@ import numpy as np
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
 
-__all__ = ["StoreInfo", "open_store", "load_mask", "export_mask_nifti"]
+__all__ = ["StoreInfo", "open_store", "open_read_only", "load_mask", "export_mask_nifti"]
 
 _BLOCK_TRS = 64
+
+
+def open_read_only(path: str | Path) -> h5py.File:
+    """Open a store read-only without HDF5 file locking: many ranks read one file at once, and
+    lock calls fail outright on some cluster file systems (NFS, Lustre). A store is never written
+    in place (builds rename a finished temporary file), so readers need no lock."""
+    return h5py.File(path, "r", locking=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +133,7 @@ def open_store(path: str | Path, *, check_subjects: bool = False) -> StoreInfo:
     if not path.is_file():
         raise StoreError(path, "is not a file")
     try:
-        handle = h5py.File(path, "r")
+        handle = open_read_only(path)
     except OSError as err:
         raise StoreError(
             path, f"not a readable HDF5 file (truncated or not a store?): {err}"
@@ -345,7 +352,7 @@ class _Checker:
 def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The store's shared brain mask (3-D bool) and its affine (4x4)."""
     info = open_store(path)
-    with h5py.File(info.path, "r") as handle:
+    with open_read_only(info.path) as handle:
         mask = np.asarray(handle[schema.MASK][()], dtype=bool)
         affine = np.asarray(handle[schema.MASK].attrs["affine"], dtype=np.float64)
     return mask, affine

@@ -95,11 +95,11 @@ def load_target_stats(
     ``subject`` (index or id) replaces the fMRI statistics with those of that subject's z-scored
     series on the training TRs, for runs that train on one subject instead of the subject mean.
     """
-    from giblet_ds.store.reader import open_store  # reader imports nothing from here
+    from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
 
     info = open_store(path)
     out: dict[str, dict[str, np.ndarray]] = {}
-    with h5py.File(info.path, "r") as handle:
+    with open_read_only(info.path) as handle:
         for modality, names in (
             ("video", ("mean", "var")),
             ("text", ("mean", "var")),
