@@ -23,10 +23,14 @@ _BLOCK_TRS = 64
 
 
 def open_read_only(path: str | Path) -> h5py.File:
-    """Open a store read-only without HDF5 file locking: many ranks read one file at once, and
-    lock calls fail outright on some cluster file systems (NFS, Lustre). A store is never written
-    in place (builds rename a finished temporary file), so readers need no lock."""
-    return h5py.File(path, "r", locking=False)
+    """Open a store read-only (the one place readers open the file).
+
+    HDF5's default file locking stays on: a process that opens the same file twice with different
+    locking flags gets an error, and other code (tests, tools) opens stores with plain h5py. On
+    file systems where lock calls fail (some NFS and Lustre mounts), set
+    ``HDF5_USE_FILE_LOCKING=FALSE`` in the environment of every rank.
+    """
+    return h5py.File(path, "r")
 
 
 @dataclass(frozen=True, eq=False)
