@@ -174,7 +174,11 @@ def load_text_encoder(
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         tag = tag or (tags[0] if tags else None)
         if tag is None:
-            raise StoreError(f"CLIP {model_name}", "has no pretrained weights in open_clip")
+            raise StoreError(
+                f"CLIP {model_name}",
+                "has no pretrained weights in open_clip; build with --no-pretrained or pick a model "
+                "that has some (open_clip.list_pretrained())",
+            )
         try:
             model = open_clip.create_model(model_name, pretrained=tag, device=device)
         except Exception as err:  # hub/network/file errors come in many types
