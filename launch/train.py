@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            # DeepSpeed's arithmetic only: no accelerator needed, and no warning about finding none.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             from giblet_ds.memory_estimate import estimate, format_estimate
 
             print(format_estimate(estimate(cfg, num_gpus=args.num_gpus, num_nodes=args.num_nodes)))

@@ -16,21 +16,12 @@ from giblet_ds.config import (
     load_config,
 )
 from giblet_ds.errors import ConfigError, GibletError
+from tests.tiny_sizes import TINY_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
 
 # Uneven input sizes, as a synthetic store would report them, for presets that leave them null.
-STORE_SIZES = {
-    "frames_per_tr": 2,
-    "frame_height": 6,
-    "frame_width": 10,
-    "n_codebooks": 2,
-    "code_frames": 5,
-    "text_slots": 2,
-    "text_dim": 7,
-    "n_voxels": 23,
-}
 SEED_SIZES = {
     "frames_per_tr": 10,
     "frame_height": 90,
@@ -64,7 +55,7 @@ def test_every_shipped_yaml_loads_and_cross_checks(path: Path, tmp_path: Path) -
     # Presets that name their input sizes must agree with a store of those sizes; the others
     # take them from the store.
     sizes = {k: getattr(cfg.model, k) for k in MODEL_INPUT_KEYS}
-    store_sizes = sizes if None not in sizes.values() else STORE_SIZES
+    store_sizes = sizes if None not in sizes.values() else TINY_SIZES
     for world_size in (1, 2, 8):
         cross_check(cfg, world_size=world_size, store_sizes=store_sizes)
     # Round trip: the resolved dict (what config.resolved.yaml holds) loads back unchanged.
@@ -305,14 +296,14 @@ def test_cross_check_needs_sizes_from_somewhere() -> None:
         "null and no store was given; set data.store to a feature store or set them in the model "
         "section"
     )
-    filled = cfg.model.with_input_sizes(STORE_SIZES)
+    filled = cfg.model.with_input_sizes(TINY_SIZES)
     assert filled.missing_input_sizes() == []
     assert filled.n_voxels == 23 and filled.video_hidden == cfg.model.video_hidden
 
 
 def test_with_input_sizes_keeps_explicit_sizes() -> None:
     cfg = load_config(ROOT / "launch" / "configs" / "giblet_3p5b.yaml")
-    assert cfg.model.with_input_sizes(STORE_SIZES).n_voxels == 83138
+    assert cfg.model.with_input_sizes(TINY_SIZES).n_voxels == 83138
     with pytest.raises(ConfigError, match=r"unknown model input sizes \['voxels'\]"):
         cfg.model.with_input_sizes({"voxels": 3})
 

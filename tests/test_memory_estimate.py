@@ -26,6 +26,7 @@ from giblet_ds.memory_estimate import (
     largest_layer,
 )
 from giblet_ds.model import GibletAutoencoder
+from tests.tiny_sizes import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
@@ -33,16 +34,6 @@ P_DEFAULT = 3_513_036_418  # the default 3.5B preset
 P_SEED = 3_500_188_290
 VIDEO_IN = 10 * 90 * 160 * 3
 LARGEST = VIDEO_IN * 4096  # encoder.video.blocks.0.linear, no bias
-TINY_SIZES = [
-    "model.frames_per_tr=2",
-    "model.frame_height=6",
-    "model.frame_width=10",
-    "model.n_codebooks=2",
-    "model.code_frames=5",
-    "model.text_slots=2",
-    "model.text_dim=7",
-    "model.n_voxels=23",
-]
 
 
 def config(name: str, *overrides: str) -> RunConfig:
@@ -50,7 +41,7 @@ def config(name: str, *overrides: str) -> RunConfig:
 
 
 def tiny(*overrides: str) -> RunConfig:
-    return config("tiny.yaml", *TINY_SIZES, *overrides)
+    return config("tiny.yaml", *TINY_OVERRIDES, *overrides)
 
 
 # ---------------------------------------------------------------- ZeRO model states by hand
@@ -331,7 +322,7 @@ def load_tool() -> Any:
 
 def test_tool_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     tool = load_tool()
-    sets = [arg for size in TINY_SIZES for arg in ("--set", size)]
+    sets = [arg for size in TINY_OVERRIDES for arg in ("--set", size)]
     assert tool.main(["--config", str(CONFIGS / "tiny.yaml"), *sets, "--num-gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert out == format_estimate(estimate(tiny(), num_gpus=2)) + "\n"

@@ -27,21 +27,12 @@ from giblet_ds.model import (
 )
 from giblet_ds.model.blocks import DenseBlock, DenseStack
 from giblet_ds.model.encoder import AudioCodebook
+from tests.tiny_sizes import TINY_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
 
 # Deliberately unequal sizes so that a swapped axis changes a count or a shape.
-TINY_SIZES = {
-    "frames_per_tr": 2,
-    "frame_height": 6,
-    "frame_width": 10,
-    "n_codebooks": 2,
-    "code_frames": 5,
-    "text_slots": 2,
-    "text_dim": 7,
-    "n_voxels": 23,
-}
 
 
 def tiny_config(*overrides: str) -> ModelConfig:

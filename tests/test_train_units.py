@@ -18,6 +18,7 @@ from giblet_ds.train.ds_config import build_ds_config, load_ds_json, zero_stage
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state
 from giblet_ds.train.schedule import lr_at, make_scheduler
+from tests.tiny_sizes import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEDULE = {"peak_lr": 1e-3, "warmup_steps": 4, "warmup_start_lr": 1e-5, "min_lr": 1e-6}
@@ -165,22 +166,7 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> No
 def test_output_biases_start_at_the_training_means() -> None:
     from giblet_ds.model import GibletAutoencoder
 
-    cfg = load_config(
-        REPO / "launch/configs/tiny.yaml",
-        [
-            f"model.{k}={v}"
-            for k, v in dict(
-                frames_per_tr=2,
-                frame_height=6,
-                frame_width=10,
-                n_codebooks=2,
-                code_frames=5,
-                text_slots=2,
-                text_dim=7,
-                n_voxels=23,
-            ).items()
-        ],
-    )
+    cfg = load_config(REPO / "launch/configs/tiny.yaml", TINY_OVERRIDES)
     model = GibletAutoencoder(cfg.model)
     video_mean = torch.linspace(0, 1, 180)
     model.init_weights(output_means={"video": video_mean, "fmri": torch.full((23,), 0.25)})
