@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_harness import REPO, TRAIN, records, run_training
+from tests.train_harness import REPO, TRAIN, losses_by_step, records, run_training
 
 
 def _train(*args: str) -> subprocess.CompletedProcess[str]:
@@ -80,3 +80,20 @@ def test_resume_path_without_checkpoint_is_named(tiny_store: Path, tmp_path: Pat
     )
     assert result.returncode == 2
     assert f"--resume {empty}: no complete checkpoint found" in result.stderr
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_starts_the_next_epoch(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """Default cadence: validate and save at each epoch's end (23 train TRs / 2 = 11 steps)."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert run_training(reference, tiny_store, world=1).returncode == 0
+    killed = run_training(run_dir, tiny_store, world=1, env={"GIBLET_FAULT_KILL_AT_STEP": "11"})
+    assert killed.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000011"
+    resumed = run_training(run_dir, tiny_store, world=1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The epoch-0 validation is not repeated (it would count twice toward early stopping).
+    assert [r["step"] for r in records(run_dir, "val")] == [11, 22]
+    assert losses_by_step(run_dir) == losses_by_step(reference)
+    assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")

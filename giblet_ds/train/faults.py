@@ -1,8 +1,9 @@
 """Fault injection for tests of the failure paths (never set in real runs).
 
 GIBLET_FAULT_NAN_STEPS=3,4   rank 0's batch becomes NaN at these optimizer steps (1-based).
-GIBLET_FAULT_KILL_AT_STEP=5  after step 5 is logged (and saved, if a save falls there), rank 0
-                             SIGKILLs its whole process group, as a crashed node would.
+GIBLET_FAULT_KILL_AT_STEP=5  after step 5 and what follows it (validation and saves; for an
+                             epoch's last step, the end-of-epoch ones), rank 0 SIGKILLs its whole
+                             process group, as a crashed node would.
 """
 
 from __future__ import annotations

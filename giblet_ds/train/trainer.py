@@ -186,12 +186,9 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One pass over this rank's shard (continuing mid-epoch after a resume). True: stop."""
         self.sampler.set_epoch(self.epoch)
-        done_in_epoch = self.sampler.consumed // (
-            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps
-        )
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=done_in_epoch,
+            initial=self._steps_done_in_epoch(),
             desc=f"epoch {self.epoch}",
             disable=self.rank != 0 or not self.cfg.logging.progress_bar,
             dynamic_ncols=True,
@@ -215,14 +212,20 @@ class Trainer:
                     stop = self._validate_and_checkpoint()
                 if self._save_now(end_of_epoch=False) or stop:
                     self.save(ckpt.step_tag(self.step))
-                faults.maybe_kill(self.step, self.rank)
+                if self._steps_done_in_epoch() < self.steps_per_epoch:
+                    faults.maybe_kill(self.step, self.rank)  # the epoch's last step: below
                 if stop or self.step >= self.max_steps:
                     break
         if not stop and self._validate_now(end_of_epoch=True):
             stop = self._validate_and_checkpoint()
         if self._save_now(end_of_epoch=True) or self.step >= self.max_steps or stop:
             self.save(ckpt.step_tag(self.step))
+        faults.maybe_kill(self.step, self.rank)
         return stop
+
+    def _steps_done_in_epoch(self) -> int:
+        o = self.cfg.optim
+        return self.sampler.consumed // (o.micro_batch_size * o.grad_accum_steps)
 
     def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         loader = DataLoader(
@@ -233,9 +236,9 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
         )
         group: list[dict[str, torch.Tensor]] = []
-        remaining = self.steps_per_epoch - self.sampler.consumed // (
-            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps
-        )
+        remaining = self.steps_per_epoch - self._steps_done_in_epoch()
+        if remaining <= 0:
+            return
         for batch in loader:
             group.append(batch)
             if len(group) == self.cfg.optim.grad_accum_steps:
@@ -475,6 +478,10 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.sampler.load_state_dict(state["sampler"])
+        if self._steps_done_in_epoch() >= self.steps_per_epoch:
+            # Saved after the epoch's last step, its validation and its save: go on with the next
+            # epoch instead of validating (and counting toward early stopping) a second time.
+            self.epoch += 1
         rng = state["rng"]
         if len(rng) == self.world_size:
             restore_rng_state(rng[self.rank])
