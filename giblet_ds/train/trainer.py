@@ -18,8 +18,7 @@ from tqdm import tqdm
 from giblet_ds.config import RunConfig, config_to_dict, cross_check
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
-from giblet_ds.metrics import VoxelCorrelation
-from giblet_ds.model import GibletAutoencoder, GibletOutput, format_counts, parameter_counts
+from giblet_ds.model import GibletAutoencoder, format_counts, parameter_counts
 from giblet_ds.store import ResumableDistributedSampler, StoreDataset, load_target_stats, open_store
 from giblet_ds.train import checkpoints as ckpt
 from giblet_ds.train import distributed as dist
@@ -28,13 +27,13 @@ from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flo
 from giblet_ds.train.ds_config import build_ds_config
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import build_engine, checkpoint_world_size, convert_to_universal
+from giblet_ds.train.evaluate import evaluate
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging
 
 __all__ = ["StepResult", "Trainer"]
 
 log = logging.getLogger("giblet_ds")
-BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "fmri")
 
 
 @dataclass
@@ -342,47 +341,15 @@ class Trainer:
         every = self.cfg.checkpoint.save_every_steps
         return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss terms and fMRI scores over the whole validation split, reduced exactly across
-        ranks (sums and counts). Every rank runs the same number of batches (ZeRO-3 gathers
-        parameters collectively), padding with masked-out repeats."""
-        self.engine.eval()
-        n = len(self.val_data)
-        mine = list(range(self.rank, n, self.world_size))
-        micro = self.cfg.optim.micro_batch_size
-        per_rank = math.ceil(math.ceil(n / self.world_size) / micro) * micro
-        padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
-        real = [True] * len(mine) + [False] * (per_rank - len(mine))
-        scores = VoxelCorrelation(self.store.n_voxels)
-        names = ["fmri", "video", "audio", "text"]
-        sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # terms..., total, count
-        for start in range(0, per_rank, micro):
-            items = [self.val_data[i] for i in padded[start : start + micro]]
-            batch = self._to_device({k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS})
-            output = self.engine(batch["video"], batch["audio_codes"], batch["text"])
-            for j, keep in enumerate(real[start : start + micro]):
-                if not keep:
-                    continue
-                result = self.loss_fn(
-                    _select(output, j), {k: v[j : j + 1] for k, v in batch.items()}
-                )
-                for i, name in enumerate(names):
-                    if name in result.terms:
-                        sums[i] += result.terms[name].item()
-                sums[-2] += result.total.item()
-                sums[-1] += 1
-                scores.update(output.fmri[j : j + 1].float().cpu(), batch["fmri"][j : j + 1].cpu())
-        dist.all_reduce_sum(sums)
-        dist.all_reduce_sum(scores.state)
-        count = sums[-1].item()
-        metrics = {"loss": sums[-2].item() / count}
-        for i, name in enumerate(names):
-            if name in self.loss_fn.weights and self.loss_fn.weights[name] > 0:
-                metrics[f"loss_{name}"] = sums[i].item() / count
-        metrics.update(scores.compute().as_dict())
-        self.engine.train()
-        return metrics
+        """Loss terms and fMRI scores over the whole validation split (see evaluate())."""
+        return evaluate(
+            self.engine,
+            self.val_data,
+            self.loss_fn,
+            micro_batch_size=self.cfg.optim.micro_batch_size,
+            to_device=self._to_device,
+        )
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate, save `best` on improvement, log; True when early stopping says stop."""
@@ -513,13 +480,3 @@ class Trainer:
         self.train_data.close()
         self.val_data.close()
         self.run_log.close()
-
-
-def _select(output: GibletOutput, j: int) -> GibletOutput:
-    return GibletOutput(
-        fmri=output.fmri[j : j + 1],
-        video=output.video[j : j + 1],
-        audio=output.audio[j : j + 1],
-        text=output.text[j : j + 1],
-        bottleneck=output.bottleneck[j : j + 1],
-    )
