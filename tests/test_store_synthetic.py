@@ -19,6 +19,7 @@ from giblet_ds.store import (
     open_store,
     write_synthetic_store,
 )
+from tests.tiny_sizes import TINY_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,7 @@ def test_sizes_and_splits(store: Path) -> None:
     assert info.split_sizes == {"train": 23, "val": 5, "test": 5}
     np.testing.assert_array_equal(info.splits["val"], np.arange(25, 30))
     np.testing.assert_array_equal(info.splits["test"], np.arange(32, 37))
-    assert info.model_input_sizes() == {
-        "frames_per_tr": 2,
-        "frame_height": 6,
-        "frame_width": 10,
-        "n_codebooks": 2,
-        "code_frames": 5,
-        "text_slots": 2,
-        "text_dim": 7,
-        "n_voxels": 23,
-    }
+    assert info.model_input_sizes() == TINY_SIZES
     assert info.pretrained == {"encodec": False, "clip": False}
     assert len(info.build_hash) == 64 and info.build_hash != info.settings_hash
 
