@@ -98,7 +98,9 @@ def test_prune_keeps_newest_complete_tags(tmp_path: Path) -> None:
     for step in (2, 4, 6, 8):
         _make_tag(tmp_path, step)
     _make_tag(tmp_path, 5, complete=False)
+    (tmp_path / "step-00000002-universal").mkdir()
     deleted = ckpt.prune_step_tags(tmp_path, keep_last=2)
+    assert not (tmp_path / "step-00000002-universal").exists()
     assert sorted(deleted) == ["step-00000002", "step-00000004", "step-00000005"]
     assert ckpt.complete_step_tags(tmp_path) == ["step-00000006", "step-00000008"]
 

@@ -16,6 +16,7 @@ from giblet_ds.errors import CheckpointError
 
 __all__ = [
     "BEST_TAG",
+    "UNIVERSAL_SUFFIX",
     "COMPLETE_MARKER",
     "complete_step_tags",
     "is_complete",
@@ -28,6 +29,7 @@ __all__ = [
 
 BEST_TAG = "best"
 COMPLETE_MARKER = "complete"
+UNIVERSAL_SUFFIX = "-universal"
 STEP_TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -104,4 +106,6 @@ def prune_step_tags(checkpoint_dir: Path, keep_last: int) -> list[str]:
         ]
     for name in doomed:
         shutil.rmtree(checkpoint_dir / name, ignore_errors=True)
+        # its universal-format copy, made when a run resumed on another world size
+        shutil.rmtree(checkpoint_dir / f"{name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
     return doomed

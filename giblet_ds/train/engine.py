@@ -18,12 +18,11 @@ from giblet_ds.config import RunConfig
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.train import distributed as dist
+from giblet_ds.train.checkpoints import COMPLETE_MARKER, UNIVERSAL_SUFFIX
 from giblet_ds.train.ds_config import zero_stage
 from giblet_ds.train.schedule import make_scheduler
 
 __all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "weight_decay_groups"]
-
-UNIVERSAL_SUFFIX = "-universal"
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -93,7 +92,7 @@ def convert_to_universal(checkpoint_dir: Path, tag: str) -> str:
     the universal tag's name. Needed to resume on a different number of ranks."""
     universal = tag + UNIVERSAL_SUFFIX
     target = checkpoint_dir / universal
-    if dist.is_rank0() and not (target / "complete").is_file():
+    if dist.is_rank0() and not (target / COMPLETE_MARKER).is_file():
         cmd = [
             sys.executable,
             "-m",
@@ -114,6 +113,6 @@ def convert_to_universal(checkpoint_dir: Path, tag: str) -> str:
                 f"converting {checkpoint_dir / tag} to a universal checkpoint failed:\n"
                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
-        (target / "complete").write_text(tag + "\n")
+        (target / COMPLETE_MARKER).write_text(tag + "\n")
     dist.barrier()
     return universal
