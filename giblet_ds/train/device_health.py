@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import psutil
@@ -23,13 +24,21 @@ def peak_flops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+@functools.cache
+def _nvml_init() -> None:
+    """Once per process: NVML's init is not free, and this runs every logged step."""
+    import pynvml
+
+    pynvml.nvmlInit()
+
+
 def read_devices() -> list[dict[str, Any]]:
     """One dict per GPU on this node (util, memory, temperature) or one for the CPU."""
     if torch.cuda.is_available():
         try:
             import pynvml
 
-            pynvml.nvmlInit()
+            _nvml_init()
             devices = []
             for index in range(pynvml.nvmlDeviceGetCount()):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
