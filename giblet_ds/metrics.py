@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FmriScores", "VoxelCorrelation"]
+__all__ = ["FmriScores", "VoxelCorrelation", "loso_noise_ceiling"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,27 @@ class VoxelCorrelation:
         # A voxel with a constant prediction or target has no defined r: count it as 0, not NaN,
         # so the mean does not silently skip dead outputs.
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
+
+
+def loso_noise_ceiling(subjects: torch.Tensor) -> torch.Tensor:
+    """Leave-one-subject-out inter-subject correlation per voxel, (S, T, V) -> (V,).
+
+    For each subject, the per-voxel temporal r between its series and the mean of the other
+    subjects; averaged over subjects. The field's usual ceiling for how much of a voxel's held-out
+    signal any stimulus model can explain. Needs at least two subjects.
+    """
+    n_subjects, n_trs, n_voxels = subjects.shape
+    if n_subjects < 2:
+        raise ValueError(f"a leave-one-subject-out ceiling needs >= 2 subjects, got {n_subjects}")
+    data = subjects.to(torch.float64)
+    total = data.sum(0)
+    ceiling = torch.zeros(n_voxels, dtype=torch.float64)
+    for s in range(n_subjects):
+        others = (total - data[s]) / (n_subjects - 1)
+        acc = VoxelCorrelation(n_voxels)
+        acc.update(others, data[s])
+        ceiling += acc.per_voxel_r()
+    return ceiling / n_subjects
 
 
 def _rowwise_r(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,14 @@ def test_interrupted_synthetic_write_leaves_nothing(tmp_path: Path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_store(tmp_path / "s.h5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_split_subjects_returns_every_subject_on_the_split(tmp_path: Path) -> None:
+    from giblet_ds.store import read_split_subjects
+
+    path = write_synthetic_store(tmp_path / "s.h5")
+    got = read_split_subjects(path, "val")
+    assert got.shape == (2, 5, 23) and got.dtype == np.float32
+    with h5py.File(path, "r") as handle:
+        want = handle["fmri/subjects"][:, 25:30].astype(np.float32)
+    np.testing.assert_array_equal(got, want)

@@ -94,6 +94,10 @@ def test_resume_from_an_end_of_epoch_checkpoint_starts_the_next_epoch(
     resumed = run_training(run_dir, tiny_store, world=1)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # The epoch-0 validation is not repeated (it would count twice toward early stopping).
-    assert [r["step"] for r in records(run_dir, "val")] == [11, 22]
+    vals = records(run_dir, "val")
+    assert [r["step"] for r in vals] == [11, 22]
+    # the leave-one-subject-out ceiling of the 5 validation TRs is logged beside the r
+    assert -1 < vals[0]["fmri_noise_ceiling_r"] < 1
+    assert vals[0]["fmri_noise_ceiling_r"] == records(run_dir, "start")[0]["fmri_noise_ceiling_r"]
     assert losses_by_step(run_dir) == losses_by_step(reference)
     assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")

@@ -258,6 +258,9 @@ def _fmri_check(rec: RunRecords, th: Thresholds) -> Check:
     note = (f"mean per-voxel r {r:.4f} at step {last.get('step')} (best {best:.4f}); median "
             f"{_num(as_float(last.get('fmri_r_median')))}; voxels with r>0.1: "
             f"{_num(100 * as_float(last.get('fmri_r_frac_gt_0p1')), '.1f')}%")  # fmt: skip
+    ceiling = as_float(last.get("fmri_noise_ceiling_r"))
+    if math.isfinite(ceiling):
+        note += f"; noise ceiling (leave-one-subject-out ISC) {ceiling:.4f}"
     if abs(r) < th.r_near_zero and not best >= th.r_near_zero:
         return Check("fMRI correlation", "warn", f"near zero: {note}. The model does not predict "
                      "held-out fMRI yet; do not wait it out: check the fMRI lag, the loss weights "

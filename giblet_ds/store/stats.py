@@ -7,6 +7,7 @@ Everything here uses training TRs only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,13 @@ import numpy as np
 
 from giblet_ds.store import schema
 
-__all__ = ["load_target_stats", "compute_target_stats", "read_rows"]
+__all__ = [
+    "compute_target_stats",
+    "load_target_stats",
+    "read_rows",
+    "read_split_subjects",
+    "subject_rows",
+]
 
 _BLOCK_TRS = 64
 
@@ -115,8 +122,35 @@ def load_target_stats(
             moments = _Moments(info.n_voxels)
             train = info.splits["train"]
             subjects = handle[schema.FMRI_SUBJECTS]
-            for start in range(0, len(train), _BLOCK_TRS):
-                part = train[start : start + _BLOCK_TRS]
-                moments.add(subjects[index, part.tolist()].astype(np.float32))
+            for block in subject_rows(subjects, index, train):
+                moments.add(block.astype(np.float32))
             out["fmri"] = moments.result()
     return out
+
+
+def read_split_subjects(path: str | Path, split: str) -> np.ndarray:
+    """Every subject's z-scored fMRI on one split's TRs, float32 (S, T_split, V).
+
+    What a noise ceiling needs (the subject mean alone cannot show how much of the signal is
+    shared between subjects).
+    """
+    from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
+
+    info = open_store(path)
+    rows = np.asarray(info.splits[split], dtype=np.int64)
+    out = np.empty((info.n_subjects, len(rows), info.n_voxels), dtype=np.float32)
+    with open_read_only(info.path) as handle:
+        subjects = handle[schema.FMRI_SUBJECTS]
+        for s in range(info.n_subjects):
+            done = 0
+            for block in subject_rows(subjects, s, rows):
+                out[s, done : done + len(block)] = block
+                done += len(block)
+    return out
+
+
+def subject_rows(subjects: Any, s: int, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """Yield subject ``s``'s rows of ``/fmri/subjects`` in blocks of TRs."""
+    for start in range(0, len(rows), _BLOCK_TRS):
+        part = rows[start : start + _BLOCK_TRS]
+        yield subjects[s, part.tolist()]

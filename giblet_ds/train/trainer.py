@@ -18,8 +18,15 @@ from tqdm import tqdm
 from giblet_ds.config import RunConfig, config_to_dict, cross_check
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
+from giblet_ds.metrics import loso_noise_ceiling
 from giblet_ds.model import GibletAutoencoder, format_counts, parameter_counts
-from giblet_ds.store import ResumableDistributedSampler, StoreDataset, load_target_stats, open_store
+from giblet_ds.store import (
+    ResumableDistributedSampler,
+    StoreDataset,
+    load_target_stats,
+    open_store,
+    read_split_subjects,
+)
 from giblet_ds.train import checkpoints as ckpt
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
@@ -128,6 +135,7 @@ class Trainer:
         self.consecutive_skips = 0
         self._last_saved_step = -1
         self.counts = parameter_counts(self.model)
+        self.noise_ceiling = self._val_noise_ceiling()
         self.run_log = RunLog(
             self.run_dir,
             enabled=self.rank == 0,
@@ -159,6 +167,7 @@ class Trainer:
             start_step=self.step,
             store=str(self.store.path),
             store_hash=self.store.build_hash,
+            fmri_noise_ceiling_r=self.noise_ceiling,
             device=device_name(),
             peak_flops=peak_flops(device_name()),
         )
@@ -366,6 +375,7 @@ class Trainer:
             loss=metrics["loss"],
             terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
             **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
+            fmri_noise_ceiling_r=self.noise_ceiling,
             is_best=is_best,
             best_metric=self.early_stopping.best,
             patience_left=self.early_stopping.patience_left,
@@ -459,6 +469,14 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------- helpers
+
+    def _val_noise_ceiling(self) -> float | None:
+        """Mean over voxels of the leave-one-subject-out ISC on the validation TRs (rank 0; None
+        with one subject): what per-voxel r could reach, logged beside it."""
+        if self.rank != 0 or self.store.n_subjects < 2:
+            return None
+        subjects = torch.from_numpy(read_split_subjects(self.store.path, "val"))
+        return float(loso_noise_ceiling(subjects).mean())
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
