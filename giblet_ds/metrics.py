@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FmriScores", "VoxelCorrelation", "loso_noise_ceiling"]
+__all__ = ["FmriScores", "VoxelCorrelation", "loso_isc"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,12 @@ class VoxelCorrelation:
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
 
 
-def loso_noise_ceiling(subjects: torch.Tensor) -> torch.Tensor:
+def loso_isc(subjects: torch.Tensor) -> torch.Tensor:
     """Leave-one-subject-out inter-subject correlation per voxel, (S, T, V) -> (V,).
 
     For each subject, the per-voxel temporal r between its series and the mean of the other
-    subjects; averaged over subjects. The field's usual ceiling for how much of a voxel's held-out
-    signal any stimulus model can explain. Needs at least two subjects.
+    subjects; averaged over subjects. How much of one subject's signal is shared (stimulus-driven);
+    the ceiling for predicting one subject. Needs at least two subjects.
     """
     n_subjects, n_trs, n_voxels = subjects.shape
     if n_subjects < 2:

@@ -56,8 +56,10 @@ print(f"validation per-voxel r (mean over {truth['n_voxels']:,} mask voxels, sub
 print(f"  trained model, best validation       {best['fmri_r_mean']:+.4f} (step {best['step']}, "
       f"{best['fmri_r_frac_gt_0p1']:.1%} of voxels > 0.1)")
 print(f"  planted oracle (the true response)   {oracle['mean_subjects']['r_mean_all']:+.4f}")
-print(f"  noise ceiling (leave-one-subject-out ISC on the validation TRs) "
-      f"{best['fmri_noise_ceiling_r']:+.4f}")
+print(f"  noise ceiling                        {best['fmri_noise_ceiling_r']:+.4f} "
+      "(leave-one-subject-out ISC on the validation TRs: one subject vs the others; the\n"
+      "                                        subject mean the model predicts is less noisy, "
+      "so its r can exceed it)")
 print(f"  linear model on the planted features {oracle['window_linear_test']['r_mean_all']:+.4f} "
       "(fit on train, scored on test)")
 PY

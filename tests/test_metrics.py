@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from giblet_ds.metrics import FmriScores, VoxelCorrelation, loso_noise_ceiling
+from giblet_ds.metrics import FmriScores, VoxelCorrelation, loso_isc
 
 T, V = 31, 12  # held-out TRs, voxels (even: the median averages the two middle values)
 
@@ -154,7 +154,7 @@ def test_shape_and_sample_count_errors() -> None:
     assert str(info.value) == "per-voxel r needs at least 2 samples, got 1"
 
 
-def test_loso_noise_ceiling_matches_numpy() -> None:
+def test_loso_isc_matches_numpy() -> None:
     rng = np.random.default_rng(7)
     shared = rng.normal(size=(1, 211, 5))  # 211 TRs, 5 voxels
     subjects = shared + rng.normal(scale=[[[0.1, 0.5, 1.0, 2.0, 4.0]]], size=(3, 211, 5))
@@ -163,12 +163,12 @@ def test_loso_noise_ceiling_matches_numpy() -> None:
         others = np.delete(subjects, s, axis=0).mean(0)
         expected += [np.corrcoef(others[:, v], subjects[s, :, v])[0, 1] for v in range(5)]
     expected /= 3
-    got = loso_noise_ceiling(torch.from_numpy(subjects)).numpy()
+    got = loso_isc(torch.from_numpy(subjects)).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     # noisier voxels have lower ceilings
     assert list(np.argsort(-got)) == [0, 1, 2, 3, 4]
 
 
-def test_loso_noise_ceiling_needs_two_subjects() -> None:
+def test_loso_isc_needs_two_subjects() -> None:
     with pytest.raises(ValueError, match="needs >= 2 subjects, got 1"):
-        loso_noise_ceiling(torch.zeros(1, 4, 3))
+        loso_isc(torch.zeros(1, 4, 3))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from giblet_ds.config import RunConfig, config_to_dict, cross_check
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
-from giblet_ds.metrics import loso_noise_ceiling
+from giblet_ds.metrics import loso_isc
 from giblet_ds.model import GibletAutoencoder, format_counts, parameter_counts
 from giblet_ds.store import (
     ResumableDistributedSampler,
@@ -471,12 +471,13 @@ class Trainer:
     # ------------------------------------------------------------------------------- helpers
 
     def _val_noise_ceiling(self) -> float | None:
-        """Mean over voxels of the leave-one-subject-out ISC on the validation TRs (rank 0; None
-        with one subject): what per-voxel r could reach, logged beside it."""
+        """The noise ceiling logged beside the validation r (rank 0; None with one subject): the
+        leave-one-subject-out ISC on the validation TRs, averaged over voxels. It is the ceiling
+        for predicting one subject; the subject mean is less noisy, so its r can exceed it."""
         if self.rank != 0 or self.store.n_subjects < 2:
             return None
         subjects = torch.from_numpy(read_split_subjects(self.store.path, "val"))
-        return float(loso_noise_ceiling(subjects).mean())
+        return float(loso_isc(subjects).mean())
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
