@@ -10,7 +10,8 @@ from giblet_ds.checkpoint_tools.consolidate import (
     ConversionResult,
     convert_zero_checkpoint,
 )
-from giblet_ds.checkpoint_tools.health import HealthReport, build_health_report, plot_loss_curves
+from giblet_ds.checkpoint_tools.health import HealthReport, build_health_report
+from giblet_ds.checkpoint_tools.loss_curves import plot_loss_curves
 from giblet_ds.checkpoint_tools.reconstructions import (
     ReconstructionResult,
     load_model,
