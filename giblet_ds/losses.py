@@ -19,7 +19,13 @@ from torch import nn
 from giblet_ds.errors import DataError
 from giblet_ds.model.autoencoder import GibletOutput
 
-__all__ = ["LossResult", "NormalizedLoss", "TargetVariances", "reconstruction_targets"]
+__all__ = [
+    "TERMS",
+    "LossResult",
+    "NormalizedLoss",
+    "TargetVariances",
+    "reconstruction_targets",
+]
 
 TERMS = ("fmri", "video", "audio", "text")
 

@@ -377,7 +377,7 @@ def _store(rec: RunRecords) -> tuple[list[str], list[Check]]:
         from giblet_ds.store import load_target_stats, open_store
 
         info = open_store(path)
-        stats = load_target_stats(path)
+        stats = load_target_stats(path, info=info)
     except (GibletError, OSError) as exc:
         return [f"Store `{path}` unreadable: {exc}"], [
             Check("Data / normalization", "fail", f"store unreadable: {exc}")

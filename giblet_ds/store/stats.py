@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from giblet_ds.store import schema
+
+if TYPE_CHECKING:  # the reader imports this module
+    from giblet_ds.store.reader import StoreInfo
 
 __all__ = [
     "compute_target_stats",
@@ -94,17 +97,18 @@ def compute_target_stats(handle: h5py.File, train: np.ndarray) -> dict[str, dict
 
 
 def load_target_stats(
-    path: str | Path, *, subject: int | str | None = None
+    path: str | Path, *, subject: int | str | None = None, info: StoreInfo | None = None
 ) -> dict[str, dict[str, np.ndarray]]:
     """Read ``/stats`` of a validated store: ``{"video": {"mean", "var"}, "text": {...},
     "fmri": {...}, "audio": {"counts"}}`` as numpy arrays.
 
     ``subject`` (index or id) replaces the fMRI statistics with those of that subject's z-scored
     series on the training TRs, for runs that train on one subject instead of the subject mean.
+    ``info``: the store already validated by the caller (validation reads every fMRI value).
     """
     from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
 
-    info = open_store(path)
+    info = info if info is not None else open_store(path)
     out: dict[str, dict[str, np.ndarray]] = {}
     with open_read_only(info.path) as handle:
         for modality, names in (
@@ -128,15 +132,17 @@ def load_target_stats(
     return out
 
 
-def read_split_subjects(path: str | Path, split: str) -> np.ndarray:
+def read_split_subjects(
+    path: str | Path, split: str, *, info: StoreInfo | None = None
+) -> np.ndarray:
     """Every subject's z-scored fMRI on one split's TRs, float32 (S, T_split, V).
 
     What a noise ceiling needs (the subject mean alone cannot show how much of the signal is
-    shared between subjects).
+    shared between subjects). ``info``: as for :func:`load_target_stats`.
     """
     from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
 
-    info = open_store(path)
+    info = info if info is not None else open_store(path)
     rows = np.asarray(info.splits[split], dtype=np.int64)
     out = np.empty((info.n_subjects, len(rows), info.n_voxels), dtype=np.float32)
     with open_read_only(info.path) as handle:

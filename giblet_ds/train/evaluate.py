@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from giblet_ds.losses import NormalizedLoss
+from giblet_ds.losses import TERMS, NormalizedLoss
 from giblet_ds.metrics import VoxelCorrelation
 from giblet_ds.model import GibletOutput
 from giblet_ds.store import StoreDataset
@@ -17,7 +17,6 @@ from giblet_ds.train import distributed as dist
 __all__ = ["evaluate"]
 
 BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "fmri")
-TERMS = ("fmri", "video", "audio", "text")
 
 
 @torch.no_grad()

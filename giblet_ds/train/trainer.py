@@ -118,7 +118,7 @@ class Trainer:
             resume = (resume[0], convert_to_universal(*resume))
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
-        stats = load_target_stats(store.path, subject=cfg.data.subject)
+        stats = load_target_stats(store.path, subject=cfg.data.subject, info=store)
         means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
         seed_everything(cfg.train.seed + self.rank)
         self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means)
@@ -476,7 +476,7 @@ class Trainer:
         for predicting one subject; the subject mean is less noisy, so its r can exceed it."""
         if self.rank != 0 or self.store.n_subjects < 2:
             return None
-        subjects = torch.from_numpy(read_split_subjects(self.store.path, "val"))
+        subjects = torch.from_numpy(read_split_subjects(self.store.path, "val", info=self.store))
         return float(loso_isc(subjects).mean())
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
