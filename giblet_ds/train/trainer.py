@@ -136,6 +136,10 @@ class Trainer:
         self._last_saved_step = -1
         self.counts = parameter_counts(self.model)
         self.noise_ceiling = self._val_noise_ceiling()
+        self.device_name = device_name()
+        self.peak_flops = peak_flops(self.device_name)
+        # bf16 engines take bf16 activations
+        self.input_dtype = next(iter(self.engine.module.parameters())).dtype
         self.run_log = RunLog(
             self.run_dir,
             enabled=self.rank == 0,
@@ -168,8 +172,8 @@ class Trainer:
             store=str(self.store.path),
             store_hash=self.store.build_hash,
             fmri_noise_ceiling_r=self.noise_ceiling,
-            device=device_name(),
-            peak_flops=peak_flops(device_name()),
+            device=self.device_name,
+            peak_flops=self.peak_flops,
         )
         try:
             while self.step < self.max_steps:
@@ -314,13 +318,10 @@ class Trainer:
             self.consecutive_skips = 0
         if self.step % self.cfg.logging.log_every_steps:
             return
-        samples = (
-            self.cfg.optim.micro_batch_size * self.cfg.optim.grad_accum_steps * self.world_size
-        )
-        flops = peak_flops(device_name())
+        samples = self._global_batch
         mfu = (
-            (6 * self.counts["total"] * samples / seconds / (flops * self.world_size))
-            if flops
+            (6 * self.counts["total"] * samples / seconds / (self.peak_flops * self.world_size))
+            if self.peak_flops
             else None
         )
         grad_norm = self.engine.get_global_grad_norm()
@@ -481,10 +482,9 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
-        dtype = next(iter(self.engine.module.parameters())).dtype
         out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for key in ("video", "text"):  # bf16 engines take bf16 activations
-            out[key] = out[key].to(dtype)
+            out[key] = out[key].to(self.input_dtype)
         return out
 
     @property
