@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from giblet_ds.demo_data import DEMO_BUILD_SETTINGS, DemoParams, make_demo_data
 from giblet_ds.store import StoreDataset, open_store
-from giblet_ds.store.build.pipeline import BuildInputs, build_store
-from giblet_ds.store.build.settings import BuildSettings
+from giblet_ds.store.builder.pipeline import BuildInputs, build_store
+from giblet_ds.store.builder.settings import BuildSettings
 
 
 def _machine() -> str:

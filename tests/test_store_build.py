@@ -18,10 +18,10 @@ import pytest
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import export_mask_nifti, open_store
-from giblet_ds.store.build import pipeline
-from giblet_ds.store.build.pipeline import BuildInputs, BuildResult, build_store
-from giblet_ds.store.build.settings import BuildSettings
-from giblet_ds.store.build.video import decode_video
+from giblet_ds.store.builder import pipeline
+from giblet_ds.store.builder.pipeline import BuildInputs, BuildResult, build_store
+from giblet_ds.store.builder.settings import BuildSettings
+from giblet_ds.store.builder.video import decode_video
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg (make setup)")
 
@@ -302,7 +302,7 @@ def test_pretrained_weights_offline_is_a_clear_error(monkeypatch: pytest.MonkeyP
 
     from encodec import EncodecModel
 
-    from giblet_ds.store.build import audio
+    from giblet_ds.store.builder import audio
 
     def offline(*args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError("no network")

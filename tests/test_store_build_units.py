@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from giblet_ds.errors import ConfigError, StoreError
-from giblet_ds.store.build.align import common_trs, whole_trs
-from giblet_ds.store.build.audio import codes_per_tr
-from giblet_ds.store.build.hrf import convolve_causal, glover_hrf
-from giblet_ds.store.build.normalize import zscore_train
-from giblet_ds.store.build.settings import BuildSettings
-from giblet_ds.store.build.splits import make_splits
-from giblet_ds.store.build.text import Annotation, annotations_per_tr, read_annotations
-from giblet_ds.store.build.video import decode_video, frames_per_tr, probe_video
+from giblet_ds.store.builder.align import common_trs, whole_trs
+from giblet_ds.store.builder.audio import codes_per_tr
+from giblet_ds.demo_data.hrf import convolve_causal, glover_hrf
+from giblet_ds.store.builder.normalize import zscore_train
+from giblet_ds.store.builder.settings import BuildSettings
+from giblet_ds.store.builder.splits import make_splits
+from giblet_ds.store.builder.text import Annotation, annotations_per_tr, read_annotations
+from giblet_ds.store.builder.video import decode_video, frames_per_tr, probe_video
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg (make setup)")
 

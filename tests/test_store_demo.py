@@ -19,11 +19,11 @@ from giblet_ds.demo_data import DemoParams, DemoPaths, make_demo_data
 from giblet_ds.demo_data.brain import AFFINE, GRID
 from giblet_ds.demo_data.sources import CLIP_DIR
 from giblet_ds.store import open_store
-from giblet_ds.store.build import pipeline
-from giblet_ds.store.build.pipeline import BuildInputs, build_store
-from giblet_ds.store.build.settings import BuildSettings, load_settings_yaml
-from giblet_ds.store.build.text import read_annotations
-from giblet_ds.store.build.video import probe_video
+from giblet_ds.store.builder import pipeline
+from giblet_ds.store.builder.pipeline import BuildInputs, build_store
+from giblet_ds.store.builder.settings import BuildSettings, load_settings_yaml
+from giblet_ds.store.builder.text import read_annotations
+from giblet_ds.store.builder.video import probe_video
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ffmpeg") is None

@@ -156,7 +156,7 @@ def test_dataset_pickles_and_works_in_workers(store: Path) -> None:
 
 
 def test_interrupted_synthetic_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    from giblet_ds.store.build import writer
+    from giblet_ds.store.builder import writer
 
     def boom(self, *args, **kwargs):
         raise KeyboardInterrupt

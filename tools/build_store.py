@@ -5,7 +5,7 @@ Example (the Sherlock files as the lab keeps them):
     python tools/build_store.py --video data/stimuli_Sherlock.m4v \
         --annotations data/annotations.xlsx --fmri data/sherlock_nii/*.nii.gz --out store.h5
 
-Settings come from --config YAML (keys: the fields of giblet_ds.store.build.BuildSettings), then
+Settings come from --config YAML (keys: the fields of giblet_ds.store.builder.BuildSettings), then
 flags. Re-running with the same inputs and settings is a no-op. Exit 2 on bad input.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from giblet_ds.errors import GibletError  # noqa: E402
-from giblet_ds.store.build.pipeline import build_from_paths  # noqa: E402
-from giblet_ds.store.build.settings import (  # noqa: E402
+from giblet_ds.store.builder.pipeline import build_from_paths  # noqa: E402
+from giblet_ds.store.builder.settings import (  # noqa: E402
     MASK_RULES,
     BuildSettings,
     load_settings_yaml,

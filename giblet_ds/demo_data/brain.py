@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from giblet_ds.store.build.hrf import convolve_causal, glover_hrf
+from giblet_ds.demo_data.hrf import convolve_causal, glover_hrf
 
 __all__ = ["GRID", "AFFINE", "BLOBS", "mni_mask", "weight_maps", "Subject", "plant_subjects"]
 

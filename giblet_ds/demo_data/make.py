@@ -26,7 +26,7 @@ import numpy as np
 from giblet_ds.demo_data import brain, movie, sheet, sources
 from giblet_ds.demo_data.features import FEATURES, stimulus_features
 from giblet_ds.errors import GibletError
-from giblet_ds.store.build.splits import make_splits, min_real_gap
+from giblet_ds.store.builder.splits import make_splits, min_real_gap
 
 __all__ = ["DemoParams", "DemoPaths", "DEMO_BUILD_SETTINGS", "make_demo_data", "oracle_scores"]
 

@@ -50,7 +50,7 @@ def speak(text: str, folder: Path) -> np.ndarray:
 
 def _clip_sound(file: str, start: float, duration: float) -> np.ndarray:
     """Mono 44.1 kHz sound of ``file`` from ``start`` for ``duration`` seconds (zeros if silent)."""
-    from giblet_ds.store.build.audio import decode_audio
+    from giblet_ds.store.builder.audio import decode_audio
 
     n = round(duration * SOUND_RATE)
     try:

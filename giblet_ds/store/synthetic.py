@@ -12,10 +12,10 @@ import numpy as np
 
 from giblet_ds.errors import ConfigError
 from giblet_ds.store import schema
-from giblet_ds.store.build.hashing import build_sha256, settings_sha256
-from giblet_ds.store.build.normalize import zscore_train
-from giblet_ds.store.build.splits import make_splits
-from giblet_ds.store.build.writer import StoreLayout, StoreWriter
+from giblet_ds.store.builder.hashing import build_sha256, settings_sha256
+from giblet_ds.store.builder.normalize import zscore_train
+from giblet_ds.store.builder.splits import make_splits
+from giblet_ds.store.builder.writer import StoreLayout, StoreWriter
 
 __all__ = ["write_synthetic_store", "synthetic_mask_shape"]
 

@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
-from giblet_ds.store.build import align, audio, fmri, text, video
-from giblet_ds.store.build.hashing import build_sha256, file_sha256, settings_sha256
-from giblet_ds.store.build.normalize import zscore_train
-from giblet_ds.store.build.settings import BuildSettings
-from giblet_ds.store.build.splits import make_splits
-from giblet_ds.store.build.writer import StoreLayout, StoreWriter, remove_stale_temps
+from giblet_ds.store.builder import align, audio, fmri, text, video
+from giblet_ds.store.builder.hashing import build_sha256, file_sha256, settings_sha256
+from giblet_ds.store.builder.normalize import zscore_train
+from giblet_ds.store.builder.settings import BuildSettings
+from giblet_ds.store.builder.splits import make_splits
+from giblet_ds.store.builder.writer import StoreLayout, StoreWriter, remove_stale_temps
 from giblet_ds.store.reader import open_store
 
 __all__ = ["BuildInputs", "BuildResult", "build_store", "hash_inputs"]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from giblet_ds.errors import ConfigError
-from giblet_ds.store.build.splits import min_real_gap
-from giblet_ds.store.build.text import TEXT_COLUMNS
+from giblet_ds.store.builder.splits import min_real_gap
+from giblet_ds.store.builder.text import TEXT_COLUMNS
 
 __all__ = ["BuildSettings", "MASK_RULES", "load_settings_yaml"]
 
