@@ -95,7 +95,7 @@ def built(raw: BuildInputs, tmp_path_factory: pytest.TempPathFactory) -> BuildRe
 
 def _fast_audio(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace EnCodec with a stub: the tests using this are about files, not codes."""
-    monkeypatch.setattr(pipeline.audio, "load_encodec", lambda *a, **k: object())
+    monkeypatch.setattr(pipeline.audio, "load_encodec", lambda *a, **k: (object(), None))
     monkeypatch.setattr(pipeline.audio, "init_random_codebooks", lambda *a, **k: None)
     monkeypatch.setattr(
         pipeline.audio,
@@ -123,7 +123,16 @@ def test_layout(built: BuildResult) -> None:
     assert info.attrs["fmri_volumes"] == [1, 33]
     assert info.pretrained == {"encodec": False, "clip": False}
     assert "RANDOM" in info.attrs["warning"]
-    assert info.attrs["annotation_counts"] == {"rows": 10, "duplicates": 1, "blank": 0}
+    assert info.attrs["annotation_counts"] == {
+        "rows": 10,
+        "duplicates": 1,
+        "empty": 0,
+        "dropped": 0,
+        "dropped_rows": [],
+        "after_movie_end": 0,
+    }
+    assert info.attrs["audio_format_changes"] == 0 and info.attrs["weight_files"] == {}
+    assert info.attrs["mask_volumes"] == [1, 7]  # volumes lag .. lag + 6 training TRs
     assert set(info.attrs["input_hashes"]) == {
         "video",
         "annotations",

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from giblet_ds.demo_data.hrf import convolve_causal, glover_hrf
 from giblet_ds.errors import ConfigError, StoreError
 from giblet_ds.store.builder.align import common_trs, whole_trs
 from giblet_ds.store.builder.audio import codes_per_tr
-from giblet_ds.demo_data.hrf import convolve_causal, glover_hrf
 from giblet_ds.store.builder.normalize import zscore_train
 from giblet_ds.store.builder.settings import BuildSettings
 from giblet_ds.store.builder.splits import make_splits
@@ -180,7 +180,7 @@ def test_read_annotations_xlsx(tmp_path: Path) -> None:
         Annotation(0.5, 2.0, "Sherlock enters; Baker St"),
         Annotation(3.0, 4.0, "Watson sits; John Watson; Flat"),
     ]
-    assert counts == {"rows": 3, "duplicates": 1, "blank": 1}
+    assert counts == {"rows": 3, "duplicates": 1, "empty": 1, "dropped": 0, "dropped_rows": []}
     bad = _write_xlsx(tmp_path / "b.xlsx", [["Start Time (s)", "End Time (s)", "Location"]])
     with pytest.raises(
         StoreError, match=r"b.xlsx \[--annotations\]: missing column 'Scene Details"

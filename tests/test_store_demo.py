@@ -48,7 +48,13 @@ def test_movie_and_annotations(demo: DemoPaths) -> None:
     annotations, counts = read_annotations(demo.annotations)
     truth = json.loads(demo.truth_json.read_text())
     n_rows = len(truth["movie"]["shots"]) + len(truth["movie"]["narration"])
-    assert counts == {"rows": n_rows + n_rows // 3, "duplicates": n_rows // 3, "blank": 0}
+    assert counts == {
+        "rows": n_rows + n_rows // 3,
+        "duplicates": n_rows // 3,
+        "empty": 0,
+        "dropped": 0,
+        "dropped_rows": [],
+    }
     assert any(a.text.startswith("Pedestrians cross") for a in annotations)
     assert truth["params"]["duration_s"] == 60.0 and truth["n_volumes"] == [44, 46]
 
@@ -78,7 +84,7 @@ def test_rerun_is_a_noop(demo: DemoPaths) -> None:
 def test_demo_store_keeps_the_planted_answer(
     demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline.audio, "load_encodec", lambda *a, **k: object())
+    monkeypatch.setattr(pipeline.audio, "load_encodec", lambda *a, **k: (object(), None))
     monkeypatch.setattr(pipeline.audio, "init_random_codebooks", lambda *a, **k: None)
     monkeypatch.setattr(
         pipeline.audio,

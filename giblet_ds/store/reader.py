@@ -6,7 +6,11 @@ was found, so a bad store never surfaces as a traceback from deep inside h5py or
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,21 +20,97 @@ import numpy as np
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
+from giblet_ds.store.stats import read_rows
 
-__all__ = ["StoreInfo", "open_store", "open_read_only", "load_mask", "export_mask_nifti"]
+__all__ = [
+    "StoreInfo",
+    "open_store",
+    "open_read_only",
+    "lock_problem",
+    "load_mask",
+    "export_mask_nifti",
+]
 
 _BLOCK_TRS = 64
+MAX_HELD_OUT_Z = 50.0
+"""Largest |z| accepted in validation and test rows of z-scored fMRI (real BOLD spikes stay far
+below; a voxel constant over training TRs and ~1,000 later reads ~1,000 / 1e-6 clamped)."""
+
+
+# Files whose lock calls failed with "locks unavailable": opened without locking from then on, so
+# one process never opens a file with two different locking flags (HDF5 refuses that: "file
+# locking flag values don't match", the reason a blanket locking=False was reverted in 87f93a0).
+_UNLOCKED: set[str] = set()
+# errno values of flock() meaning the file system cannot lock (NFS without lockd, some Lustre
+# mounts), as opposed to EWOULDBLOCK: another process holds the lock.
+_LOCKS_UNAVAILABLE = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+LOCKING_HINT = (
+    "set HDF5_USE_FILE_LOCKING=FALSE in the environment of every process that reads the store "
+    "(stores are never written in place, so readers need no lock)"
+)
+
+
+def lock_problem(err: OSError) -> str | None:
+    """What an ``OSError`` from opening an HDF5 file says about file locking, or None.
+
+    ``"unavailable"``: the file system has no working locks (errno ENOLCK "No locks available",
+    ENOSYS, EOPNOTSUPP); ``"held"``: another process holds a conflicting lock (it has the file
+    open for writing); ``"mismatch"``: this process already has the file open with other locking
+    flags. h5py reports flock failures as "unable to lock file, errno = N, error message = ...".
+    """
+    text = str(err)
+    if "locking flag values don't match" in text:
+        return "mismatch"
+    if "unable to lock file" not in text:
+        return None
+    match = re.search(r"errno = (\d+)", text)
+    code = int(match.group(1)) if match else err.errno
+    return "unavailable" if code in _LOCKS_UNAVAILABLE else "held"
 
 
 def open_read_only(path: str | Path) -> h5py.File:
     """Open a store read-only (the one place readers open the file).
 
-    HDF5's default file locking stays on: a process that opens the same file twice with different
-    locking flags gets an error, and other code (tests, tools) opens stores with plain h5py. On
-    file systems where lock calls fail (some NFS and Lustre mounts), set
-    ``HDF5_USE_FILE_LOCKING=FALSE`` in the environment of every rank.
+    HDF5's default file locking is tried first, so a process that also opens the file with plain
+    h5py uses the same flags. Where the file system cannot lock (flock fails with "No locks
+    available" on some NFS and Lustre mounts) the file is opened without locking, and stays so
+    for the rest of the process. A file another process holds locked for writing raises
+    ``StoreError`` saying so. ``HDF5_USE_FILE_LOCKING=FALSE`` in the environment turns locking off
+    for every open.
     """
-    return h5py.File(path, "r")
+    key = os.path.realpath(path)
+    if key in _UNLOCKED:
+        return h5py.File(path, "r", locking=False)
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        problem = lock_problem(err)
+        if problem == "held":
+            raise StoreError(
+                path,
+                f"another process holds a write lock on this file ({err}); stores are never "
+                "written in place, so something else is writing it; if no process is, the "
+                f"lock is stale: {LOCKING_HINT}",
+            ) from None
+        if problem not in ("unavailable", "mismatch"):
+            raise
+        try:
+            handle = h5py.File(path, "r", locking=False)
+        except OSError as again:
+            raise StoreError(
+                path,
+                f"HDF5 file locking failed ({err}) and opening without a lock failed too "
+                f"({again}); {LOCKING_HINT}",
+            ) from None
+        if problem == "unavailable":
+            _UNLOCKED.add(key)
+            warnings.warn(
+                f"{path}: file locking is not available here ({err}); reading without a lock. "
+                f"To silence this, {LOCKING_HINT}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return handle
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,6 +219,10 @@ def open_store(path: str | Path, *, check_subjects: bool = False) -> StoreInfo:
     try:
         handle = open_read_only(path)
     except OSError as err:
+        if lock_problem(err) is not None:  # a lock fault, never reported as a damaged file
+            raise StoreError(
+                path, f"cannot open: HDF5 file locking failed ({err}); {LOCKING_HINT}"
+            ) from None
         raise StoreError(
             path, f"not a readable HDF5 file (truncated or not a store?): {err}"
         ) from None
@@ -230,6 +314,36 @@ class _Checker:
                     f"{block[bad][0]} at {tuple(where)}",
                 )
 
+    def held_out_in_range(
+        self, name: str, dset: Any, splits: dict[str, np.ndarray], mask: np.ndarray
+    ) -> None:
+        """Refuse z-scored fMRI whose validation or test rows leave any plausible range.
+
+        Training rows are z-scored by their own statistics, so they are bounded; held-out rows
+        are not. A voxel far outside ``MAX_HELD_OUT_Z`` there was (nearly) constant over the
+        training TRs and changed later: its clamped std blows the held-out values up.
+        """
+        self.current = name
+        for split in ("val", "test"):
+            for start, block in zip(
+                range(0, len(splits[split]), _BLOCK_TRS), read_rows(dset, splits[split]),
+                strict=True,
+            ):  # fmt: skip
+                values = np.abs(np.asarray(block, dtype=np.float32))
+                if values.size and float(values.max()) > MAX_HELD_OUT_Z:
+                    row, voxel = (int(x) for x in np.unravel_index(values.argmax(), values.shape))
+                    where = tuple(int(x) for x in np.argwhere(mask)[voxel])
+                    self.fail(
+                        f"z-scored fMRI far outside a plausible range in the {split} split: "
+                        f"voxel {voxel} (grid index {where}) reads {float(block[row, voxel]):.1f} "
+                        f"at TR {int(splits[split][start + row])}; a voxel (nearly) constant over "
+                        "the training TRs must not be in the mask (rebuild the store: voxels are "
+                        "selected on the training volumes)",
+                        name,
+                        f"|z| <= {MAX_HELD_OUT_Z:g}",
+                        f"{float(block[row, voxel]):.1f}",
+                    )
+
     def run(self, check_subjects: bool) -> StoreInfo:
         attrs = self.attrs()
         video = self.dataset(schema.VIDEO, 5)
@@ -290,6 +404,7 @@ class _Checker:
             )
         for name in (schema.FMRI_MEAN, schema.TEXT, schema.FMRI_STATS_MEAN, schema.FMRI_STATS_STD):
             self.finite(name, dsets[name])
+        self.held_out_in_range(schema.FMRI_MEAN, dsets[schema.FMRI_MEAN], splits, mask)
         for name in ("video", "text", "fmri"):
             for part in ("mean", "var"):
                 self.finite(f"stats/{name}/{part}", dsets[f"stats/{name}/{part}"])
@@ -299,6 +414,9 @@ class _Checker:
         if check_subjects:
             for i in range(s):
                 self.finite(f"{schema.FMRI_SUBJECTS}[{i}]", subjects_ds[i])
+                self.held_out_in_range(
+                    f"{schema.FMRI_SUBJECTS}[{subjects[i]}]", subjects_ds[i], splits, mask
+                )
         self.current = None
         return StoreInfo(
             path=self.path,

@@ -39,7 +39,8 @@ def decode_audio(
     A stream that starts late is padded with silence at the front and encoder priming before time
     zero is dropped, so sample ``n`` is at ``n / rate`` seconds of the movie, like the video frames.
     A damaged packet (ffmpeg's decoder rejects it) becomes silence of the packet's duration, so
-    later sound keeps its time; ``report["bad_packets"]`` counts them.
+    later sound keeps its time; ``report["bad_packets"]`` counts them. Changes of sample format,
+    channel layout or sample rate mid-stream are followed (``report["format_changes"]``).
     """
     import av
 
@@ -49,12 +50,14 @@ def decode_audio(
     chunks: list[np.ndarray] = []
     start: float | None = None
     bad = 0
+    changes = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise StoreError(path, "has no audio stream", dataset="--video")
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            resampler: Any = None
+            source: tuple | None = None
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -67,14 +70,25 @@ def decode_audio(
                 for frame in frames:
                     if start is None and frame.time is not None:
                         start = float(frame.time)
+                    # Broadcast streams change layout or rate mid-file (an AAC track going from
+                    # mono to stereo); a resampler is fixed to its first frame's format, so each
+                    # change flushes the old one and starts a new one, keeping every sample.
+                    kind = (frame.format.name, frame.layout.name, frame.sample_rate)
+                    if kind != source:
+                        if resampler is not None:
+                            chunks.extend(_flush(resampler))
+                        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+                        source = kind
+                        changes += 1
                     for out in resampler.resample(frame):
                         chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-    except av.error.FFmpegError as err:
+            if resampler is not None:
+                chunks.extend(_flush(resampler))
+    except (av.error.FFmpegError, ValueError) as err:  # PyAV raises ValueError for odd frames
         raise StoreError(path, f"audio decoding failed: {err}", dataset="--video") from None
     if report is not None:
         report["bad_packets"] = bad
+        report["format_changes"] = max(0, changes - 1)
     if not chunks:
         raise StoreError(path, "audio stream decoded to no samples", dataset="--video")
     wave = np.concatenate(chunks).astype(np.float32)
@@ -86,29 +100,54 @@ def decode_audio(
     return wave
 
 
-def load_encodec(bandwidth: float, pretrained: bool, weights_dir: str | None = None) -> Any:
-    """The 24 kHz EnCodec model at ``bandwidth`` kbps, pretrained or with random weights.
+def _flush(resampler: Any) -> list[np.ndarray]:
+    return [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
 
-    Pretrained weights come from the package's normal URL (or ``weights_dir`` holding
-    ``encodec_24khz-d7cc33bc.th``); failing to get them is an error, never a silent fallback.
+
+def load_encodec(
+    bandwidth: float, pretrained: bool, weights: str | Path | None = None
+) -> tuple[Any, dict[str, Any] | None]:
+    """The 24 kHz EnCodec model at ``bandwidth`` kbps, pretrained or with random weights, and the
+    record of the weight file used (None without one).
+
+    Pretrained weights come from the package's URL, or from ``weights``: a file (the package's
+    ``encodec_24khz-d7cc33bc.th`` copied from a machine with internet, checksum-verified against
+    the hash in its name, or any state dict of this network, e.g. a fine-tuned one) or a folder
+    holding the package's file. Failing to get them is an error, never a silent fallback.
     """
     import torch
     from encodec import EncodecModel
 
+    from giblet_ds.store.builder import weights as wfiles
+
+    record = None
     try:
         # Fixed seed: a --no-pretrained rebuild with the same settings gives the same codes.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # encodec 0.1.1 uses torch's deprecated weight_norm; nothing for our users to act on.
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*weight_norm")
             torch.manual_seed(0)
-            model = EncodecModel.encodec_model_24khz(
-                pretrained=pretrained, repository=Path(weights_dir) if weights_dir else None
-            )
+            if weights is None:
+                model = EncodecModel.encodec_model_24khz(pretrained=pretrained)
+            else:
+                path = Path(weights)
+                if path.is_dir():
+                    path = path / wfiles.ENCODEC_CHECKPOINT
+                record = wfiles.weight_file_record(
+                    path, "--encodec-weights", wfiles.encodec_published_sha256(path)
+                )
+                state = wfiles.load_state_dict(path, "--encodec-weights")
+                model = EncodecModel.encodec_model_24khz(pretrained=False)
+                wfiles.load_module_weights(model, state, path, "--encodec-weights")
+                model.name = ENCODEC_MODEL
+    except StoreError:
+        raise
     except Exception as err:  # download (URLError, HTTPError) or checksum failures
         raise StoreError(
             ENCODEC_MODEL,
             f"could not load pretrained EnCodec weights ({type(err).__name__}: {err}); "
-            "connect to the internet, pass --encodec-weights DIR, or build with --no-pretrained "
+            "connect to the internet, pass --encodec-weights FILE (a copy of "
+            f"{wfiles.ENCODEC_CHECKPOINT} or a state dict), or build with --no-pretrained "
             "(random weights, recorded in the store)",
         ) from None
     if bandwidth not in model.target_bandwidths:
@@ -119,7 +158,7 @@ def load_encodec(bandwidth: float, pretrained: bool, weights_dir: str | None = N
             actual=bandwidth,
         )
     model.set_target_bandwidth(bandwidth)
-    return model.eval()
+    return model.eval(), record
 
 
 def init_random_codebooks(

@@ -6,7 +6,9 @@ decode video, encode audio, embed text, mask and z-score fMRI, write statistics,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +27,7 @@ from giblet_ds.store.builder.hashing import build_sha256, file_sha256, settings_
 from giblet_ds.store.builder.normalize import zscore_train
 from giblet_ds.store.builder.settings import BuildSettings
 from giblet_ds.store.builder.splits import make_splits
+from giblet_ds.store.builder.weights import ENCODEC_CHECKPOINT
 from giblet_ds.store.builder.writer import StoreLayout, StoreWriter, remove_stale_temps
 from giblet_ds.store.reader import open_store
 
@@ -44,6 +47,10 @@ class BuildInputs:
     annotations: Path
     fmri: tuple[Path, ...]
     mask: Path | None = None
+    encodec_weights: Path | None = None
+    """A weight file (or a folder holding the package's checkpoint): pretrained EnCodec offline."""
+    clip_weights: Path | None = None
+    """A weight file for the CLIP text tower (a whole CLIP or its text tower's state dict)."""
 
     def __post_init__(self) -> None:
         if not self.fmri:
@@ -63,6 +70,8 @@ class BuildResult:
     build_hash: str
     seconds: dict[str, float] = field(default_factory=dict)
     movie_seconds: float = 0.0
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    """The process's peak resident memory so far (ru_maxrss) at the end of each stage."""
 
 
 def _log(message: str) -> None:
@@ -70,9 +79,18 @@ def _log(message: str) -> None:
 
 
 @contextmanager
-def _bar(desc: str, total: float | None, unit: str, enabled: bool) -> Iterator[Callable[[int], Any]]:
-    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
-               unit_scale=unit == "B", dynamic_ncols=True)
+def _bar(
+    desc: str, total: float | None, unit: str, enabled: bool
+) -> Iterator[Callable[[int], Any]]:
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        file=sys.stderr,
+        unit_scale=unit == "B",
+        dynamic_ncols=True,
+    )
     try:
         yield bar.update
     finally:
@@ -85,6 +103,14 @@ def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
     files += [(f"fmri:{fmri.subject_id(p)}", p) for p in inputs.fmri]
     if inputs.mask is not None:
         files.append(("mask", inputs.mask))
+    # Weight files are inputs too: another file gives other features, so another build hash.
+    if inputs.encodec_weights is not None:
+        path = inputs.encodec_weights
+        if path.is_dir():
+            path = path / ENCODEC_CHECKPOINT
+        files.append(("encodec-weights", path))
+    if inputs.clip_weights is not None:
+        files.append(("clip-weights", inputs.clip_weights))
     for role, path in files:
         if not path.is_file():
             raise StoreError(path, "input file not found", dataset=f"--{role.split(':')[0]}")
@@ -92,7 +118,11 @@ def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with _bar("hash inputs", total, "B", progress) as update:
         for role, path in files:
-            out[role] = {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            out[role] = {
+                "name": path.name,
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
             update(path.stat().st_size)
     return out
 
@@ -107,18 +137,24 @@ def build_store(
 ) -> BuildResult:
     """Build (or confirm up to date) the store ``out`` from ``inputs`` with ``settings``.
 
-    ``encodec_weights``: a folder holding ``encodec_24khz-d7cc33bc.th`` for offline pretrained
-    builds (the checkpoint is checksum-verified, so where it comes from does not change the store).
+    ``encodec_weights`` is the older spelling of ``inputs.encodec_weights``. Memory stays near
+    one subject's masked series plus the subject sum (2 x T x V float32) whatever the number of
+    subjects: video is written to the file as it is decoded, fMRI is read a block of volumes at
+    a time, and each model is released once its stage is done.
     """
     settings = settings or BuildSettings()
+    if encodec_weights is not None and inputs.encodec_weights is None:
+        inputs = dataclasses.replace(inputs, encodec_weights=Path(encodec_weights))
     out = Path(out)
     seconds: dict[str, float] = {}
+    peaks: dict[str, float] = {}
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         seconds[name] = round(now - clock, 3)
+        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         clock = now
 
     if (inputs.mask is not None) != (settings.mask_rule == "file"):
@@ -127,6 +163,14 @@ def build_store(
             "a mask file goes with mask_rule 'file' and only with it",
             expected="--mask PATH with --mask-rule file, or neither",
             actual=f"mask {inputs.mask}, mask_rule {settings.mask_rule!r}",
+        )
+    offline = [f for f in (inputs.encodec_weights, inputs.clip_weights) if f is not None]
+    if offline and not settings.pretrained:
+        raise StoreError(
+            "--no-pretrained",
+            "weight files and --no-pretrained exclude each other",
+            expected="--encodec-weights/--clip-weights, or --no-pretrained",
+            actual=[str(f) for f in offline],
         )
     input_hashes = hash_inputs(inputs, progress)
     settings_hash = settings_sha256(settings.hashed())
@@ -148,17 +192,24 @@ def build_store(
         _log("WARNING: " + RANDOM_WEIGHTS_WARNING)
 
     # -- models first: a missing pretrained checkpoint fails before minutes of decoding ----------
-    model = audio.load_encodec(
-        settings.encodec_bandwidth,
+    model, encodec_file = audio.load_encodec(
+        settings.encodec_bandwidth, settings.pretrained, inputs.encodec_weights
+    )
+    encode_text, _, clip_tag, clip_file = text.load_text_encoder(
+        settings.clip_model,
         settings.pretrained,
-        str(encodec_weights) if encodec_weights and settings.pretrained else None,
+        settings.clip_pretrained_tag,
+        settings.device,
+        weights=inputs.clip_weights,
     )
-    encode_text, _, clip_tag = text.load_text_encoder(
-        settings.clip_model, settings.pretrained, settings.clip_pretrained_tag, settings.device
-    )
+    weight_files = {"encodec": encodec_file, "clip": clip_file}
+    for role, record in weight_files.items():
+        if record is not None:
+            _log(f"{role} weights from {record['name']} (sha256 {record['sha256'][:12]}, "
+                 f"checksum {record['checksum']})")  # fmt: skip
     lap("load_models")
 
-    # -- probe and decode what fixes the number of TRs -------------------------------------------
+    # -- cheap checks of every input before the long stages ---------------------------------------
     probe = video.probe_video(inputs.video)
     n_frames = settings.frames_per_tr or video.frames_per_tr(
         settings.tr, probe.fps, settings.frame_skip
@@ -166,94 +217,122 @@ def build_store(
     fmri_infos = fmri.probe_fmri(inputs.fmri)
     for info in fmri_infos:
         if info.header_tr > 0 and abs(info.header_tr - settings.tr) > 0.01 * settings.tr:
-            _log(f"note: {info.path.name} header says TR {info.header_tr} s; using tr={settings.tr}")
-    annotations, annotation_counts = text.read_annotations(inputs.annotations, settings.text_columns)
-    estimate = int(probe.duration_s * probe.fps) if np.isfinite(probe.duration_s) else None
-    with _bar("decode video", estimate, "frame", progress) as update:
-        frames, fps = video.decode_video(
-            inputs.video,
-            tr=settings.tr,
-            frame_skip=settings.frame_skip,
-            n_frames=n_frames,
-            height=settings.frame_height,
-            width=settings.frame_width,
-            progress=update,
-        )
-    lap("video")
+            _log(
+                f"note: {info.path.name} header says TR {info.header_tr} s; using tr={settings.tr}"
+            )
+    annotations, annotation_counts = text.read_annotations(
+        inputs.annotations,
+        settings.text_columns,
+        max_dropped_fraction=settings.max_dropped_fraction,
+    )
+    _report_rows(inputs.annotations, annotation_counts)
+
     audio_report: dict[str, int] = {}
     wave = audio.decode_audio(inputs.video, report=audio_report)
     if audio_report["bad_packets"]:
         _log(f"WARNING: {audio_report['bad_packets']} damaged audio packets replaced by silence")
-    counts = align.common_trs(
-        video=len(frames),
-        audio=align.whole_trs(len(wave) / audio.SAMPLE_RATE, settings.tr),
-        fmri_volumes=min(info.n_volumes for info in fmri_infos),
-        lag=settings.lag,
-    )
-    n_trs = counts["n_trs"]
-    _log(
-        f"TRs available: video {counts['video']}, audio {counts['audio']}, fMRI {counts['fmri']} "
-        f"(volumes - lag {settings.lag}); using the common {n_trs} TRs ({n_trs * settings.tr:.1f} s)"
-    )
-    splits = make_splits(n_trs, settings.split_fractions, settings.gap)
-    first, stop = settings.lag, settings.lag + n_trs  # fMRI volumes paired with stimulus TRs
+    if audio_report["format_changes"]:
+        _log(f"note: the audio changed format {audio_report['format_changes']} time(s) mid-file "
+             "(channel layout or sample rate); followed")  # fmt: skip
+    lap("audio_decode")
 
-    # -- fMRI mask (needs every subject before any subject can be written) -----------------------
-    with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
-        mask = fmri.compute_mask(
-            fmri_infos, start=first, stop=stop, rule=settings.mask_rule, mask_file=inputs.mask,
-            progress=update,
+    # Video streams into the file as it decodes (a whole Sherlock movie is 0.85 GB of frames).
+    frame_shape = (n_frames, settings.frame_height, settings.frame_width)
+    with StoreWriter(out, frame_shape=frame_shape) as writer:
+        estimate = int(probe.duration_s * probe.fps) if np.isfinite(probe.duration_s) else None
+        with _bar("decode video", estimate, "frame", progress) as update:
+            video_trs, fps = video.stream_video(
+                inputs.video,
+                writer.write_video,
+                tr=settings.tr,
+                frame_skip=settings.frame_skip,
+                n_frames=n_frames,
+                height=settings.frame_height,
+                width=settings.frame_width,
+                progress=update,
+            )
+        lap("video")
+        counts = align.common_trs(
+            video=video_trs,
+            audio=align.whole_trs(len(wave) / audio.SAMPLE_RATE, settings.tr),
+            fmri_volumes=min(info.n_volumes for info in fmri_infos),
+            lag=settings.lag,
         )
-    lap("fmri_mask")
-
-    # -- audio and text are small once encoded: finish them before the file opens -----------------
-    if not settings.pretrained:
-        audio.init_random_codebooks(model, wave)
-    n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
-    with _bar("encode audio", n_segments, "segment", progress) as update:
-        codes = audio.encode_audio(
-            wave, model, segment_s=settings.audio_segment_s, device=settings.device,
-            progress=update,
+        n_trs = counts["n_trs"]
+        _log(
+            f"TRs available: video {counts['video']}, audio {counts['audio']}, fMRI "
+            f"{counts['fmri']} (volumes - lag {settings.lag}); using the common {n_trs} TRs "
+            f"({n_trs * settings.tr:.1f} s)"
         )
-    # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
-    codes_tr = audio.codes_per_tr(codes, settings.tr, n_trs)
-    del model, wave, codes
-    lap("audio")
+        splits = make_splits(n_trs, settings.split_fractions, settings.gap)
+        first, stop = settings.lag, settings.lag + n_trs  # fMRI volumes paired with stimulus TRs
+        train_stop = first + int(splits["train"][-1]) + 1
 
-    with _bar("embed text", len({a.text for a in annotations}), "text", progress) as update:
-        embeddings = text.embed_texts([a.text for a in annotations], encode_text, progress=update)
-    text_array, text_mask = text.annotations_per_tr(
-        annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
-    )
-    lap("text")
+        if not settings.pretrained:
+            audio.init_random_codebooks(model, wave)
+        n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
+        with _bar("encode audio", n_segments, "segment", progress) as update:
+            codes = audio.encode_audio(
+                wave, model, segment_s=settings.audio_segment_s, device=settings.device,
+                progress=update,
+            )  # fmt: skip
+        # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
+        codes_tr = audio.codes_per_tr(codes, settings.tr, n_trs)
+        del model, wave, codes
+        lap("audio")
 
-    layout = StoreLayout(
-        n_trs=n_trs,
-        n_frames=n_frames,
-        height=settings.frame_height,
-        width=settings.frame_width,
-        n_q=int(codes_tr.shape[1]),
-        code_frames=int(codes_tr.shape[2]),
-        text_slots=settings.annotations_per_tr,
-        text_dim=int(text_array.shape[2]),
-        subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
-        n_voxels=int(mask.sum()),
-        mask_shape=fmri_infos[0].shape,
-    )
-    with StoreWriter(out, layout, mask=mask, affine=fmri_infos[0].affine, splits=splits) as writer:
-        writer.write_video(0, frames[:n_trs])
-        del frames
+        texts = [a.text for a in annotations]
+        with _bar("embed text", len(set(texts)), "text", progress) as update:
+            embeddings = text.embed_texts(texts, encode_text, progress=update)
+        del encode_text  # releases the CLIP tower (1.4 GB for ViT-H-14) before the fMRI stage
+        text_array, text_mask = text.annotations_per_tr(
+            annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
+        )
+        annotation_counts["after_movie_end"] = sum(
+            a.start >= n_trs * settings.tr for a in annotations
+        )
+        if annotation_counts["after_movie_end"]:
+            _log(f"note: {annotation_counts['after_movie_end']} annotations start after the last "
+                 f"TR ({n_trs * settings.tr:.1f} s) and are not used")  # fmt: skip
+        lap("text")
+
+        # -- fMRI mask on the training volumes (every subject before any subject is written) ----
+        with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
+            mask = fmri.compute_mask(
+                fmri_infos, start=first, stop=stop, train_stop=train_stop,
+                rule=settings.mask_rule, mask_file=inputs.mask, progress=update,
+            )  # fmt: skip
+        lap("fmri_mask")
+
+        layout = StoreLayout(
+            n_trs=n_trs,
+            n_frames=n_frames,
+            height=settings.frame_height,
+            width=settings.frame_width,
+            n_q=int(codes_tr.shape[1]),
+            code_frames=int(codes_tr.shape[2]),
+            text_slots=settings.annotations_per_tr,
+            text_dim=int(text_array.shape[2]),
+            subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
+            n_voxels=int(mask.sum()),
+            mask_shape=fmri_infos[0].shape,
+        )
+        writer.define(layout, mask=mask, affine=fmri_infos[0].affine, splits=splits)
         writer.write_audio_codes(codes_tr)
         writer.write_text(text_array, text_mask)
 
         with _bar("fmri z-score", len(fmri_infos), "subject", progress) as update:
             for index, info in enumerate(fmri_infos):
                 series = fmri.masked_series(info, mask, start=first, stop=stop)
-                zscored, mean, std = zscore_train(series, splits["train"])
+                zscored, mean, std = zscore_train(series, splits["train"], inplace=True)
                 writer.write_subject(index, zscored, mean, std)
+                del series, zscored
                 update(1)
         lap("fmri")
 
+        pretrained_note = "pretrained" if settings.pretrained else (
+            "random weights; codebooks by k-means on the first 30 s of this movie"
+        )  # fmt: skip
         attrs: dict[str, Any] = {
             "tr": float(settings.tr),
             "fps": float(fps),
@@ -265,18 +344,20 @@ def build_store(
             "encodec_model": audio.ENCODEC_MODEL,
             "encodec_bandwidth": float(settings.encodec_bandwidth),
             "encodec_pretrained": bool(settings.pretrained),
-            "encodec_codebooks": "pretrained" if settings.pretrained else
-            "random weights; codebooks by k-means on the first 30 s of this movie",
+            "encodec_codebooks": pretrained_note,
             "clip_model": settings.clip_model,
             "clip_pretrained": bool(settings.pretrained),
             "clip_pretrained_tag": clip_tag or "",
+            "weight_files": {k: v for k, v in weight_files.items() if v is not None},
             "text_normalized": True,
             "text_columns": list(settings.text_columns),
             "annotation_counts": annotation_counts,
             "trs_available": counts,
             "audio_bad_packets": audio_report["bad_packets"],
+            "audio_format_changes": audio_report["format_changes"],
             "fmri_volumes": [first, stop],
             "mask_rule": settings.mask_rule,
+            "mask_volumes": [first, train_stop] if settings.mask_rule == "intersection" else [],
             "input_hashes": input_hashes,
             "settings": settings.hashed(),
             "settings_hash": settings_hash,
@@ -288,7 +369,20 @@ def build_store(
     lap("stats_and_write")
     open_store(out)  # the gate every reader uses must accept what we wrote
     _log(f"wrote {out}: {n_trs} TRs, {layout.n_voxels} voxels, {len(layout.subjects)} subjects")
-    return BuildResult(out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * settings.tr)
+    return BuildResult(
+        out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * settings.tr, peak_rss_mb=peaks
+    )
+
+
+def _report_rows(path: Path, counts: dict[str, Any]) -> None:
+    """Name every annotation row the build leaves out (nothing is dropped silently)."""
+    if counts["duplicates"]:
+        _log(f"{path.name}: {counts['duplicates']} exact duplicate rows dropped")
+    if counts["dropped"]:
+        rows = "; ".join(f"row {row}: {why}" for row, why in counts["dropped_rows"][:50])
+        more = f"; and {counts['dropped'] - 50} more" if counts["dropped"] > 50 else ""
+        _log(f"WARNING: {path.name}: {counts['dropped']} of {counts['rows']} rows dropped "
+             f"({rows}{more})")  # fmt: skip
 
 
 def build_from_paths(
@@ -301,6 +395,7 @@ def build_from_paths(
     mask: str | Path | None = None,
     progress: bool = True,
     encodec_weights: str | Path | None = None,
+    clip_weights: str | Path | None = None,
 ) -> BuildResult:
     """``build_store`` with plain paths (what the command-line tool calls)."""
     inputs = BuildInputs(
@@ -308,5 +403,7 @@ def build_from_paths(
         annotations=Path(annotations_path),
         fmri=tuple(Path(p) for p in fmri_paths),
         mask=Path(mask) if mask is not None else None,
+        encodec_weights=Path(encodec_weights) if encodec_weights is not None else None,
+        clip_weights=Path(clip_weights) if clip_weights is not None else None,
     )
-    return build_store(inputs, out, settings, progress=progress, encodec_weights=encodec_weights)
+    return build_store(inputs, out, settings, progress=progress)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from giblet_ds.errors import ConfigError
+from giblet_ds.store.builder.sheet import MAX_DROPPED_FRACTION, TEXT_COLUMNS
 from giblet_ds.store.builder.splits import min_real_gap
-from giblet_ds.store.builder.text import TEXT_COLUMNS
 
 __all__ = ["BuildSettings", "MASK_RULES", "load_settings_yaml"]
 
@@ -60,6 +60,9 @@ class BuildSettings:
     """EnCodec encodes the audio in segments of this length (with 1 s of left context)."""
     device: str = field(default="cpu", metadata={"hashed": False})
     """Torch device for EnCodec and CLIP ('cpu', 'cuda'); not part of the settings hash."""
+    max_dropped_fraction: float = field(default=MAX_DROPPED_FRACTION, metadata={"hashed": False})
+    """Stop when more than this fraction of annotation rows would be dropped (no start or end
+    time); the dropped rows are named and recorded either way. Not part of the settings hash."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +100,10 @@ class BuildSettings:
             )
         if not self.audio_segment_s > 0:
             problems.append(f"audio_segment_s must be > 0, got {self.audio_segment_s}")
+        if not 0 <= self.max_dropped_fraction <= 1:
+            problems.append(
+                f"max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}"
+            )
         if problems:
             raise ConfigError("invalid build settings:\n  " + "\n  ".join(problems))
 
@@ -139,5 +146,7 @@ def load_settings_yaml(path: str | Path) -> dict[str, Any]:
     with open(path) as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of build settings, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of build settings, got {type(data).__name__}"
+        )
     return data

@@ -4,18 +4,21 @@ and give every TR up to K annotations that overlap its window (forward-filling e
 
 from __future__ import annotations
 
-import csv
-import math
 import os
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from giblet_ds.errors import StoreError
+from giblet_ds.store.builder.sheet import (
+    END_COLUMN,
+    START_COLUMN,
+    TEXT_COLUMNS,
+    Annotation,
+    read_annotations,
+)
 
 __all__ = [
     "START_COLUMN",
@@ -28,125 +31,21 @@ __all__ = [
     "annotations_per_tr",
 ]
 
-START_COLUMN = "Start Time (s)"
-END_COLUMN = "End Time (s)"
-TEXT_COLUMNS = ("Scene Details - A Level", "Name - All", "Location")
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One annotation row: its time span in seconds and the text that gets embedded."""
-
-    start: float
-    end: float
-    text: str
-
-
-def _key(header: object) -> str:
-    # Lab sheets carry trailing spaces and doubled spaces in headers; compare normalized.
-    return re.sub(r"\s+", " ", str(header if header is not None else "")).strip().lower()
-
-
-def _rows(path: Path) -> list[list[Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            return [list(row) for row in csv.reader(handle)]
-    if suffix in (".xlsx", ".xlsm"):
-        import openpyxl
-
-        try:
-            book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        except Exception as err:  # openpyxl raises zipfile/KeyError/InvalidFileException
-            raise StoreError(
-                path, f"cannot read the workbook: {err}", dataset="--annotations"
-            ) from None
-        try:
-            sheet = book.worksheets[0]
-            return [list(row) for row in sheet.iter_rows(values_only=True)]
-        finally:
-            book.close()
-    raise StoreError(
-        path, "unsupported annotation format", dataset="--annotations", expected=".xlsx or .csv",
-        actual=suffix or "no suffix",
-    )
-
-
-def read_annotations(
-    path: str | Path, text_columns: Sequence[str] = TEXT_COLUMNS
-) -> tuple[list[Annotation], dict[str, int]]:
-    """Annotations of ``path`` (.xlsx or .csv) sorted by start time, exact duplicate rows removed.
-
-    Headers match ignoring case and repeated or trailing whitespace. Each annotation's text joins
-    the non-empty ``text_columns`` with "; ". Rows without a start or end time (blank lines at the
-    end of a sheet) are skipped. Returns the annotations and counts of rows read, duplicates
-    dropped and blank rows skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(path, "annotation file not found", dataset="--annotations")
-    rows = _rows(path)
-    if not rows:
-        raise StoreError(path, "annotation file is empty", dataset="--annotations")
-    header = [_key(cell) for cell in rows[0]]
-    wanted = [START_COLUMN, END_COLUMN, *text_columns]
-    index = {}
-    for name in wanted:
-        if _key(name) not in header:
-            raise StoreError(
-                path,
-                f"missing column {name!r}",
-                dataset="--annotations",
-                expected=wanted,
-                actual=[str(cell).strip() for cell in rows[0] if cell is not None],
-            )
-        index[name] = header.index(_key(name))
-    seen: set[tuple] = set()
-    out: list[Annotation] = []
-    counts = {"rows": 0, "duplicates": 0, "blank": 0}
-    for line, row in enumerate(rows[1:], start=2):
-        cells = [row[index[name]] if index[name] < len(row) else None for name in wanted]
-        if cells[0] in (None, "") or cells[1] in (None, ""):
-            counts["blank"] += 1
-            continue
-        counts["rows"] += 1
-        try:
-            start, end = float(cells[0]), float(cells[1])
-        except (TypeError, ValueError):
-            raise StoreError(
-                path,
-                f"row {line}: start and end times must be numbers",
-                dataset="--annotations",
-                actual=cells[:2],
-            ) from None
-        if not (math.isfinite(start) and math.isfinite(end)) or end < start:
-            raise StoreError(
-                path,
-                f"row {line}: end time before start time",
-                dataset="--annotations",
-                actual=(start, end),
-            )
-        parts = [re.sub(r"\s+", " ", str(c)).strip() for c in cells[2:] if c not in (None, "")]
-        text = "; ".join(p for p in parts if p)
-        key = (start, end, text)
-        if key in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(key)
-        out.append(Annotation(start, end, text))
-    if not out:
-        raise StoreError(path, "no annotation rows with start and end times", dataset="--annotations")
-    out.sort(key=lambda a: (a.start, a.end))
-    return out, counts
-
 
 def load_text_encoder(
-    model_name: str, pretrained: bool, tag: str | None = None, device: str = "cpu"
-) -> tuple[Callable[[list[str]], np.ndarray], int, str | None]:
+    model_name: str,
+    pretrained: bool,
+    tag: str | None = None,
+    device: str = "cpu",
+    weights: str | Path | None = None,
+) -> tuple[Callable[[list[str]], np.ndarray], int, str | None, dict[str, Any] | None]:
     """An open_clip text tower as ``encode(texts) -> (n, D) float32`` L2-normalized embeddings.
 
-    Returns the encoder, D and the pretrained tag used. With ``pretrained=False`` the same text
-    network is built with random weights (fixed seed) and without the image tower. Sets
+    Returns the encoder, D, the pretrained tag used and the record of the weight file (None
+    without one). With ``pretrained=False`` the same text network is built with random weights
+    (fixed seed) and without the image tower. ``weights``: a file copied from a machine with
+    internet or any state dict (a whole CLIP, or its text tower, e.g. fine-tuned); its text-tower
+    weights are loaded into that network (checksum-verified where open_clip publishes one). Sets
     HF_HUB_OFFLINE=1 unless the caller set it, so nothing waits on a hub that cannot be reached.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,7 +69,28 @@ def load_text_encoder(
             dataset="--clip-model",
         )
     tokenizer = open_clip.get_tokenizer(model_name)
-    if pretrained:
+    record = None
+    if weights is not None:
+        from open_clip.model import _build_text_tower
+
+        from giblet_ds.store.builder import weights as wfiles
+
+        path = Path(weights)
+        published = wfiles.published_clip_sha256(model_name, path) if path.is_file() else None
+        record = wfiles.weight_file_record(path, "--clip-weights", published)
+        state = wfiles.clip_text_state(wfiles.load_state_dict(path, "--clip-weights"))
+        quick_gelu = config.get("quick_gelu", False)
+        if tag:  # a named tag's activation (OpenAI's weights use QuickGELU)
+            quick_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", quick_gelu)
+        file_tower = _build_text_tower(config["embed_dim"], text_cfg, quick_gelu=quick_gelu)
+        wfiles.load_module_weights(file_tower, state, path, "--clip-weights")
+        file_tower = file_tower.to(device).eval()
+        tag = f"file:{path.name}"
+
+        def forward(tokens: Any) -> Any:
+            return file_tower(tokens)
+
+    elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         tag = tag or (tags[0] if tags else None)
         if tag is None:
@@ -212,7 +132,7 @@ def load_text_encoder(
             features = torch.nn.functional.normalize(features, dim=-1)
         return features.cpu().numpy().astype(np.float32)
 
-    return encode, int(config["embed_dim"]), tag
+    return encode, int(config["embed_dim"]), tag, record
 
 
 def embed_texts(

@@ -17,7 +17,7 @@ import numpy as np
 
 from giblet_ds.errors import StoreError
 
-__all__ = ["VideoInfo", "probe_video", "frames_per_tr", "decode_video"]
+__all__ = ["VideoInfo", "probe_video", "frames_per_tr", "decode_video", "stream_video"]
 
 _TIMESTAMP_TOLERANCE_S = 1e-3
 
@@ -86,7 +86,33 @@ def decode_video(
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Decode ``path`` and return ``(frames, fps)``: uint8 (T, n_frames, height, width, 3) for every
-    whole TR the video covers, and the stream's real frame rate.
+    whole TR the video covers, and the stream's real frame rate (``stream_video`` into memory)."""
+    blocks: list[np.ndarray] = []
+    n_trs, fps = stream_video(
+        path, lambda start, block: blocks.append(block), tr=tr, frame_skip=frame_skip,
+        n_frames=n_frames, height=height, width=width, progress=progress,
+    )  # fmt: skip
+    if not blocks:
+        return np.zeros((0, n_frames, height, width, 3), np.uint8), fps
+    return np.concatenate(blocks)[:n_trs], fps
+
+
+def stream_video(
+    path: str | Path,
+    sink: Callable[[int, np.ndarray], object],
+    *,
+    tr: float,
+    frame_skip: int,
+    n_frames: int,
+    height: int,
+    width: int,
+    progress: Callable[[int], object] | None = None,
+    block_trs: int = 32,
+) -> tuple[int, float]:
+    """Decode ``path``, handing TR windows to ``sink(first_tr, frames)`` as they complete
+    (uint8 (n, n_frames, height, width, 3), at most ``block_trs`` TRs per call, in order), so a
+    whole movie never sits in memory. Returns ``(n_trs, fps)``: the whole TRs the video covers
+    (``sink`` may have received one more, which the caller crops) and the real frame rate.
 
     Frames are resized with swscale's area filter straight from the decoded frame (no full-size RGB
     copy). ``progress(n)`` is called with the number of frames decoded since the last call.
@@ -99,12 +125,17 @@ def decode_video(
     # Container timestamps are rounded to their time base (1 ms in Matroska): a frame that starts
     # exactly at a sample time may carry a timestamp up to a hair later.
     tolerance = min(_TIMESTAMP_TOLERANCE_S, 0.25 / fps)
-    window = np.zeros((n_frames, height, width, 3), dtype=np.uint8)
-    trs: list[np.ndarray] = []
-    state: dict = {"sample": 0, "frame": None, "rgb": None}
+    pending = np.zeros((block_trs, n_frames, height, width, 3), dtype=np.uint8)
+    state: dict = {"sample": 0, "frame": None, "rgb": None, "sent": 0}
 
     def sample_time(k: int) -> float:
         return (k // n_frames) * tr + (k % n_frames) * step
+
+    def flush() -> None:
+        done = state["sample"] // n_frames - state["sent"]
+        if done:
+            sink(state["sent"], pending[:done].copy())
+            state["sent"] += done
 
     def fill_with_current() -> None:
         # Resize lazily: only frames that are actually sampled pay for swscale.
@@ -113,10 +144,14 @@ def decode_video(
                 width=width, height=height, format="rgb24", interpolation="AREA"
             )
             state["rgb"] = small.to_ndarray()
-        window[state["sample"] % n_frames] = state["rgb"]
+        k = state["sample"]
+        pending[(k // n_frames) - state["sent"], k % n_frames] = state["rgb"]
         state["sample"] += 1
-        if state["sample"] % n_frames == 0:
-            trs.append(window.copy())
+        if (
+            state["sample"] % n_frames == 0
+            and state["sample"] // n_frames - state["sent"] == block_trs
+        ):
+            flush()
 
     last_time = -math.inf
     with _open(path) as container:
@@ -128,7 +163,9 @@ def decode_video(
                     continue
                 time = float(frame.time)
                 # Every sample time before this frame shows the frame on screen until now.
-                while state["frame"] is not None and sample_time(state["sample"]) + tolerance < time:
+                while (
+                    state["frame"] is not None and sample_time(state["sample"]) + tolerance < time
+                ):
                     fill_with_current()
                 state["frame"], state["rgb"] = frame, None
                 last_time = max(last_time, time)
@@ -136,12 +173,11 @@ def decode_video(
                     progress(100)
         except av.error.FFmpegError as err:
             raise StoreError(path, f"video decoding failed: {err}", dataset="--video") from None
-    if state["frame"] is None:
-        raise StoreError(path, "no decodable video frames", dataset="--video")
-    # The last frame stays on screen for one frame duration; only whole TRs are kept.
-    n_trs = math.floor((last_time + 1.0 / fps) / tr + 1e-9)
-    while state["sample"] < n_trs * n_frames:
-        fill_with_current()
-    if not n_trs:
-        return np.zeros((0, n_frames, height, width, 3), np.uint8), fps
-    return np.stack(trs[:n_trs]), fps
+        if state["frame"] is None:
+            raise StoreError(path, "no decodable video frames", dataset="--video")
+        # The last frame stays on screen for one frame duration; only whole TRs are kept.
+        n_trs = math.floor((last_time + 1.0 / fps) / tr + 1e-9)
+        while state["sample"] < n_trs * n_frames:
+            fill_with_current()
+        flush()
+    return n_trs, fps

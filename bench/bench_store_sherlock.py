@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Sherlock-scale store build (not a test): time per stage and peak RSS from generated raw files.
+
+    nice -n 19 python bench/bench_store_sherlock.py WORK_DIR [--minutes 49.4] [--subjects 5]
+        [--generate-only] [--keep]
+
+Makes, under WORK_DIR (put it on a disk with ~15 GB free; /tmp here), files the size of the lab's:
+- ``movie.m4v``: ffmpeg's ``testsrc2`` at 640 x 360, 25 fps, H.264, with an AAC tone track whose
+  pitch steps every second (so EnCodec codes vary), ``--minutes`` long (49.4 min = 1,976 TRs);
+- ``annotations.xlsx``: ~1,000 rows in the lab's columns, rows 479-961 repeating earlier rows;
+- ``sub-N.nii.gz``: ``--subjects`` float32 4-D NIfTI of (61, 73, 61, TRs + 6) on the 3 mm grid,
+  an ellipsoid "brain" of ~83,000 voxels (baseline + noise), zeros outside; streamed to gzip
+  one volume at a time so the generator itself stays small.
+
+Then runs ``tools/build_store.py`` with the default settings and random weights (nothing is
+downloaded) in a child process and reads its stage times and the running peak RSS recorded at the
+end of each stage (``ru_maxrss``; the build's own process only). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TR = 1.5
+GRID = (61, 73, 61)
+RADII = (27.0, 33.0, 22.3)  # ellipsoid voxel count ~83,000, like the 5-subject Sherlock mask
+EXTRA_VOLUMES = 6  # fMRI runs a little longer than the movie, as in the real data
+
+
+def _machine() -> str:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return f"{cpu}, {os.cpu_count()} cores, {int(mem) / 2**20:.0f} GB RAM"
+
+
+def make_movie(path: Path, seconds: float) -> None:
+    # A tone whose pitch steps every second: EnCodec sees changing sound, ffmpeg makes it fast.
+    tone = "sin(2*PI*(220+110*mod(floor(t)\\,7))*t)*0.3"
+    subprocess.run(
+        [
+            "ffmpeg", "-v", "error", "-y",
+            "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25",
+            "-f", "lavfi", "-i", f"aevalsrc={tone}|{tone}:s=44100:c=stereo",
+            "-t", f"{seconds:.3f}", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", str(path),
+        ],
+        check=True,
+    )  # fmt: skip
+
+
+def make_annotations(path: Path, seconds: float, rows: int = 1000) -> None:
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(
+        ["Start Time (s) ", "End Time (s) ", "Scene Details - A Level ", "Name - All", "Location"]
+    )
+    first_repeat, last_repeat = 478, 961  # rows 479-961 (1-based, header is row 1) repeat
+    unique = rows - 1 - (last_repeat - first_repeat)
+    span = seconds / unique
+    body = [
+        [round(k * span, 2), round((k + 1) * span, 2), f"scene {k}: someone walks into room {k % 37}",
+         ["Sherlock", "John", "Molly", None][k % 4], f"place {k % 11}"]
+        for k in range(unique)
+    ]  # fmt: skip
+    order = [*range(first_repeat), *range(last_repeat - first_repeat), *range(first_repeat, unique)]
+    for k in order:
+        sheet.append(body[k])
+    book.save(path)
+
+
+def brain_mask() -> np.ndarray:
+    ijk = np.indices(GRID, dtype=np.float32)
+    centre = [(n - 1) / 2 for n in GRID]
+    r2 = sum(((ijk[d] - centre[d]) / RADII[d]) ** 2 for d in range(3))
+    return r2 <= 1.0
+
+
+def make_subject(path: Path, n_volumes: int, seed: int, mask: np.ndarray) -> None:
+    """A float32 NIfTI written header first, then one volume at a time into gzip (level 1)."""
+    import nibabel as nib
+
+    affine = np.array(
+        [[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]], dtype=np.float64
+    )
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((*GRID, n_volumes))
+    header.set_zooms((3.0, 3.0, 3.0, TR))
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header["vox_offset"] = 352
+    rng = np.random.default_rng(seed)
+    baseline = np.where(mask, rng.uniform(400, 900, GRID), 0).astype(np.float32)
+    n_in = int(mask.sum())
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(header.binaryblock)
+        handle.write(b"\0" * (352 - len(header.binaryblock)))  # no extensions
+        volume = baseline.copy()
+        for _ in range(n_volumes):
+            volume[mask] = baseline[mask] + rng.standard_normal(n_in, dtype=np.float32) * 8.0
+            handle.write(volume.tobytes(order="F"))  # NIfTI is x-fastest
+
+
+def generate(folder: Path, minutes: float, subjects: int) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = minutes * 60
+    n_trs = int(seconds // TR)
+    clock = time.perf_counter()
+    movie = folder / "movie.m4v"
+    if not movie.exists():
+        make_movie(movie, seconds)
+    make_annotations(folder / "annotations.xlsx", seconds)
+    mask = brain_mask()
+    fmri = []
+    for s in range(1, subjects + 1):
+        path = folder / f"sub-{s}.nii.gz"
+        if not path.exists():
+            make_subject(path, n_trs + EXTRA_VOLUMES, seed=s, mask=mask)
+        fmri.append(path)
+    return {
+        "movie": str(movie),
+        "annotations": str(folder / "annotations.xlsx"),
+        "fmri": [str(p) for p in fmri],
+        "n_trs": n_trs,
+        "mask_voxels": int(mask.sum()),
+        "generate_s": round(time.perf_counter() - clock, 1),
+        "input_gb": round(sum(Path(p).stat().st_size for p in [movie, *fmri]) / 1e9, 2),
+    }
+
+
+def run_build(files: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The build in a child process, so its peak RSS is the build's alone."""
+    out.unlink(missing_ok=True)
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import json, sys\n"
+        "from giblet_ds.store.builder.pipeline import build_from_paths\n"
+        "from giblet_ds.store.builder.settings import BuildSettings\n"
+        "f = json.loads(sys.argv[1])\n"
+        "r = build_from_paths(f['movie'], f['annotations'], f['fmri'], sys.argv[2],\n"
+        "    BuildSettings(pretrained=False), progress=False)\n"
+        "print(json.dumps({'seconds': r.seconds, 'peak_rss_mb': r.peak_rss_mb,\n"
+        "    'n_trs': r.n_trs, 'movie_seconds': r.movie_seconds}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(files), str(out)],
+        cwd=repo, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"build failed with exit {proc.returncode}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    minutes = result["movie_seconds"] / 60
+    return {
+        **result,
+        "build_s": round(wall, 1),
+        "build_s_per_movie_minute": round(wall / minutes, 1),
+        "peak_rss_gb": round(max(result["peak_rss_mb"].values()) / 1024, 2),
+        "store_gb": round(out.stat().st_size / 1e9, 2),
+        "log_tail": proc.stderr.strip().splitlines()[-6:],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("work_dir", type=Path)
+    p.add_argument("--minutes", type=float, default=49.4)
+    p.add_argument("--subjects", type=int, default=5)
+    p.add_argument("--generate-only", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the generated files and the store")
+    args = p.parse_args()
+    free = shutil.disk_usage(args.work_dir.parent if not args.work_dir.exists() else args.work_dir)
+    files = generate(args.work_dir, args.minutes, args.subjects)
+    record: dict[str, Any] = {
+        "bench": "store_sherlock",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "minutes": args.minutes,
+        "subjects": args.subjects,
+        "disk_free_gb_before": round(free.free / 1e9, 1),
+        **{k: v for k, v in files.items() if k not in ("fmri",)},
+    }
+    if not args.generate_only:
+        out = args.work_dir / f"store_{args.subjects}subj_{args.minutes:g}min.h5"
+        record.update(run_build(files, out))
+        if not args.keep:
+            out.unlink(missing_ok=True)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
