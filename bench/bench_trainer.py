@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from giblet_ds.config import load_config
+from giblet_ds.config.deepspeed_json import build_ds_config, load_ds_json
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.store import StoreDataset, load_target_stats, open_store, write_synthetic_store
 from giblet_ds.train import distributed as dist
-from giblet_ds.train.ds_config import build_ds_config, load_ds_json
 from giblet_ds.train.engine import weight_decay_groups
 from giblet_ds.train.trainer import Trainer
 

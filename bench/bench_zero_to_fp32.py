@@ -50,7 +50,7 @@ import torch
 if which == "deepspeed":
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict as convert
 else:
-    from giblet_ds.checkpoint_tools import convert_zero_checkpoint as convert
+    from giblet_ds.checkpoint import convert_zero_checkpoint as convert
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 kwargs = {"max_shard_size": extra[0]} if extra else {}

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from giblet_ds.config import load_config
+from giblet_ds.config import RunConfig, load_config, load_ds_json
 from giblet_ds.errors import GibletError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,23 +45,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def dry_run(cfg: RunConfig, ds_json: dict, *, num_gpus: int, num_nodes: int) -> int:
+    """Resolve the config as a run on num_gpus x num_nodes would, print sizes and memory per GPU."""
+    # DeepSpeed's arithmetic only: no accelerator needed, and no warning about finding none.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from giblet_ds.memory_estimate import estimate, format_estimate
+    from giblet_ds.resolve import resolve
+
+    resolved = resolve(cfg, ds_json=ds_json, world_size=num_gpus * num_nodes, require_store=False)
+    print(resolved.describe_sizes())
+    print(format_estimate(estimate(resolved.cfg, num_gpus=num_gpus, num_nodes=num_nodes)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        ds_json = load_ds_json(args.deepspeed_config)
         if args.dry_run:
-            # DeepSpeed's arithmetic only: no accelerator needed, and no warning about finding none.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            from giblet_ds.memory_estimate import estimate, format_estimate
-
-            print(format_estimate(estimate(cfg, num_gpus=args.num_gpus, num_nodes=args.num_nodes)))
-            return 0
+            return dry_run(cfg, ds_json, num_gpus=args.num_gpus, num_nodes=args.num_nodes)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from giblet_ds.train.ds_config import load_ds_json
         from giblet_ds.train.trainer import Trainer
 
-        trainer = Trainer(cfg, load_ds_json(args.deepspeed_config))
+        trainer = Trainer(cfg, ds_json)
         try:
             trainer.train()
         finally:

@@ -18,11 +18,14 @@ ALLOWED = {
     "model": {"errors", "config"},
     "losses": {"errors", "config", "model"},
     "metrics": {"errors"},
+    "run": {"errors"},
     "store": {"errors", "config"},
+    "resolve": {"errors", "config", "store"},
     "memory_estimate": {"errors", "config", "model"},
     "demo_data": {"errors", "store"},
-    "checkpoint_tools": {"errors", "config", "model", "losses", "metrics", "store"},
-    "train": {"errors", "config", "model", "losses", "metrics", "store"},
+    "checkpoint": {"errors", "config", "model", "run"},
+    "report": {"errors", "config", "model", "metrics", "store", "checkpoint", "run"},
+    "train": {"errors", "config", "model", "losses", "metrics", "store", "resolve", "run"},
 }
 DISTRIBUTED_OK = {"train", "memory_estimate"}
 

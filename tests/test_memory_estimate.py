@@ -325,7 +325,8 @@ def test_tool_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     sets = [arg for size in TINY_OVERRIDES for arg in ("--set", size)]
     assert tool.main(["--config", str(CONFIGS / "tiny.yaml"), *sets, "--num-gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert out == format_estimate(estimate(tiny(), num_gpus=2)) + "\n"
+    expected = format_estimate(estimate(tiny(), num_gpus=2))
+    assert out == "model input sizes: all set in the config\n" + expected + "\n"
 
 
 def test_tool_exits_2_on_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
@@ -348,4 +349,5 @@ def test_tool_runs_as_a_script() -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout == format_estimate(estimate(config("giblet_3p5b.yaml"), num_gpus=8)) + "\n"
+    expected = format_estimate(estimate(config("giblet_3p5b.yaml"), num_gpus=8))
+    assert out.stdout == "model input sizes: all set in the config\n" + expected + "\n"

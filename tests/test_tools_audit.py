@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from giblet_ds.checkpoint_tools import ZeroCheckpoint, convert_zero_checkpoint
-from giblet_ds.checkpoint_tools.audit import audit_path
+from giblet_ds.checkpoint import ZeroCheckpoint, convert_zero_checkpoint
+from giblet_ds.checkpoint.audit import audit_path
 from tests.test_tools_common import TAG, build_zero_checkpoint, load_tool, load_weights
 
 audit_weights = load_tool("audit_weights")

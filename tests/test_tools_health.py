@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from giblet_ds.checkpoint_tools.health import build_health_report
+from giblet_ds.report.health import build_health_report
 from tests.test_tools_common import build_real_run, load_tool
 
 health_report = load_tool("health_report")

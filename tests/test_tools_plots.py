@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from giblet_ds.checkpoint_tools import convert_zero_checkpoint
+from giblet_ds.checkpoint import convert_zero_checkpoint
 from giblet_ds.store import load_mask, open_store
 from tests.test_tools_common import build_real_run, load_tool
 

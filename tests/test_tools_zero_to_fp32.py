@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from giblet_ds.checkpoint_tools import (
+from giblet_ds.checkpoint import (
     TensorMeta,
     ZeroCheckpoint,
     convert_zero_checkpoint,

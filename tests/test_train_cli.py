@@ -38,6 +38,26 @@ def test_dry_run_prints_exact_counts_without_allocating() -> None:
     assert "3,513,036,418" in result.stdout
 
 
+def test_dry_run_of_a_preset_takes_its_sizes_from_the_store(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    small = str(REPO / "launch" / "configs" / "small.yaml")
+    result = _train("--config", small, "--set", f"data.store={tiny_store}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"model input sizes from the store {tiny_store}: frames_per_tr=2, frame_height=6, "
+        "frame_width=10, n_codebooks=2, code_frames=5, text_slots=2, text_dim=7, n_voxels=23\n"
+    )
+    missing = tmp_path / "missing.h5"
+    result = _train("--config", small, "--set", f"data.store={missing}", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: model input sizes ['frames_per_tr', 'frame_height', 'frame_width', 'n_codebooks', "
+        f"'code_frames', 'text_slots', 'text_dim', 'n_voxels'] are null and data.store={missing} "
+        "does not exist: build it (tools/build_store.py;"
+    )
+
+
 def test_repeated_nonfinite_steps_stop_the_run(tiny_store: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_training(
@@ -79,7 +99,7 @@ def test_resume_path_without_checkpoint_is_named(tiny_store: Path, tmp_path: Pat
         tmp_path / "run", tiny_store, world=1, sets=(f"checkpoint.resume={empty}",)
     )
     assert result.returncode == 2
-    assert f"--resume {empty}: no complete checkpoint found" in result.stderr
+    assert f"--resume {empty}: {empty}: no checkpoint here" in result.stderr
 
 
 def test_resume_from_an_end_of_epoch_checkpoint_starts_the_next_epoch(

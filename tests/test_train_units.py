@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from giblet_ds.config import load_config
+from giblet_ds.config import cross_check, load_config
+from giblet_ds.config.deepspeed_json import build_ds_config, load_ds_json, zero_stage
 from giblet_ds.errors import CheckpointError, ConfigError
-from giblet_ds.train import checkpoints as ckpt
-from giblet_ds.train.ds_config import build_ds_config, load_ds_json, zero_stage
+from giblet_ds.run import RunDir, resolve_resume, step_tag
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state
 from giblet_ds.train.schedule import lr_at, make_scheduler
-from tests.tiny_sizes import TINY_OVERRIDES
+from tests.tiny_sizes import TINY_OVERRIDES, TINY_SIZES
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEDULE = {"peak_lr": 1e-3, "warmup_steps": 4, "warmup_start_lr": 1e-5, "min_lr": 1e-6}
@@ -63,46 +63,56 @@ def test_early_stopping_counts_validations_without_improvement() -> None:
     assert not EarlyStopping(mode="min", patience=0, min_delta=0).should_stop
 
 
-def _make_tag(root: Path, step: int, complete: bool = True) -> Path:
-    tag = root / ckpt.step_tag(step)
+def _make_tag(run: RunDir, step: int, complete: bool = True) -> Path:
+    tag = run.tag_dir(step_tag(step))
     tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # what marks a ZeRO tag folder
     if complete:
-        ckpt.mark_complete(tag, step)
+        run.mark_complete(tag.name, step)
     return tag
 
 
 def test_resume_resolution(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    assert ckpt.resolve_resume("auto", run) is None
-    _make_tag(run / "checkpoints", 4)
-    _make_tag(run / "checkpoints", 6)
-    _make_tag(run / "checkpoints", 8, complete=False)  # killed during the save
-    assert ckpt.resolve_resume("auto", run) == (run / "checkpoints", "step-00000006")
-    assert ckpt.resolve_resume("none", run) is None
-    assert ckpt.resolve_resume(str(run), run) == (run / "checkpoints", "step-00000006")
-    tag = run / "checkpoints" / "step-00000004"
-    assert ckpt.resolve_resume(str(tag), run) == (run / "checkpoints", "step-00000004")
+    run = RunDir(tmp_path / "run")
+    assert resolve_resume("auto", run.path) is None
+    _make_tag(run, 4)
+    _make_tag(run, 6)
+    incomplete = _make_tag(run, 8, complete=False)  # killed during the save
+
+    def resumed(resume: str) -> Path | None:
+        location = resolve_resume(resume, run.path)
+        return None if location is None else location.path
+
+    assert resumed("auto") == run.tag_dir("step-00000006")
+    assert resumed("none") is None
+    assert resumed(str(run.path)) == run.tag_dir("step-00000006")
+    assert resumed(str(run.checkpoints)) == run.tag_dir("step-00000006")
+    tag = run.tag_dir("step-00000004")
+    assert resumed(str(tag)) == tag
+    with pytest.raises(CheckpointError, match="has no 'complete' marker"):
+        resumed(str(incomplete))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError) as err:
-        ckpt.resolve_resume(str(empty), run)
+        resumed(str(empty))
     assert str(err.value) == (
-        f"--resume {empty}: no complete checkpoint found (searched {empty}, {empty / 'checkpoints'} "
-        "for folders named step-NNNNNNNN holding a 'complete' file)"
+        f"--resume {empty}: {empty}: no checkpoint here (no ZeRO tag files, no checkpoints/ "
+        "folder, no 'latest' file, no consolidated weights such as model.safetensors)"
     )
     with pytest.raises(CheckpointError, match="no such file or folder"):
-        ckpt.resolve_resume(str(tmp_path / "missing"), run)
+        resumed(str(tmp_path / "missing"))
 
 
 def test_prune_keeps_newest_complete_tags(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
     for step in (2, 4, 6, 8):
-        _make_tag(tmp_path, step)
-    _make_tag(tmp_path, 5, complete=False)
-    (tmp_path / "step-00000002-universal").mkdir()
-    deleted = ckpt.prune_step_tags(tmp_path, keep_last=2)
-    assert not (tmp_path / "step-00000002-universal").exists()
+        _make_tag(run, step)
+    _make_tag(run, 5, complete=False)
+    run.tag_dir("step-00000002-universal").mkdir()
+    deleted = run.prune_step_tags(keep_last=2)
+    assert not run.tag_dir("step-00000002-universal").exists()
     assert sorted(deleted) == ["step-00000002", "step-00000004", "step-00000005"]
-    assert ckpt.complete_step_tags(tmp_path) == ["step-00000006", "step-00000008"]
+    assert run.complete_step_tags() == ["step-00000006", "step-00000008"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
@@ -148,7 +158,7 @@ def test_batch_sizes_in_json_are_checked_never_overwritten(tmp_path: Path) -> No
     cfg = load_config(REPO / "launch/configs/tiny.yaml")
     ds = {"train_batch_size": 64, "gradient_clipping": 0.5}
     with pytest.raises(ConfigError) as err:
-        build_ds_config(cfg, ds, world_size=2)
+        cross_check(cfg, world_size=2, store_sizes=TINY_SIZES, ds_config=ds)
     text = str(err.value)
     assert "DeepSpeed config sets train_batch_size=64 but the run config implies 4" in text
     assert "gradient_clipping=0.5 but optim.grad_clip=1.0" in text

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from giblet_ds.checkpoint_tools.audit import SEVERITIES, audit_path, format_report
+from giblet_ds.checkpoint.audit import SEVERITIES, audit_path, format_report
 from giblet_ds.errors import GibletError
 
 

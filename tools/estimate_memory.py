@@ -44,9 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from giblet_ds.memory_estimate import estimate, format_estimate
+        from giblet_ds.resolve import resolve
 
-        cfg = load_config(args.config, args.set)
-        print(format_estimate(estimate(cfg, num_gpus=args.num_gpus, num_nodes=args.num_nodes)))
+        world = args.num_gpus * args.num_nodes
+        resolved = resolve(
+            load_config(args.config, args.set), world_size=world, require_store=False
+        )
+        print(resolved.describe_sizes())
+        print(
+            format_estimate(
+                estimate(resolved.cfg, num_gpus=args.num_gpus, num_nodes=args.num_nodes)
+            )
+        )
     except GibletError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from giblet_ds.checkpoint_tools.health import build_health_report
-from giblet_ds.checkpoint_tools.loss_curves import plot_loss_curves
 from giblet_ds.errors import GibletError
+from giblet_ds.report.health import build_health_report
+from giblet_ds.report.loss_curves import plot_loss_curves
 
 _FAIL_ON = {"never": 99, "warn": 1, "fail": 2}
 

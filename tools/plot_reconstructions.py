@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from giblet_ds.checkpoint_tools.reconstructions import render_reconstructions
 from giblet_ds.errors import GibletError
+from giblet_ds.report.reconstructions import render_reconstructions
 
 
 def build_parser() -> argparse.ArgumentParser:

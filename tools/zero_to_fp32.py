@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from giblet_ds.checkpoint_tools import OUTPUT_DTYPES, convert_zero_checkpoint
+from giblet_ds.checkpoint import OUTPUT_DTYPES, convert_zero_checkpoint
 from giblet_ds.errors import GibletError
 
 

@@ -1,13 +1,14 @@
-"""Rank 0's outputs: metrics.jsonl (one JSON object per line), train.log, and wandb."""
+"""Rank 0's outputs: the metric records (giblet_ds.run.records), the log file, and wandb."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
+
+from giblet_ds.run.layout import RunDir
+from giblet_ds.run.records import Record, TrainRecord, ValRecord, record_to_json
 
 __all__ = ["RunLog", "setup_file_logging"]
 
@@ -23,19 +24,9 @@ def setup_file_logging(run_dir: Path, enabled: bool) -> None:
         return
     log.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+    for handler in (logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).log)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf; keep them visible as "nan"/"inf"
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class RunLog:
@@ -52,7 +43,7 @@ class RunLog:
         config: dict[str, Any],
     ) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._wandb: Any = None
         if enabled and wandb_mode != "disabled":
             import wandb
@@ -67,15 +58,16 @@ class RunLog:
                 id=(wandb_run_name or run_dir.name).replace("/", "-"),
             )
 
-    def write(self, kind: str, **fields: Any) -> None:
+    def write(self, record: Record) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "time": time.time(), **fields}
         with self.path.open("a") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
-        if self._wandb is not None and kind in ("train", "val"):
-            flat = {f"{kind}/{k}": v for k, v in _flatten(fields).items()}
-            self._wandb.log(flat, step=int(fields["step"]))
+            fh.write(record_to_json(record) + "\n")
+        if self._wandb is not None and isinstance(record, TrainRecord | ValRecord):
+            fields = dataclasses.asdict(record)
+            fields.pop("time")
+            flat = {f"{record.kind}/{k}": v for k, v in _flatten(fields).items()}
+            self._wandb.log(flat, step=record.step)
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,25 +14,34 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from giblet_ds.config import RunConfig, config_to_dict, cross_check
+from giblet_ds.config import RunConfig, config_to_dict
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import loso_isc
 from giblet_ds.model import GibletAutoencoder, format_counts, parameter_counts
+from giblet_ds.resolve import resolve
+from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, RunDir, resolve_resume, step_tag
+from giblet_ds.run.records import (
+    CheckpointRecord,
+    EndRecord,
+    SkipRecord,
+    StartRecord,
+    TrainRecord,
+    ValRecord,
+)
 from giblet_ds.store import (
     ResumableDistributedSampler,
     StoreDataset,
+    StoreInfo,
     load_target_stats,
-    open_store,
     read_split_subjects,
 )
-from giblet_ds.train import checkpoints as ckpt
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
+from giblet_ds.train.checkpointer import Checkpointer
 from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
-from giblet_ds.train.ds_config import build_ds_config
 from giblet_ds.train.early_stopping import EarlyStopping
-from giblet_ds.train.engine import build_engine, checkpoint_world_size, convert_to_universal
+from giblet_ds.train.engine import build_engine
 from giblet_ds.train.evaluate import evaluate
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging
@@ -60,10 +68,10 @@ class Trainer:
     failed, and always writes an ``end`` record saying which."""
 
     cfg: RunConfig
-    run_dir: Path
-    checkpoint_dir: Path
+    run: RunDir
     rank: int
     world_size: int
+    store: StoreInfo
     engine: Any
     model: GibletAutoencoder
     loss_fn: NormalizedLoss
@@ -73,23 +81,38 @@ class Trainer:
     steps_per_epoch: int
     max_steps: int
     early_stopping: EarlyStopping
+    checkpointer: Checkpointer
     run_log: RunLog
 
     def __init__(self, cfg: RunConfig, ds_json: dict[str, Any]) -> None:
+        self._init_process_group(cfg.checkpoint.run_dir)
+        resolved = resolve(cfg, ds_json=ds_json, world_size=self.world_size)
+        assert resolved.store is not None and resolved.ds_config is not None
+        self.cfg, self.store = resolved.cfg, resolved.store
+        self._build_data()
+        self.checkpointer = Checkpointer(self.run, keep_last=self.cfg.checkpoint.keep_last)
+        resume = self._resume_target(resolved.ds_config)
+        self._build_engine(resolved.ds_config)
+        self._init_counters()
+        self._build_logging()
+        if resume is not None:
+            self.load_state_dict(self.checkpointer.load(self.engine, resume))
+            log.info("resumed from %s at step %d (epoch %d)", resume.path, self.step, self.epoch)
+        log.info("parameters:\n%s", format_counts(self.counts))
+
+    # ---------------------------------------------------------------------------------- build
+
+    def _init_process_group(self, run_dir: str) -> None:
         dist.init_distributed()
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.run_dir = Path(cfg.checkpoint.run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.run = RunDir.of(run_dir)
         if self.rank == 0:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        setup_file_logging(self.run_dir, enabled=self.rank == 0)
+        setup_file_logging(self.run.path, enabled=self.rank == 0)
 
-        # Store first: it defines the model's input sizes and the loss normalizers.
-        store = open_store(cfg.data.store)
-        cross_check(cfg, world_size=self.world_size, store_sizes=store.model_input_sizes())
-        cfg.model = cfg.model.with_input_sizes(store.model_input_sizes())
-        self.cfg, self.store = cfg, store
+    def _build_data(self) -> None:
+        cfg, store = self.cfg, self.store
         self.train_data = StoreDataset(store.path, "train", subject=cfg.data.subject, info=store)
         self.val_data = StoreDataset(store.path, "val", subject=cfg.data.subject, info=store)
         self.sampler = ResumableDistributedSampler(
@@ -101,7 +124,7 @@ class Trainer:
             drop_last=True,
         )
         o = cfg.optim
-        self.steps_per_epoch = self.sampler.num_samples // (o.micro_batch_size * o.grad_accum_steps)
+        self.steps_per_epoch = self.sampler.num_samples // o.samples_per_rank_step
         if self.steps_per_epoch == 0:
             raise GibletError(
                 f"the train split has {len(self.train_data)} TRs: too few for one optimizer step of "
@@ -110,51 +133,52 @@ class Trainer:
             )
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-        # Resume target decides the DeepSpeed config (universal loading for a new world size).
-        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
-        ds_config = build_ds_config(cfg, ds_json, self.world_size)
-        if resume is not None and checkpoint_world_size(resume[0] / resume[1]) != self.world_size:
-            log.info("checkpoint %s was written by another world size: converting", resume[1])
-            resume = (resume[0], convert_to_universal(*resume))
+    def _resume_target(self, ds_config: dict[str, Any]) -> CheckpointLocation | None:
+        """The tag to resume from; on a new world size its universal copy (and ``ds_config`` is
+        switched to universal loading)."""
+        resume = resolve_resume(self.cfg.checkpoint.resume, self.run.path)
+        if resume is not None and self.checkpointer.needs_universal(resume, self.world_size):
+            resume = self.checkpointer.to_universal(resume)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return resume
 
-        stats = load_target_stats(store.path, subject=cfg.data.subject, info=store)
+    def _build_engine(self, ds_config: dict[str, Any]) -> None:
+        cfg = self.cfg
+        stats = load_target_stats(self.store.path, subject=cfg.data.subject, info=self.store)
         means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
         seed_everything(cfg.train.seed + self.rank)
         self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means)
         self.loss_fn = NormalizedLoss(
-            TargetVariances.from_stats(stats),
-            cfg.loss.weights(),
-            cfg.model.codebook_size,
+            TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )
-        es = cfg.train.early_stopping
+        self.counts = parameter_counts(self.model)
+        self.device_name = device_name()
+        self.peak_flops = peak_flops(self.device_name)
+        # bf16 engines take bf16 activations
+        self.input_dtype = next(iter(self.engine.module.parameters())).dtype
+
+    def _init_counters(self) -> None:
+        es = self.cfg.train.early_stopping
         self.early_stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
         self.step = 0
         self.epoch = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
         self._last_saved_step = -1
-        self.counts = parameter_counts(self.model)
+
+    def _build_logging(self) -> None:
         self.noise_ceiling = self._val_noise_ceiling()
-        self.device_name = device_name()
-        self.peak_flops = peak_flops(self.device_name)
-        # bf16 engines take bf16 activations
-        self.input_dtype = next(iter(self.engine.module.parameters())).dtype
+        config = config_to_dict(self.cfg)
         self.run_log = RunLog(
-            self.run_dir,
+            self.run.path,
             enabled=self.rank == 0,
-            wandb_mode=cfg.logging.wandb_mode,
-            wandb_project=cfg.logging.wandb_project,
-            wandb_run_name=cfg.logging.wandb_run_name,
-            config=config_to_dict(cfg),
+            wandb_mode=self.cfg.logging.wandb_mode,
+            wandb_project=self.cfg.logging.wandb_project,
+            wandb_run_name=self.cfg.logging.wandb_run_name,
+            config=config,
         )
         if self.rank == 0:
-            (self.run_dir / "config.resolved.yaml").write_text(
-                yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-            )
-        if resume is not None:
-            self._load(*resume)
-        log.info("parameters:\n%s", format_counts(self.counts))
+            self.run.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
     # ---------------------------------------------------------------------------------- loop
 
@@ -162,18 +186,19 @@ class Trainer:
         """Run to max_steps or early stop; returns the end status."""
         status, reason = "failed", "exception"
         self.run_log.write(
-            "start",
-            world_size=self.world_size,
-            config=config_to_dict(self.cfg),
-            param_counts=self.counts,
-            steps_per_epoch=self.steps_per_epoch,
-            max_steps=self.max_steps,
-            start_step=self.step,
-            store=str(self.store.path),
-            store_hash=self.store.build_hash,
-            fmri_noise_ceiling_r=self.noise_ceiling,
-            device=self.device_name,
-            peak_flops=self.peak_flops,
+            StartRecord(
+                world_size=self.world_size,
+                config=config_to_dict(self.cfg),
+                param_counts=self.counts,
+                steps_per_epoch=self.steps_per_epoch,
+                max_steps=self.max_steps,
+                start_step=self.step,
+                store=str(self.store.path),
+                store_hash=self.store.build_hash,
+                fmri_noise_ceiling_r=self.noise_ceiling,
+                device=self.device_name,
+                peak_flops=self.peak_flops,
+            )
         )
         try:
             while self.step < self.max_steps:
@@ -191,7 +216,7 @@ class Trainer:
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.run_log.write("end", step=self.step, status=status, reason=reason)
+            self.run_log.write(EndRecord(step=self.step, status=status, reason=reason))
             log.info("run %s at step %d: %s", status, self.step, reason)
             self.run_log.close()
 
@@ -220,24 +245,24 @@ class Trainer:
                     lr=f"{result.lr:.2e}",
                     samples_s=f"{self._global_batch / seconds:.1f}",
                 )
-                if self._validate_now(end_of_epoch=False):
+                if self._due(self.cfg.train.val_every_steps, end_of_epoch=False):
                     stop = self._validate_and_checkpoint()
-                if self._save_now(end_of_epoch=False) or stop:
-                    self.save(ckpt.step_tag(self.step))
+                if self._due(self.cfg.checkpoint.save_every_steps, end_of_epoch=False) or stop:
+                    self.save(step_tag(self.step))
                 if self._steps_done_in_epoch() < self.steps_per_epoch:
                     faults.maybe_kill(self.step, self.rank)  # the epoch's last step: below
                 if stop or self.step >= self.max_steps:
                     break
-        if not stop and self._validate_now(end_of_epoch=True):
+        if not stop and self._due(self.cfg.train.val_every_steps, end_of_epoch=True):
             stop = self._validate_and_checkpoint()
-        if self._save_now(end_of_epoch=True) or self.step >= self.max_steps or stop:
-            self.save(ckpt.step_tag(self.step))
+        at_end = self.step >= self.max_steps or stop
+        if self._due(self.cfg.checkpoint.save_every_steps, end_of_epoch=True) or at_end:
+            self.save(step_tag(self.step))
         faults.maybe_kill(self.step, self.rank)
         return stop
 
     def _steps_done_in_epoch(self) -> int:
-        o = self.cfg.optim
-        return self.sampler.consumed // (o.micro_batch_size * o.grad_accum_steps)
+        return self.sampler.consumed // self.cfg.optim.samples_per_rank_step
 
     def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         loader = DataLoader(
@@ -295,10 +320,11 @@ class Trainer:
             self.skipped_total += 1
             self.consecutive_skips += 1
             self.run_log.write(
-                "skip",
-                step=self.step,
-                terms=result.nonfinite_terms or ["gradient"],
-                consecutive=self.consecutive_skips,
+                SkipRecord(
+                    step=self.step,
+                    terms=result.nonfinite_terms or ["gradient"],
+                    consecutive=self.consecutive_skips,
+                )
             )
             log.warning(
                 "step %d skipped: non-finite %s (%d in a row)",
@@ -326,29 +352,26 @@ class Trainer:
         )
         grad_norm = self.engine.get_global_grad_norm()
         self.run_log.write(
-            "train",
-            step=self.step,
-            epoch=self.epoch,
-            loss=result.loss,
-            terms=result.terms,
-            lr=result.lr,
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            skipped_steps=self.skipped_total,
-            step_time_s=seconds,
-            samples_per_s=samples / seconds,
-            mfu=mfu,
-            memory=memory_snapshot(),
-            devices=read_devices(),
+            TrainRecord(
+                step=self.step,
+                epoch=self.epoch,
+                loss=result.loss,
+                terms=result.terms,
+                lr=result.lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                skipped_steps=self.skipped_total,
+                step_time_s=seconds,
+                samples_per_s=samples / seconds,
+                mfu=mfu,
+                memory=memory_snapshot(),
+                devices=read_devices(),
+            )
         )
 
     # ---------------------------------------------------------------------------- validation
 
-    def _validate_now(self, end_of_epoch: bool) -> bool:
-        every = self.cfg.train.val_every_steps
-        return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
-
-    def _save_now(self, end_of_epoch: bool) -> bool:
-        every = self.cfg.checkpoint.save_every_steps
+    def _due(self, every: int, *, end_of_epoch: bool) -> bool:
+        """A periodic action (validate, save) every ``every`` steps, or at epoch ends when 0."""
         return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
 
     def validate(self) -> dict[str, float]:
@@ -370,16 +393,17 @@ class Trainer:
         # that no float quirk can split the ranks.
         stop = bool(dist.broadcast_object(self.early_stopping.should_stop))
         self.run_log.write(
-            "val",
-            step=self.step,
-            epoch=self.epoch,
-            loss=metrics["loss"],
-            terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
-            **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
-            fmri_noise_ceiling_r=self.noise_ceiling,
-            is_best=is_best,
-            best_metric=self.early_stopping.best,
-            patience_left=self.early_stopping.patience_left,
+            ValRecord(
+                step=self.step,
+                epoch=self.epoch,
+                loss=metrics["loss"],
+                terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
+                **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
+                fmri_noise_ceiling_r=self.noise_ceiling,
+                is_best=is_best,
+                best_metric=self.early_stopping.best,
+                patience_left=self.early_stopping.patience_left,
+            )
         )
         log.info(
             "validation at step %d: loss %.4f, fMRI r %.4f%s",
@@ -389,7 +413,7 @@ class Trainer:
             " (best)" if is_best else "",
         )
         if is_best:
-            self.save(ckpt.BEST_TAG)
+            self.save(BEST_TAG)
         return stop
 
     def _early_stop_reason(self) -> str:
@@ -402,19 +426,25 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
 
     def save(self, tag: str) -> None:
-        """Save a tag on every rank; mark it complete and move `latest` only after all wrote."""
-        if tag != ckpt.BEST_TAG and self._last_saved_step == self.step:
+        """Save a tag on every rank (see Checkpointer.save); a step already saved is skipped."""
+        if tag != BEST_TAG and self._last_saved_step == self.step:
             return  # this step is already on disk under its step tag
-        tag_dir = self.checkpoint_dir / tag
-        if self.rank == 0 and (tag_dir / ckpt.COMPLETE_MARKER).exists():
-            (tag_dir / ckpt.COMPLETE_MARKER).unlink()  # rewriting `best`: incomplete until done
-        dist.barrier()
-        rng_states = dist.all_gather_object(capture_rng_state())
-        client_state = {
+        config_yaml = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+        tag_dir = self.checkpointer.save(
+            self.engine, tag, step=self.step, state=self.state_dict(), config_yaml=config_yaml
+        )
+        self.run_log.write(CheckpointRecord(step=self.step, tag=tag, path=str(tag_dir)))
+        if tag != BEST_TAG:
+            self._last_saved_step = self.step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs beside the engine's own state (collective: RNG states are
+        gathered from every rank)."""
+        return {
             "step": self.step,
             "epoch": self.epoch,
             "sampler": self.sampler.state_dict(),
-            "rng": rng_states,
+            "rng": dist.all_gather_object(capture_rng_state()),
             "early_stopping": self.early_stopping.state_dict(),
             "skipped_total": self.skipped_total,
             "consecutive_skips": self.consecutive_skips,
@@ -422,34 +452,14 @@ class Trainer:
             "store_hash": self.store.build_hash,
             "world_size": self.world_size,
         }
-        self.engine.save_checkpoint(
-            str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False
-        )
-        dist.barrier()
-        if self.rank == 0:
-            (tag_dir / "run_config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-            )
-            ckpt.mark_complete(tag_dir, self.step)
-            if tag != ckpt.BEST_TAG:
-                ckpt.write_latest(self.checkpoint_dir, tag)
-                ckpt.prune_step_tags(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            self.run_log.write("checkpoint", step=self.step, tag=tag, path=str(tag_dir))
-        if tag != ckpt.BEST_TAG:
-            self._last_saved_step = self.step
-        dist.barrier()
 
-    def _load(self, checkpoint_dir: Path, tag: str) -> None:
-        path, state = self.engine.load_checkpoint(
-            str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None or state is None:
-            raise CheckpointError(f"DeepSpeed could not load {checkpoint_dir / tag}")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; refuses a checkpoint of another store."""
         if state["store_hash"] != self.store.build_hash:
             raise CheckpointError(
-                f"{checkpoint_dir / tag} was trained on a store with hash {state['store_hash']}, "
-                f"but data.store={self.store.path} has {self.store.build_hash}; resume with the "
-                "same store or start a new run directory"
+                f"the checkpoint was trained on a store with hash {state['store_hash']}, but "
+                f"data.store={self.store.path} has {self.store.build_hash}; resume with the same "
+                "store or start a new run directory"
             )
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.skipped_total = int(state["skipped_total"])
@@ -465,9 +475,6 @@ class Trainer:
             restore_rng_state(rng[self.rank])
         else:  # a new world size cannot replay per-rank streams; reseed deterministically
             seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
-        log.info(
-            "resumed from %s at step %d (epoch %d)", checkpoint_dir / tag, self.step, self.epoch
-        )
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -489,8 +496,7 @@ class Trainer:
 
     @property
     def _global_batch(self) -> int:
-        o = self.cfg.optim
-        return o.micro_batch_size * o.grad_accum_steps * self.world_size
+        return self.cfg.optim.global_batch(self.world_size)
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -1,27 +1,20 @@
-"""Run configuration: one YAML file -> nested dataclasses, validated, with dotted overrides.
+"""The run config's sections: one dataclass per concern, every field documented right under it.
 
-Each section is its own dataclass; every field is documented right under it. Single-field checks live
-in ``__post_init__`` and name the dotted key, the bad value and the fix. Checks that need several
-sections (batch sizes vs world size, store shapes vs model sizes, ZeRO stage vs offload) live in
-:func:`cross_check` and are raised together.
+Single-field checks live in ``__post_init__`` and name the dotted key, the bad value and the fix.
+Checks that need several sections live in :mod:`giblet_ds.config.checks`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
-import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from giblet_ds.errors import ConfigError
 
 __all__ = [
+    "MODEL_INPUT_KEYS",
     "CheckpointConfig",
     "DataConfig",
     "EarlyStoppingConfig",
@@ -32,12 +25,6 @@ __all__ = [
     "RunConfig",
     "ScheduleConfig",
     "TrainConfig",
-    "apply_overrides",
-    "config_to_dict",
-    "cross_check",
-    "zero_engine_problems",
-    "load_config",
-    "MODEL_INPUT_KEYS",
 ]
 
 # Model input sizes that the feature store defines; `None` in a config means "take it from the store".
@@ -254,6 +241,15 @@ class OptimConfig:
             "must be > 0 or null",
         )
 
+    @property
+    def samples_per_rank_step(self) -> int:
+        """Samples one rank consumes per optimizer step: micro batch x accumulation."""
+        return self.micro_batch_size * self.grad_accum_steps
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.samples_per_rank_step * world_size
+
 
 @dataclass
 class ScheduleConfig:
@@ -436,223 +432,3 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-# ----------------------------------------------------------------------------------- loading
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check a YAML value against a field's annotation (ints are accepted where floats are)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads 3e-4 (no dot in the mantissa) as a string; it is a number to users.
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        dotted = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ConfigError(
-            f"unknown config key {dotted}; valid keys under '{prefix or '.'}': {names}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if _is_dataclass_type(tp):
-            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (what config.resolved.yaml holds)."""
-    return dataclasses.asdict(cfg)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
-    dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    # YAML reads 3e-4 as a string (no dot in the mantissa); numbers are what users mean.
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-    return dotted.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a raw config dict (before validation)."""
-    for item in overrides:
-        path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Load a run YAML (or the defaults when path is None), apply dotted overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist; pass --config PATH to a run YAML"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {loaded!r}")
-        data = loaded or {}
-    data = apply_overrides(data, overrides)
-    try:
-        return _build(RunConfig, data, "")
-    except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
-
-
-# ------------------------------------------------------------------------------ cross-checks
-
-
-def cross_check(
-    cfg: RunConfig,
-    *,
-    world_size: int | None = None,
-    store_sizes: Mapping[str, int] | None = None,
-    ds_config: Mapping[str, Any] | None = None,
-) -> None:
-    """Checks that span sections; every problem is collected and raised once."""
-    problems: list[str] = []
-    if world_size is not None:
-        o = cfg.optim
-        derived = o.micro_batch_size * o.grad_accum_steps * world_size
-        if o.global_batch_size is not None and o.global_batch_size != derived:
-            problems.append(
-                f"optim.global_batch_size={o.global_batch_size} but optim.micro_batch_size "
-                f"({o.micro_batch_size}) x optim.grad_accum_steps ({o.grad_accum_steps}) x world size "
-                f"({world_size}) = {derived}; change one of them or set global_batch_size to null"
-            )
-    if store_sizes is not None:
-        for key in MODEL_INPUT_KEYS:
-            want = getattr(cfg.model, key)
-            have = store_sizes.get(key)
-            if want is not None and have is not None and want != have:
-                problems.append(
-                    f"model.{key}={want} but the store {cfg.data.store} has {have}; set model.{key} "
-                    f"to null to take it from the store"
-                )
-    elif missing := cfg.model.missing_input_sizes():
-        problems.append(
-            f"model input sizes {missing} are null and no store was given; set data.store to a "
-            f"feature store or set them in the model section"
-        )
-    if ds_config is not None:
-        problems.extend(zero_engine_problems(ds_config))
-        problems.extend(_check_ds_against_run(cfg, ds_config, world_size))
-    if cfg.schedule.warmup_start_lr > cfg.optim.lr:
-        problems.append(
-            f"schedule.warmup_start_lr={cfg.schedule.warmup_start_lr} exceeds optim.lr={cfg.optim.lr}"
-        )
-    if cfg.schedule.min_lr > cfg.optim.lr:
-        problems.append(f"schedule.min_lr={cfg.schedule.min_lr} exceeds optim.lr={cfg.optim.lr}")
-    if problems:
-        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
-
-
-def zero_engine_problems(ds: Mapping[str, Any]) -> list[str]:
-    """ZeRO stage vs offload and precision checks of a DeepSpeed config dict."""
-    problems = []
-    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
-        problems.append("fp16.enabled and bf16.enabled are both true; pick one (bf16 on A100/H100)")
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    offload_param = zero.get("offload_param", {}).get("device", "none")
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none")
-    if offload_param != "none" and stage != 3:
-        problems.append(
-            f"zero_optimization.offload_param needs stage 3, got stage {stage}; use stage 3 or "
-            "remove offload_param"
-        )
-    if offload_opt != "none" and stage == 0:
-        problems.append("zero_optimization.offload_optimizer needs stage 1, 2 or 3")
-    return problems
-
-
-def _check_ds_against_run(
-    cfg: RunConfig, ds: Mapping[str, Any], world_size: int | None
-) -> list[str]:
-    """Batch sizes in a DeepSpeed JSON must agree with the run config; never silently overwritten."""
-    problems = []
-    o = cfg.optim
-    pairs = {
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
-        "gradient_accumulation_steps": o.grad_accum_steps,
-    }
-    if world_size is not None:
-        pairs["train_batch_size"] = o.micro_batch_size * o.grad_accum_steps * world_size
-    for key, want in pairs.items():
-        if key in ds and ds[key] != "auto" and ds[key] != want:
-            problems.append(
-                f"DeepSpeed config sets {key}={ds[key]} but the run config implies {want}; remove "
-                f"{key} from the DeepSpeed JSON (batch sizes come from the optim section)"
-            )
-    if "gradient_clipping" in ds and ds["gradient_clipping"] != o.grad_clip:
-        problems.append(
-            f"DeepSpeed config sets gradient_clipping={ds['gradient_clipping']} but optim.grad_clip="
-            f"{o.grad_clip}; remove it from the DeepSpeed JSON"
-        )
-    return problems

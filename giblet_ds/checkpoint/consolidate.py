@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from giblet_ds.checkpoint_tools.serialization import (
+from giblet_ds.checkpoint.serialization import (
     SAFE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     TensorMeta,
@@ -24,7 +24,7 @@ from giblet_ds.checkpoint_tools.serialization import (
     write_safetensors_file,
     write_torch_file,
 )
-from giblet_ds.checkpoint_tools.zero_reader import ParamEntry, ZeroCheckpoint
+from giblet_ds.checkpoint.zero_reader import ParamEntry, ZeroCheckpoint
 from giblet_ds.errors import CheckpointError
 
 __all__ = ["convert_zero_checkpoint", "ConversionResult", "OUTPUT_DTYPES"]

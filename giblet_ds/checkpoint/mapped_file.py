@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from giblet_ds.checkpoint_tools.safe_load import load_torch_file
+from giblet_ds.checkpoint.safe_load import load_torch_file
 from giblet_ds.errors import CheckpointError
 
 __all__ = ["MappedTorchFile", "pread_into"]

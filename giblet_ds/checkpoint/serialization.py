@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from giblet_ds.checkpoint.formats import SAFETENSORS_DTYPES
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run.layout import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 __all__ = [
     "TensorMeta",
@@ -39,9 +41,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "SAFE_WEIGHTS_NAME",
 ]
-
-WEIGHTS_NAME = "pytorch_model.bin"
-SAFE_WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,6 +152,16 @@ def write_index(path: Path, plan: ShardPlan) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch zip format, written the way torch.serialization._save writes a dict of tensors
+#
+# torch has no public streaming writer: torch.save needs every tensor in memory at once, which for
+# the 3.5B model is the whole model. Four private names are used, each because no public API does
+# its job; tests/test_tools_zero_to_fp32.py::test_private_torch_names_we_rely_on fails loudly if torch
+# renames or changes one of them:
+# - torch._utils._rebuild_tensor_v2: the callable torch itself pickles for a tensor (a loader looks
+#   it up by name, so the pickle must name exactly this);
+# - torch.storage._dtype_to_storage_type_map: dtype -> the legacy storage class name in the pickle;
+# - torch.serialization._get_storage_alignment: the record alignment torch.save uses (64 bytes);
+# - torch.serialization._open_zipfile_writer: torch's own zip writer (CRCs, alignment, record order).
 
 _STORAGE = "storage"  # one object for every persistent id, as in torch, so pickle memoizes it
 _CPU = "cpu"
@@ -239,18 +248,7 @@ def write_torch_file(path: Path, entries: Mapping[str, TensorMeta], produce: Pro
 # ---------------------------------------------------------------------------------------------
 # safetensors
 
-_ST_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_ST_CODES = SAFETENSORS_DTYPES
 # safetensors lays tensors out by dtype, largest first, then by name (the tests pin this order).
 _ST_RANK = {code: i for i, code in enumerate(
     ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",

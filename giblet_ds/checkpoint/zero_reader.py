@@ -26,66 +26,15 @@ from typing import Any, Literal
 
 import torch
 
-from giblet_ds.checkpoint_tools.mapped_file import MappedTorchFile
+from giblet_ds.checkpoint.mapped_file import MappedTorchFile
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run.layout import resolve_checkpoint
 
-__all__ = [
-    "ZeroCheckpoint",
-    "ParamEntry",
-    "Piece",
-    "resolve_tag_dir",
-    "list_tags",
-    "is_zero_tag_dir",
-    "Source",
-]
+__all__ = ["ZeroCheckpoint", "ParamEntry", "Piece", "Source"]
 
 Source = Literal["fp32", "exp_avg", "exp_avg_sq"]
 _RANK_RE = re.compile(r"^(?P<prefix>(?:bf16_|fp16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)"
                       r"_optim_states\.pt$")  # fmt: skip
-
-
-def is_zero_tag_dir(path: Path) -> bool:
-    """True when ``path`` holds the model-state file of a DeepSpeed tag."""
-    return (path / "mp_rank_00_model_states.pt").is_file() or (
-        path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    ).is_file()
-
-
-def list_tags(checkpoint_dir: Path) -> list[str]:
-    """Tag folders under ``checkpoint_dir``, sorted by name."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and is_zero_tag_dir(p))
-
-
-def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
-    """The tag folder: ``checkpoint_dir/tag``, else the tag named by ``checkpoint_dir/latest``.
-
-    Also accepts a tag folder itself as ``checkpoint_dir`` (DeepSpeed's script does not).
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint folder not found")
-    if tag is None:
-        latest = checkpoint_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if not tag:
-                raise CheckpointError(f"{latest}: file is empty, it should name a tag")
-        elif is_zero_tag_dir(checkpoint_dir):
-            return checkpoint_dir
-        else:
-            raise CheckpointError(
-                f"{checkpoint_dir}: no 'latest' file and no DeepSpeed model-state file here; pass "
-                f"-t TAG (tags found: {list_tags(checkpoint_dir) or 'none'})"
-            )
-    tag_dir = checkpoint_dir / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(
-            f"{tag_dir}: tag folder not found (tags in {checkpoint_dir}: "
-            f"{list_tags(checkpoint_dir) or 'none'})"
-        )
-    return tag_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +137,12 @@ class ZeroCheckpoint:
 
     @classmethod
     def open(cls, checkpoint_dir: str | Path, tag: str | None = None) -> ZeroCheckpoint:
-        """Open ``checkpoint_dir/tag`` (or the ``latest`` tag, or a tag folder given directly)."""
-        return cls(resolve_tag_dir(checkpoint_dir, tag))
+        """Open ``checkpoint_dir/tag``, or what :func:`giblet_ds.run.resolve_checkpoint` picks in a
+        checkpoints folder or run directory, or a tag folder given directly."""
+        location = resolve_checkpoint(checkpoint_dir, tag=tag)
+        if location.kind != "tag":
+            raise CheckpointError(f"{location.path}: consolidated weights, not a ZeRO tag")
+        return cls(location.path)
 
     def _open(self, path: Path) -> MappedTorchFile:
         mf = MappedTorchFile(path)

@@ -128,7 +128,7 @@ def load_torch_file(path: str | Path, *, mmap: bool = True) -> Any:
         what = f"it references {found.group(1)}" if found else str(exc).splitlines()[0]
         raise CheckpointError(
             f"{path}: refused to unpickle: {what}, which is not on the allowlist of plain-data "
-            "types (giblet_ds/checkpoint_tools/safe_load.py). Reading a checkpoint must never run "
+            "types (giblet_ds/checkpoint/safe_load.py). Reading a checkpoint must never run "
             "code; if the file is trusted and the type is plain data, add it to the allowlist."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

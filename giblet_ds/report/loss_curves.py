@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from giblet_ds.checkpoint_tools.run_records import as_float, read_metrics
+from giblet_ds.run.records import as_float, read_metrics
 
 __all__ = ["plot_loss_curves"]
 
@@ -19,15 +19,15 @@ def plot_loss_curves(run_dir: str | Path, out: str | Path) -> Path:
     rec = read_metrics(run_dir)
     out = Path(out)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
-    ts = [int(r["step"]) for r in rec.train]
-    ax1.plot(ts, [as_float(r.get("loss")) for r in rec.train], lw=0.8, label="train loss")
+    ts = [r.step for r in rec.train]
+    ax1.plot(ts, [as_float(r.loss) for r in rec.train], lw=0.8, label="train loss")
     if rec.val:
-        vs = [int(r["step"]) for r in rec.val]
-        ax1.plot(vs, [as_float(r.get("loss")) for r in rec.val], "o-", label="val loss")
-        ax2.plot(vs, [as_float(r.get("fmri_r_mean")) for r in rec.val], "o-", color="C2",
+        vs = [r.step for r in rec.val]
+        ax1.plot(vs, [as_float(r.loss) for r in rec.val], "o-", label="val loss")
+        ax2.plot(vs, [r.fmri_r_mean for r in rec.val], "o-", color="C2",
                  label="val fMRI r (mean per voxel)")  # fmt: skip
     for s in rec.skip:
-        ax1.axvline(int(s["step"]), color="red", lw=0.5, alpha=0.5)
+        ax1.axvline(s.step, color="red", lw=0.5, alpha=0.5)
     ax1.set_ylabel("normalized loss")
     ax1.legend(loc="upper right")
     ax1.grid(alpha=0.3)
@@ -37,7 +37,7 @@ def plot_loss_curves(run_dir: str | Path, out: str | Path) -> Path:
     ax2.grid(alpha=0.3)
     if rec.train:
         ax3 = ax2.twinx()
-        ax3.plot(ts, [as_float(r.get("lr")) for r in rec.train], color="C1", lw=0.8, label="lr")
+        ax3.plot(ts, [r.lr for r in rec.train], color="C1", lw=0.8, label="lr")
         ax3.set_ylabel("learning rate", color="C1")
     ax2.legend(loc="upper left")
     fig.suptitle(f"{rec.run_dir.resolve().name}")

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from giblet_ds.config import RunConfig, cross_check, zero_engine_problems
+from giblet_ds.config.checks import zero_engine_problems
+from giblet_ds.config.sections import RunConfig
 from giblet_ds.errors import ConfigError
 
 __all__ = ["build_ds_config", "load_ds_json", "zero_stage"]
@@ -98,13 +99,16 @@ def _validate(ds: dict[str, Any]) -> list[str]:
 
 
 def build_ds_config(cfg: RunConfig, ds_json: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The dict handed to deepspeed.initialize: the JSON's knobs plus the run config's numbers."""
-    cross_check(cfg, world_size=world_size, ds_config=ds_json)
+    """The dict handed to deepspeed.initialize: the JSON's knobs plus the run config's numbers.
+
+    Call it on a resolved config (:func:`giblet_ds.resolve.resolve`): that is where the JSON's
+    batch sizes and clipping are checked against the run config.
+    """
     ds = copy.deepcopy(ds_json)
     o = cfg.optim
     ds["train_micro_batch_size_per_gpu"] = o.micro_batch_size
     ds["gradient_accumulation_steps"] = o.grad_accum_steps
-    ds["train_batch_size"] = o.micro_batch_size * o.grad_accum_steps * world_size
+    ds["train_batch_size"] = o.global_batch(world_size)
     ds["gradient_clipping"] = o.grad_clip
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     params = optimizer.setdefault("params", {})

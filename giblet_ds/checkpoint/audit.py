@@ -18,11 +18,8 @@ Checks (each finding names the tensor by its full parameter name):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +27,12 @@ from typing import Any, Literal
 
 import torch
 
-from giblet_ds.checkpoint_tools.mapped_file import MappedTorchFile, pread_into
-from giblet_ds.checkpoint_tools.safe_load import check_zip_file
-from giblet_ds.checkpoint_tools.zero_reader import ZeroCheckpoint, is_zero_tag_dir, resolve_tag_dir
+from giblet_ds.checkpoint.formats import SAFETENSORS_DTYPES, read_shard_index
+from giblet_ds.checkpoint.mapped_file import MappedTorchFile
+from giblet_ds.checkpoint.safe_load import check_zip_file
+from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, resolve_checkpoint
 
 __all__ = [
     "AuditReport",
@@ -223,62 +222,37 @@ def _torch_chunks(mf: MappedTorchFile, t: torch.Tensor, chunk: int) -> Iterator[
         yield out
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+_SAFETENSORS_CODES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 def _safetensors_items(path: Path, chunk: int) -> Iterator[_Item]:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: not a safetensors file (header length {hlen})")
-        try:
-            header = json.loads(fh.read(hlen))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from exc
-    base = 8 + hlen
-    fd = os.open(path, os.O_RDONLY)
+    """Tensors of a safetensors file through ``safetensors.safe_open``, read in row blocks of at
+    most ``chunk`` elements with ``get_slice`` (one block in memory at a time)."""
+    from safetensors import safe_open
+
     try:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(info.get("dtype"))
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # the Rust reader raises its own SafetensorError for any bad file
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    with handle as fh:
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            piece = fh.get_slice(name)
+            code = piece.get_dtype()
+            dtype = _SAFETENSORS_CODES.get(code)
             if dtype is None:
-                raise CheckpointError(
-                    f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}"
-                )
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-            if base + end > size or end - start != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(
-                    f"{path}: tensor {name} runs past the end of the file (truncated?)"
-                )
-            yield (
-                name,
-                shape,
-                dtype,
-                _guess_kind(name),
-                _pread_chunks(fd, base + start, math.prod(shape), dtype, chunk),
-            )
-    finally:
-        os.close(fd)
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {code}")
+            shape = tuple(int(d) for d in piece.get_shape())
+            yield name, shape, dtype, _guess_kind(name), _slice_chunks(piece, shape, chunk)
 
 
-def _pread_chunks(fd: int, offset: int, numel: int, dtype: torch.dtype,
-                  chunk: int) -> Iterator[torch.Tensor]:  # fmt: skip
-    for pos in range(0, numel, chunk):
-        n = min(chunk, numel - pos)
-        out = torch.empty(n, dtype=dtype)
-        view = out.view(torch.uint8).numpy().data.cast("B")
-        got = pread_into(fd, view, offset + pos * dtype.itemsize)
-        if got != len(view):
-            raise CheckpointError(f"file ends early at byte {offset + pos * dtype.itemsize + got}")
-        yield out
+def _slice_chunks(piece: Any, shape: tuple[int, ...], chunk: int) -> Iterator[torch.Tensor]:
+    if not shape:
+        yield piece[...].reshape(-1)
+        return
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, chunk // row)
+    for start in range(0, shape[0], step):
+        yield piece[start : start + step].reshape(-1)
 
 
 def _guess_kind(name: str) -> str:
@@ -362,18 +336,6 @@ def _audit_files(paths: list[Path], label: str, max_abs: float, chunk: int) -> A
     return section
 
 
-def _index_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a shard index JSON with a weight_map ({exc})") from exc
-    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
-    return files
-
-
 def audit_path(
     path: str | Path,
     *,
@@ -381,48 +343,35 @@ def audit_path(
     chunk: int = 1 << 24,
     moments: bool = True,
 ) -> AuditReport:
-    """Audit whatever ``path`` is (see module docstring). Raises CheckpointError if unreadable."""
+    """Audit whatever ``path`` is (see module docstring). Raises CheckpointError if unreadable.
+
+    A run directory or checkpoints folder gets one section for its newest tag and one for ``best``.
+    """
     path = Path(path)
     report = AuditReport(str(path))
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_file():
-        if path.name.endswith(".index.json"):
-            report.sections.append(_audit_files(_index_files(path), path.name, max_abs, chunk))
-        elif path.suffix in (".bin", ".pt", ".pth", ".safetensors"):
-            report.sections.append(_audit_files([path], path.name, max_abs, chunk))
-        else:
-            raise CheckpointError(
-                f"{path}: not a .bin/.pt/.safetensors file or *.index.json shard index"
-            )
+    location = resolve_checkpoint(path)
+    if location.kind == "consolidated":
+        report.sections.append(_audit_consolidated(location, max_abs, chunk))
         return report
-    if is_zero_tag_dir(path):
+    if location.path == path:  # a tag folder given directly
         report.sections.append(_audit_zero_tag(path, path.name, max_abs, chunk, moments))
         return report
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tags: list[tuple[str, Path]] = []
-    if (ckpt_dir / "latest").is_file():
-        latest = resolve_tag_dir(ckpt_dir)
-        tags.append((f"latest ({latest.name})", latest))
-    if (ckpt_dir / "best").is_dir() and is_zero_tag_dir(ckpt_dir / "best"):
-        tags.append(("best", ckpt_dir / "best"))
-    if tags:
-        for label, tag_dir in tags:
-            report.sections.append(_audit_zero_tag(tag_dir, label, max_abs, chunk, moments))
-        return report
-    consolidated = sorted(p for p in path.iterdir() if p.name.endswith(".index.json"))
-    if consolidated:
-        report.sections.append(_audit_files(_index_files(consolidated[0]), consolidated[0].name,
-                                            max_abs, chunk))  # fmt: skip
-        return report
-    singles = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()]
-    if singles:
-        report.sections.append(_audit_files(singles[:1], singles[0].name, max_abs, chunk))
-        return report
-    raise CheckpointError(
-        f"{path}: nothing to audit (no ZeRO tag files, no checkpoints/latest or best, no "
-        "consolidated weights)"
+    tags = [(f"latest ({location.tag})", location.path)]
+    best = resolve_checkpoint(path, prefer="best")
+    if best.tag == BEST_TAG:
+        tags.append((BEST_TAG, best.path))
+    for label, tag_dir in tags:
+        report.sections.append(_audit_zero_tag(tag_dir, label, max_abs, chunk, moments))
+    return report
+
+
+def _audit_consolidated(location: CheckpointLocation, max_abs: float, chunk: int) -> AuditSection:
+    files = (
+        read_shard_index(location.path)
+        if location.path.name.endswith(".index.json")
+        else [location.path]
     )
+    return _audit_files(files, location.path.name, max_abs, chunk)
 
 
 # ---------------------------------------------------------------------------------------------

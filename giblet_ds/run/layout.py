@@ -1,0 +1,350 @@
+"""The run directory: every file name the trainer writes and the tools read, and what a path means.
+
+This module is the one home of those names; nothing else in the package spells them out.
+
+```
+RUN_DIR/
+  config.resolved.yaml      the full run config after overrides
+  metrics.jsonl             typed records, one JSON object per line (giblet_ds.run.records)
+  train.log                 rank-0 log
+  checkpoints/
+    latest                  names the newest complete step tag (DeepSpeed's convention)
+    step-00000123/          a DeepSpeed tag + run_config.yaml + complete (written last)
+    best/                   the best validation tag (never overwritten by the final weights)
+  wandb/
+```
+
+A tag is complete when every rank has written its files: the trainer calls :meth:`RunDir.mark_complete`
+after a barrier that follows DeepSpeed's save, and only then moves ``latest``. A run killed during a
+save therefore resumes from the previous complete tag.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from giblet_ds.errors import CheckpointError
+
+__all__ = [
+    "BEST_TAG",
+    "CONSOLIDATED_SUFFIXES",
+    "COMPLETE_MARKER",
+    "CheckpointLocation",
+    "RunDir",
+    "SAFE_WEIGHTS_NAME",
+    "TAG_CONFIG_NAME",
+    "UNIVERSAL_SUFFIX",
+    "WEIGHTS_NAME",
+    "find_run_config",
+    "is_zero_tag_dir",
+    "resolve_checkpoint",
+    "resolve_resume",
+    "step_tag",
+]
+
+CONFIG_NAME = "config.resolved.yaml"
+METRICS_NAME = "metrics.jsonl"
+LOG_NAME = "train.log"
+CHECKPOINTS_NAME = "checkpoints"
+LATEST_NAME = "latest"
+WANDB_NAME = "wandb"
+BEST_TAG = "best"
+COMPLETE_MARKER = "complete"
+TAG_CONFIG_NAME = "run_config.yaml"
+UNIVERSAL_SUFFIX = "-universal"
+STEP_TAG = re.compile(r"^step-(\d{8})$")
+# DeepSpeed's model-state file names: one of them marks a folder as a ZeRO tag.
+_MODEL_STATE_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# Consolidated weights (tools/zero_to_fp32.py), with Hugging Face's names.
+WEIGHTS_NAME = "pytorch_model.bin"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+CONSOLIDATED_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+_CONSOLIDATED_IN_FOLDER = (
+    SAFE_WEIGHTS_NAME + ".index.json",
+    WEIGHTS_NAME + ".index.json",
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+)
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_zero_tag_dir(path: Path) -> bool:
+    """True when ``path`` holds the model-state file of a DeepSpeed tag."""
+    return any((path / name).is_file() for name in _MODEL_STATE_NAMES)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory and the names inside it (see the module docstring)."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, path: str | Path) -> RunDir:
+        return cls(Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.path / LOG_NAME
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / WANDB_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_NAME
+
+    def tag_dir(self, tag: str) -> Path:
+        return self.checkpoints / tag
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def tags(self) -> list[str]:
+        """Every tag folder (complete or not), sorted by name."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p.name for p in self.checkpoints.iterdir() if p.is_dir())
+
+    def is_complete(self, tag: str) -> bool:
+        return (self.tag_dir(tag) / COMPLETE_MARKER).is_file()
+
+    def completed_step(self, tag: str) -> int | None:
+        """The step written in a tag's ``complete`` marker, None when incomplete."""
+        marker = self.tag_dir(tag) / COMPLETE_MARKER
+        if not marker.is_file():
+            return None
+        try:
+            return int(marker.read_text().split()[0])
+        except (ValueError, IndexError):
+            return None
+
+    def complete_step_tags(self) -> list[str]:
+        """Complete step tags, oldest first."""
+        return [t for t in self.tags() if STEP_TAG.match(t) and self.is_complete(t)]
+
+    def latest_tag(self) -> str | None:
+        """The tag named by ``checkpoints/latest`` (None when there is no such file)."""
+        latest = self.checkpoints / LATEST_NAME
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not tag:
+            raise CheckpointError(f"{latest}: file is empty, it should name a tag")
+        return tag
+
+    # -- writing (rank 0 only) ----------------------------------------------------------------
+
+    def mark_complete(self, tag: str, step: int) -> None:
+        _atomic_write(self.tag_dir(tag) / COMPLETE_MARKER, f"{step}\n")
+
+    def unmark_complete(self, tag: str) -> None:
+        (self.tag_dir(tag) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+    def write_latest(self, tag: str) -> None:
+        """DeepSpeed's ``latest`` file (read by load_checkpoint and zero_to_fp32), atomically."""
+        _atomic_write(self.checkpoints / LATEST_NAME, tag)
+
+    def prune_step_tags(self, keep_last: int) -> list[str]:
+        """Delete all but the newest ``keep_last`` complete step tags (and stale incomplete ones
+        older than the newest complete tag). Returns the deleted tag names."""
+        complete = self.complete_step_tags()
+        doomed = complete[:-keep_last] if keep_last > 0 else []
+        if complete:
+            newest = complete[-1]
+            doomed += [
+                t
+                for t in self.tags()
+                if STEP_TAG.match(t) and not self.is_complete(t) and t < newest
+            ]
+        for name in doomed:
+            shutil.rmtree(self.tag_dir(name), ignore_errors=True)
+            # its universal-format copy, made when a run resumed on another world size
+            shutil.rmtree(self.tag_dir(name + UNIVERSAL_SUFFIX), ignore_errors=True)
+        return doomed
+
+
+# ---------------------------------------------------------------------------------------------
+# What a path means
+
+
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """What a user-given path resolved to.
+
+    ``kind`` is ``tag`` (a DeepSpeed ZeRO tag folder, ``path`` is that folder) or ``consolidated``
+    (``path`` is a ``.bin``/``.safetensors`` file or a ``*.index.json`` shard index). ``run`` is the
+    run directory the tag belongs to, when the layout says so; ``how`` says how it was chosen.
+    """
+
+    kind: Literal["tag", "consolidated"]
+    path: Path
+    run: RunDir | None
+    how: str
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path.parent
+
+
+Prefer = Literal["latest", "best"]
+
+
+def _run_of_checkpoints(checkpoints: Path) -> RunDir:
+    return (
+        RunDir(checkpoints.parent) if checkpoints.name == CHECKPOINTS_NAME else RunDir(checkpoints)
+    )
+
+
+def _pick_tag(checkpoints: Path, tag: str | None, prefer: Prefer) -> CheckpointLocation:
+    """A tag inside a checkpoints folder: the one named, else ``best`` or the newest complete."""
+    run = _run_of_checkpoints(checkpoints)
+    found = sorted(p.name for p in checkpoints.iterdir() if p.is_dir() and is_zero_tag_dir(p))
+    if tag is not None:
+        if not (checkpoints / tag).is_dir():
+            raise CheckpointError(
+                f"{checkpoints / tag}: tag folder not found (tags in {checkpoints}: "
+                f"{found or 'none'})"
+            )
+        return CheckpointLocation("tag", checkpoints / tag, run, f"tag {tag} as named")
+    if (
+        prefer == "best"
+        and (checkpoints / BEST_TAG).is_dir()
+        and is_zero_tag_dir(checkpoints / BEST_TAG)
+    ):
+        return CheckpointLocation("tag", checkpoints / BEST_TAG, run, "the best tag")
+    complete = [
+        t for t in found if STEP_TAG.match(t) and (checkpoints / t / COMPLETE_MARKER).is_file()
+    ]
+    if complete:
+        return CheckpointLocation(
+            "tag", checkpoints / complete[-1], run, f"the newest complete tag {complete[-1]}"
+        )
+    latest = checkpoints / LATEST_NAME
+    if latest.is_file():  # a plain DeepSpeed checkpoints folder (no completeness markers)
+        name = latest.read_text().strip()
+        if not name:
+            raise CheckpointError(f"{latest}: file is empty, it should name a tag")
+        if not (checkpoints / name).is_dir():
+            raise CheckpointError(
+                f"{checkpoints / name}: tag folder not found (named by {latest}; tags in "
+                f"{checkpoints}: {found or 'none'})"
+            )
+        return CheckpointLocation("tag", checkpoints / name, run, f"tag {name} named by 'latest'")
+    raise CheckpointError(
+        f"{checkpoints}: no complete checkpoint (no '{LATEST_NAME}' file and no step-NNNNNNNN "
+        f"folder holding a '{COMPLETE_MARKER}' file; tags found: {found or 'none'}); pass a tag"
+    )
+
+
+def resolve_checkpoint(
+    path: str | Path, *, tag: str | None = None, prefer: Prefer = "latest"
+) -> CheckpointLocation:
+    """Resolve any path a user may give to one checkpoint.
+
+    Accepted: a consolidated file (``.bin``, ``.pt``, ``.safetensors``, ``*.index.json``), a
+    folder of consolidated weights, a ZeRO tag folder, a checkpoints folder or a run directory
+    (``tag`` if given, else ``best`` when ``prefer="best"`` and present, else the newest complete
+    step tag, else the tag named by ``latest``). Raises CheckpointError naming what was searched.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(".index.json") or path.suffix in CONSOLIDATED_SUFFIXES:
+            return CheckpointLocation("consolidated", path, None, "the file as given")
+        raise CheckpointError(
+            f"{path}: not a .bin/.pt/.safetensors file or *.index.json shard index"
+        )
+    if is_zero_tag_dir(path):
+        if tag is not None:
+            raise CheckpointError(f"{path} is a tag folder itself; drop the tag {tag!r}")
+        parent = path.parent
+        run = _run_of_checkpoints(parent) if parent.name == CHECKPOINTS_NAME else None
+        return CheckpointLocation("tag", path, run, "the tag folder as given")
+    if (path / CHECKPOINTS_NAME).is_dir():
+        return _pick_tag(path / CHECKPOINTS_NAME, tag, prefer)
+    if (path / LATEST_NAME).is_file() or any(
+        is_zero_tag_dir(p) for p in path.iterdir() if p.is_dir()
+    ):
+        return _pick_tag(path, tag, prefer)
+    for name in _CONSOLIDATED_IN_FOLDER:
+        if (path / name).is_file():
+            return CheckpointLocation("consolidated", path / name, None, f"{name} in the folder")
+    raise CheckpointError(
+        f"{path}: no checkpoint here (no ZeRO tag files, no {CHECKPOINTS_NAME}/ folder, no "
+        f"'{LATEST_NAME}' file, no consolidated weights such as {SAFE_WEIGHTS_NAME})"
+    )
+
+
+def resolve_resume(resume: str, run_dir: Path) -> CheckpointLocation | None:
+    """The checkpoint ``checkpoint.resume`` asks for, or None to start fresh.
+
+    ``auto``: the newest complete step tag of RUN_DIR (None when there is none). ``none``: start
+    fresh. A path: anything :func:`resolve_checkpoint` accepts that is a tag; it must be complete.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tags = RunDir(run_dir).complete_step_tags()
+        if not tags:
+            return None
+        return CheckpointLocation(
+            "tag", RunDir(run_dir).tag_dir(tags[-1]), RunDir(run_dir), f"newest complete {tags[-1]}"
+        )
+    try:
+        location = resolve_checkpoint(resume)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume {resume}: {exc}") from None
+    if location.kind != "tag":
+        raise CheckpointError(
+            f"--resume {resume}: {location.path} holds consolidated weights, which carry no "
+            "optimizer or sampler state; resume from a ZeRO tag folder"
+        )
+    if not (location.path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"--resume {resume}: {location.path} has no '{COMPLETE_MARKER}' marker (a save that "
+            "did not finish); pick a complete tag"
+        )
+    return location
+
+
+def find_run_config(checkpoint: Path) -> Path:
+    """The run config saved with a checkpoint: in the tag/file's folder or up to 3 folders up."""
+    start = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    searched = []
+    for folder in [start, *list(start.parents)[:3]]:
+        for name in (TAG_CONFIG_NAME, CONFIG_NAME):
+            candidate = folder / name
+            searched.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+    raise CheckpointError(
+        f"{checkpoint}: no run config found (searched {', '.join(searched)}); pass --config"
+    )
