@@ -36,7 +36,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the store to write (.h5)")
     p.add_argument("--mask", help="mask NIfTI on the fMRI grid (implies --mask-rule file)")
     p.add_argument("--config", help="YAML of build settings; flags override it")
-    p.add_argument("--encodec-weights", help="folder with encodec_24khz-d7cc33bc.th (offline)")
+    w = p.add_argument_group(
+        "offline pretrained weights (files copied from a machine with internet)"
+    )
+    w.add_argument(
+        "--encodec-weights",
+        metavar="PATH",
+        help="EnCodec 24 kHz weights: the package's encodec_24khz-d7cc33bc.th (checksum verified)\n"
+        "or any state dict of that network (e.g. fine-tuned), or a folder holding the former",
+    )
+    w.add_argument(
+        "--clip-weights",
+        metavar="PATH",
+        help="open_clip weights for --clip-model: a whole CLIP or its text tower's state dict\n"
+        "(.bin/.pt/.pth/.safetensors; checksum verified where open_clip publishes one)",
+    )
     s = p.add_argument_group("settings (default: the YAML, else BuildSettings defaults)")
     s.add_argument("--tr", type=float)
     s.add_argument("--lag", type=int, help="pair stimulus TR t with fMRI volume t + lag")
@@ -54,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--audio-segment-s", type=float)
     s.add_argument("--device", help="torch device for EnCodec and CLIP (cpu, cuda)")
     s.add_argument(
+        "--max-dropped-fraction",
+        type=float,
+        metavar="F",
+        help="build even when up to this fraction of annotation rows lack times (default 0.02)",
+    )
+    s.add_argument(
         "--no-pretrained",
         dest="pretrained",
         action="store_const",
@@ -70,6 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
         "tr", "lag", "frame_skip", "frames_per_tr", "frame_height", "frame_width",
         "encodec_bandwidth", "clip_model", "clip_pretrained_tag", "annotations_per_tr",
         "mask_rule", "split_fractions", "split_gap", "audio_segment_s", "device", "pretrained",
+        "max_dropped_fraction",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -91,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             mask=args.mask,
             progress=not args.quiet,
             encodec_weights=args.encodec_weights,
+            clip_weights=args.clip_weights,
         )
     except GibletError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -105,7 +105,8 @@ def load_text_encoder(
             raise StoreError(
                 f"CLIP {model_name}/{tag}",
                 f"could not load pretrained weights ({type(err).__name__}: {err}); connect to "
-                "the hub, or build with --no-pretrained (random weights, recorded in the store)",
+                "the hub, pass --clip-weights FILE (copied from a machine with internet), or "
+                "build with --no-pretrained (random weights, recorded in the store)",
             ) from None
         model.eval()
 
