@@ -8,6 +8,7 @@ stages still run:
 2. bandwidth     a large device-to-device copy (bytes/s) and a bf16 matrix product (FLOP/s)
 3. store         a synthetic store at the seed's full input sizes (300 TRs)
 4. dry_run       launch/train.py --dry-run --num-gpus 1: parameters and predicted memory
+   optimizer_op  DeepSpeed's FusedAdam JIT-built before the runs (failing: torch AdamW runs)
    train_*       deepspeed --num_gpus 1 on launch/train.py: ZeRO-2 and ZeRO-3 with activation
                  checkpointing, then ZeRO-2 without; medians, peaks, MFU, measured / floor
 5. checkpoint    the first run's end-of-run tag (only when the disk has room; else skipped)
@@ -21,6 +22,7 @@ stages still run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -163,6 +165,35 @@ class Check:
         if note.startswith("failed"):
             raise StageFailed(note, {})
         return {"note": note, "python": self.python}
+
+    def optimizer_op(self) -> dict[str, Any]:
+        """GPU: JIT-build DeepSpeed's FusedAdam now (into TORCH_EXTENSIONS_DIR, which the runs
+        reuse), so its build time stays out of the first run and a failed build is named here;
+        the runs then fall back to torch.optim.AdamW (``torch_adam``). CPU: the configs' own
+        torch_adam is checked."""
+        if self.cpu:
+            for spec in self.runs:
+                params = json.loads(spec.ds_config.read_text())["optimizer"].get("params", {})
+                if not params.get("torch_adam"):
+                    raise StageFailed(
+                        f"{spec.ds_config} does not set optimizer.params.torch_adam", {}
+                    )
+            return {"optimizer": "torch.optim.AdamW (torch_adam in the CPU configs)"}
+        build = "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(verbose=True)"
+        try:
+            done = self.child("optimizer_op", [self.python, "-c", build], 300)
+        except StageFailed:
+            self.runs = [self._torch_adam(spec) for spec in self.runs]
+            raise
+        return {"optimizer": "DeepSpeed FusedAdam (JIT-built)", "build_s": done["seconds"]}
+
+    def _torch_adam(self, spec: RunSpec) -> RunSpec:
+        """The same run on a copy of its DeepSpeed JSON with optimizer.params.torch_adam = true."""
+        ds = json.loads(spec.ds_config.read_text())
+        ds.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})["torch_adam"] = True
+        path = self.work / spec.ds_config.name.replace(".json", ".torch_adam.json")
+        path.write_text(json.dumps(ds, indent=2))
+        return dataclasses.replace(spec, ds_config=path)
 
     def dry_run(self) -> dict[str, Any]:
         store = self.result("store")
@@ -315,6 +346,7 @@ class Check:
         store_path = self.work / "store.h5"
         self.stage("store", lambda: self.probe("store", str(store_path), timeout=180))
         self.stage("dry_run", self.dry_run)
+        self.stage("optimizer_op", self.optimizer_op, needs=("setup",))
         save_to, place_note = self.checkpoint_place()
         for index, spec in enumerate(self.runs):  # the first run keeps its checkpoint
             where = save_to if index == 0 else None

@@ -51,7 +51,7 @@ if [ "$cpu" = 1 ]; then
 else
     unset DS_ACCELERATOR
 fi
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # Stage "setup": DeepSpeed importable. On failure the other stages still run and report.

@@ -32,6 +32,7 @@ STAGES = [
     "bandwidth",
     "store",
     "dry_run",
+    "optimizer_op",
     "train_zero2_ac",
     "train_zero3_ac",
     "train_zero2_no_ac",
@@ -229,3 +230,26 @@ def test_gpu_plan_is_the_3p5b_preset_in_bf16() -> None:
     # bf16: 2 + 2 read, 2 written, 24 of fp32 optimizer traffic, 2 rewritten
     assert gpu_runs.floor_bytes_per_param(2) == 2 + 2 + 2 + 24 + 2 == 32
     assert 3_513_036_418 * 32 == 112_417_165_376  # about 26 ms at 4.3 TB/s
+
+
+def test_a_failed_fused_adam_build_falls_back_to_torch_adamw(tmp_path: Path) -> None:
+    gpu_check = _bench("gpu_check")
+    args = argparse.Namespace(
+        cpu=False, out=tmp_path / "out", work_dir=tmp_path, budget_s=60.0, ckpt_dir=None
+    )
+    check = gpu_check.Check(args)
+    check.logs.mkdir(parents=True)
+    check.python = "false"  # the build command exits 1, as a failed nvcc/ninja build would
+    check.stage("optimizer_op", check.optimizer_op)
+    assert check.stages["optimizer_op"]["status"] == "failed"
+    assert check.stages["optimizer_op"]["error"] == "optimizer_op exited with 1"
+    for run in check.runs:
+        assert run.ds_config.parent == tmp_path and run.ds_config.name.endswith(".torch_adam.json")
+        ds = json.loads(run.ds_config.read_text())
+        original = json.loads(
+            (REPO / "ds_configs" / run.ds_config.name.replace(".torch_adam", "")).read_text()
+        )
+        assert ds["optimizer"] == {"type": "AdamW", "params": {"torch_adam": True}}
+        assert {k: v for k, v in ds.items() if k != "optimizer"} == {
+            k: v for k, v in original.items() if k != "optimizer"
+        }
