@@ -159,10 +159,10 @@ def test_unreadable_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "cut.safetensors").write_bytes(data[:-40])
     (tmp_path / "junk.bin").write_text("not a checkpoint")
     for bad, message in [
-        (tmp_path / "cut.safetensors", "runs past the end of the file"),
+        (tmp_path / "cut.safetensors", "unreadable safetensors file (truncated or not"),
         (tmp_path / "junk.bin", "not a complete PyTorch zip"),
         (tmp_path / "missing", "no such file or folder"),
-        (tmp_path, "nothing to audit"),
+        (tmp_path, "no checkpoint here"),
     ]:
         if bad == tmp_path:
             for p in tmp_path.iterdir():

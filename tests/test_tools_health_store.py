@@ -7,7 +7,7 @@ from pathlib import Path
 
 import h5py
 
-from giblet_ds.report.health import _store
+from giblet_ds.report.health_disk import store as _store
 from giblet_ds.run.records import read_metrics
 from giblet_ds.store import write_synthetic_store
 

@@ -19,11 +19,11 @@ from giblet_ds.checkpoint import (
     convert_zero_checkpoint,
     load_torch_file,
     plan_shards,
-    resolve_tag_dir,
     write_safetensors_file,
     write_torch_file,
 )
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run import resolve_checkpoint
 from tests.test_tools_common import (
     REPO,
     TAG,
@@ -277,11 +277,11 @@ def test_tag_resolution_errors_name_what_exists(tmp_path: Path) -> None:
     (tmp_path / "ckpts" / "step-00000001").mkdir(parents=True)
     (tmp_path / "ckpts" / "step-00000001" / "mp_rank_00_model_states.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"no 'latest' file.*step-00000001"):
-        resolve_tag_dir(tmp_path / "ckpts")
+        resolve_checkpoint(tmp_path / "ckpts")
     with pytest.raises(CheckpointError, match=r"best: tag folder not found.*step-00000001"):
-        resolve_tag_dir(tmp_path / "ckpts", "best")
+        resolve_checkpoint(tmp_path / "ckpts", tag="best")
     tag = tmp_path / "ckpts" / "step-00000001"
-    assert resolve_tag_dir(tag) == tag  # a tag folder given directly
+    assert resolve_checkpoint(tag).path == tag  # a tag folder given directly
     with pytest.raises(CheckpointError, match="not a complete PyTorch zip"):
         ZeroCheckpoint.open(tag)
 
@@ -294,7 +294,7 @@ def test_cli_help_and_clean_error_without_traceback(tmp_path: Path) -> None:
         assert flag in help_text
     bad = subprocess.run([*tool, str(tmp_path / "nope"), str(tmp_path / "o")], capture_output=True,
                          text=True)  # fmt: skip
-    assert bad.returncode == 2 and "checkpoint folder not found" in bad.stderr
+    assert bad.returncode == 2 and "no such file or folder" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
@@ -355,3 +355,19 @@ def test_shard_plan_matches_huggingface_split() -> None:
         assert ours.filename_to_tensors == ref.filename_to_tensors
         assert ours.tensor_to_filename == ref.tensor_to_filename
         assert ours.metadata == ref.metadata
+
+
+def test_private_torch_names_we_rely_on() -> None:
+    """serialization.py writes .bin files through four private torch names (no public API streams a
+    zip checkpoint one tensor at a time). If torch renames or changes one, this fails first."""
+    import inspect
+
+    rebuild = torch._utils._rebuild_tensor_v2
+    assert list(inspect.signature(rebuild).parameters)[:6] == [
+        "storage", "storage_offset", "size", "stride", "requires_grad", "backward_hooks"
+    ]  # fmt: skip
+    names = torch.storage._dtype_to_storage_type_map()
+    assert names[torch.float32] == "FloatStorage" and names[torch.bfloat16] == "BFloat16Storage"
+    assert torch.serialization._get_storage_alignment() == 64
+    with torch.serialization._open_zipfile_writer(io.BytesIO()) as zf:
+        assert callable(zf.write_record)

@@ -233,7 +233,9 @@ def _safetensors_items(path: Path, chunk: int) -> Iterator[_Item]:
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # the Rust reader raises its own SafetensorError for any bad file
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file (truncated or not safetensors: {exc})"
+        ) from exc
     with handle as fh:
         for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
             piece = fh.get_slice(name)

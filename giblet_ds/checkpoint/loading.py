@@ -50,7 +50,9 @@ def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     yield name, fh.get_tensor(name)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+            raise CheckpointError(
+                f"{path}: unreadable safetensors file (truncated or not safetensors: {exc})"
+            ) from exc
         return
     state = load_torch_file(path)
     if not isinstance(state, dict):

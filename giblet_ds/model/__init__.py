@@ -1,7 +1,13 @@
 """The giblet autoencoder (torch only: no deepspeed or torch.distributed here)."""
 
 from giblet_ds.model.autoencoder import GatherFn, GibletAutoencoder, GibletOutput
-from giblet_ds.model.counting import PARAMETER_GROUPS, format_counts, numel, parameter_counts
+from giblet_ds.model.counting import (
+    PARAMETER_GROUPS,
+    format_counts,
+    numel,
+    parameter_counts,
+    train_flops_per_sample,
+)
 
 __all__ = [
     "GatherFn",
@@ -11,4 +17,5 @@ __all__ = [
     "format_counts",
     "numel",
     "parameter_counts",
+    "train_flops_per_sample",
 ]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["PARAMETER_GROUPS", "format_counts", "numel", "parameter_counts"]
+__all__ = [
+    "PARAMETER_GROUPS",
+    "format_counts",
+    "numel",
+    "parameter_counts",
+    "train_flops_per_sample",
+]
 
 # Reporting groups: dotted module paths inside GibletAutoencoder. The fMRI head counts as encoder,
 # as the old system counted it (encoder 3,235,947,138 + decoder 264,241,152).
@@ -52,3 +58,13 @@ def format_counts(counts: dict[str, int]) -> str:
     width = max(len(k) for k in counts)
     lines = [f"{name:<{width}}  {value:>15,}" for name, value in counts.items()]
     return "\n".join(lines)
+
+
+def train_flops_per_sample(counts: dict[str, int]) -> int:
+    """FLOPs of one training sample (forward and backward): 6 per parameter.
+
+    Every weight of a dense layer does one multiply-add (2 FLOPs) per sample forward and two
+    backward (input and weight gradients), the 6N rule of Kaplan et al. (2020), eq. 2.1. The model
+    is almost all dense matrices (REFERENCE.md), so norms, embeddings lookups and losses are noise.
+    """
+    return 6 * counts["total"]

@@ -18,8 +18,8 @@ from giblet_ds.config import RunConfig
 from giblet_ds.config.deepspeed_json import zero_stage
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.train import distributed as dist
 from giblet_ds.run.layout import COMPLETE_MARKER, UNIVERSAL_SUFFIX
+from giblet_ds.train import distributed as dist
 from giblet_ds.train.schedule import make_scheduler
 
 __all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "weight_decay_groups"]

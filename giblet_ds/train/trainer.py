@@ -18,7 +18,12 @@ from giblet_ds.config import RunConfig, config_to_dict
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import loso_isc
-from giblet_ds.model import GibletAutoencoder, format_counts, parameter_counts
+from giblet_ds.model import (
+    GibletAutoencoder,
+    format_counts,
+    parameter_counts,
+    train_flops_per_sample,
+)
 from giblet_ds.resolve import resolve
 from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, RunDir, resolve_resume, step_tag
 from giblet_ds.run.records import (
@@ -152,6 +157,7 @@ class Trainer:
             TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )
         self.counts = parameter_counts(self.model)
+        self.flops_per_sample = train_flops_per_sample(self.counts)
         self.device_name = device_name()
         self.peak_flops = peak_flops(self.device_name)
         # bf16 engines take bf16 activations
@@ -346,7 +352,7 @@ class Trainer:
             return
         samples = self._global_batch
         mfu = (
-            (6 * self.counts["total"] * samples / seconds / (self.peak_flops * self.world_size))
+            (self.flops_per_sample * samples / seconds / (self.peak_flops * self.world_size))
             if self.peak_flops
             else None
         )
