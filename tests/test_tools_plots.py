@@ -37,7 +37,7 @@ def test_one_sample_from_a_trainer_tag(real_run: Path, tmp_path: Path) -> None:
     assert plot_reconstructions.main(args) == 0
     info = open_store(_store(real_run))
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) == 6  # 4 per sample + slices + histogram
+    assert len(pngs) == 6  # 4 per sample + brain map + histogram
     video = next(out.glob("sample_*_video.png"))
     # two panels of 4 x (4 * H / W + 0.7) inches at 100 dpi: the frame keeps its aspect ratio
     assert Image.open(video).size == (800, round((4 * info.height / info.width + 0.7) * 100))
