@@ -11,7 +11,7 @@ stages still run:
    optimizer_op  DeepSpeed's FusedAdam JIT-built before the runs (failing: torch AdamW runs)
    train_*       deepspeed --num_gpus 1 on launch/train.py: ZeRO-2 and ZeRO-3 with activation
                  checkpointing, then ZeRO-2 without; medians, peaks, MFU, measured / floor
-5. checkpoint    the first run's end-of-run tag (only when the disk has room; else skipped)
+5. checkpoint    the last run's end-of-run tag (only when the disk has room; else skipped)
    consolidate   tools/zero_to_fp32.py to bf16 safetensors
    audit         tools/audit_weights.py on the consolidated file
 6. everything to OUT/gpu_check.json and OUT/gpu_check.md; the table is printed.
@@ -214,7 +214,7 @@ class Check:
         return {**parse_dry_run(text), "text": text}
 
     def checkpoint_place(self) -> tuple[Path | None, str]:
-        """Where the first run may save its tag: the first candidate with room for the tag (w + 12
+        """Where the last run may save its tag: the first candidate with room for the tag (w + 12
         bytes per parameter) plus the bf16 consolidation (2), with 10% to spare; /dev/shm only
         when the RAM also keeps 32 GiB free beside it."""
         dry = self.result("dry_run")
@@ -348,16 +348,20 @@ class Check:
         self.stage("dry_run", self.dry_run)
         self.stage("optimizer_op", self.optimizer_op, needs=("setup",))
         save_to, place_note = self.checkpoint_place()
-        for index, spec in enumerate(self.runs):  # the first run keeps its checkpoint
-            where = save_to if index == 0 else None
+        # The last run (ZeRO-2, shortest) keeps its checkpoint: a slow save on a small disk then
+        # cannot eat the time of the runs measured before it.
+        for index, spec in enumerate(self.runs):
+            where = save_to if index == len(self.runs) - 1 else None
             self.stage(spec.name, functools.partial(self.train_run, spec, where), needs=("store",))
-        first_run = self.stages[self.runs[0].name]
-        self.stage("checkpoint", lambda: self.checkpoint(first_run.get("result"), place_note))
+        saving_run = self.stages[self.runs[-1].name]
+        self.stage("checkpoint", lambda: self.checkpoint(saving_run.get("result"), place_note))
         self.stage("consolidate", self.consolidate, needs=("checkpoint",))
         self.stage("audit", self.audit, needs=("consolidate",))
         if save_to is not None and not self.cpu:  # a 3.5B tag would fill the disk
-            shutil.rmtree(save_to / "runs" / self.runs[0].name / "checkpoints", ignore_errors=True)
-            shutil.rmtree(save_to / "runs" / self.runs[0].name / "consolidated", ignore_errors=True)
+            shutil.rmtree(save_to / "runs" / self.runs[-1].name / "checkpoints", ignore_errors=True)
+            shutil.rmtree(
+                save_to / "runs" / self.runs[-1].name / "consolidated", ignore_errors=True
+            )
         report = {
             "mode": "cpu" if self.cpu else "gpu",
             "started": started.isoformat(timespec="seconds"),

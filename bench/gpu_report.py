@@ -59,16 +59,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {'on' if r.get('activation_checkpointing') else 'off'} "
             f"| {r.get('train_records', '-')}/{r.get('steps', '-')} "
             f"| {_num(r.get('median_step_s'), '.4f')} | {_num(r.get('samples_per_s'), '.2f')} "
-            f"| {_num(r.get('mfu'), '.3f')} | {_num(r.get('mfu_vs_measured_matmul'), '.3f')} "
-            f"| {_num(peaks.get('gpu_peak_allocated_gb'), '.2f', 1e9 / GIB)} "
-            f"| {_num(peaks.get('gpu_peak_reserved_gb'), '.2f', 1e9 / GIB)} "
-            f"| {_num(r.get('predicted_bytes'), '.2f', 1 / GIB)} "
-            f"| {_num(peaks.get('rss_peak_gb'), '.2f')} "
-            f"| {_num(r.get('floor_s'), '.4g')} | {_num(r.get('measured_over_floor'), '.2f')} |"
+            f"| {_num(r.get('mfu'), '.3g')} | {_num(r.get('mfu_vs_measured_matmul'), '.3g')} "
+            f"| {_num(peaks.get('gpu_peak_allocated_gb'), '.4g', 1e9 / GIB)} "
+            f"| {_num(peaks.get('gpu_peak_reserved_gb'), '.4g', 1e9 / GIB)} "
+            f"| {_num(r.get('predicted_bytes'), '.4g', 1 / GIB)} "
+            f"| {_num(peaks.get('rss_peak_gb'), '.3g')} "
+            f"| {_num(r.get('floor_s'), '.4g')} | {_num(r.get('measured_over_floor'), '.3g')} |"
         )
     ckpt = stages.get("checkpoint", {}).get("result")
     if ckpt:
-        lines += ["", f"checkpoint: {ckpt['bytes'] / 1e9:.2f} GB in {ckpt['tag']}, saved in "
+        lines += ["", f"checkpoint: {ckpt['bytes'] / 1e9:.3g} GB in {ckpt['tag']}, saved in "
                   f"{_num(ckpt.get('save_s'), '.1f')} s; {ckpt['place']}"]  # fmt: skip
     lines += ["", "| stage | status | seconds | note |", "| --- | --- | --- | --- |"]
     lines += [_stage_line(s) for s in report["stages"]]

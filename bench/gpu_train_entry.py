@@ -8,7 +8,7 @@ same arguments):
   tag folder, for every tag (or for the `best` tag only). The trainer validates and saves when it
   reaches train.max_steps (`best` first, then the step tag) and has no switch to skip that; for
   the 3.5B model a tag is about 49 GB, and the timing runs must not each write one (the device
-  machine's disk is 64 GiB). The one run that checks saving keeps only its step tag.
+  machine's disk is 64 GiB). The run that checks saving keeps only its step tag.
 """
 
 from __future__ import annotations

@@ -157,15 +157,15 @@ def test_training_runs_against_their_records_and_the_floor(
     act = dry["activation_bytes"]["with" if ac else "without"]
     assert run["predicted_bytes"] == dry["model_state_bytes"][str(stage)] + act
     assert run["peaks"]["rss_peak_gb"] > 0.1 and "gpu_peak_reserved_gb" not in run["peaks"]
-    # only the first run keeps its checkpoint; the others' skipped tags are removed
-    assert run["saved_checkpoint"] is (name == "train_zero2_ac")
-    assert (Path(run["run_dir"]) / "checkpoints").exists() is (name == "train_zero2_ac")
+    # only the last run keeps its checkpoint; the others' skipped tags are removed
+    assert run["saved_checkpoint"] is (name == "train_zero2_no_ac")
+    assert (Path(run["run_dir"]) / "checkpoints").exists() is (name == "train_zero2_no_ac")
 
 
 def test_checkpoint_consolidated_and_audited(cpu_check: dict[str, Any]) -> None:
     stages = _stages(cpu_check)
     ckpt = stages["checkpoint"]["result"]
-    assert Path(ckpt["tag"]).name == "step-00000005"
+    assert Path(ckpt["tag"]).name == "step-00000003"
     assert "mp_rank_00_model_states.pt" in ckpt["files"]
     assert any(f.endswith("_optim_states.pt") for f in ckpt["files"])
     # the `best` tag of the end-of-run validation was not written, only noted
