@@ -18,6 +18,7 @@ from torch import nn
 
 from giblet_ds.errors import DataError
 from giblet_ds.model.autoencoder import GibletOutput
+from giblet_ds.model.context import current_tr
 
 __all__ = [
     "TERMS",
@@ -71,7 +72,10 @@ class LossResult:
 
 
 def reconstruction_targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What each term compares against: fMRI; the window's last video frame; codes; text."""
+    """What each term compares against: fMRI; the last video frame of TR t; TR t's codes; TR t's
+    text. With a context window (``context_mask`` in the batch) the stimulus keys are cut to the
+    window's last TR first: the decoder reconstructs TR t, never the window."""
+    batch = current_tr(batch)
     return {
         "fmri": batch["fmri"].float(),
         "video": batch["video"][:, -1].flatten(1).float(),

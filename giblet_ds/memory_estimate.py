@@ -131,12 +131,18 @@ def largest_layer(model: nn.Module) -> tuple[str, int]:
 
 
 def batch_bytes(cfg: ModelConfig) -> int:
-    """Bytes of one sample as the loader delivers it (float32 video, text, fMRI; int64 codes)."""
+    """Bytes of one sample as the loader delivers it (float32 video, text, fMRI; int64 codes).
+
+    With ``context_trs`` = k the video, text and codes are k TRs each, plus the (k,) bool mask.
+    """
     assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width and cfg.n_codebooks
     assert cfg.code_frames and cfg.text_slots and cfg.text_dim and cfg.n_voxels
+    k = cfg.context_trs
     video = cfg.frames_per_tr * cfg.frame_height * cfg.frame_width * 3
     text = cfg.text_slots * cfg.text_dim
-    return FP32 * (video + text + cfg.n_voxels) + INT64 * cfg.n_codebooks * cfg.code_frames
+    stimulus = FP32 * (video + text) + INT64 * cfg.n_codebooks * cfg.code_frames
+    mask = k if k > 1 else 0
+    return k * stimulus + FP32 * cfg.n_voxels + mask
 
 
 def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> ActivationEstimate:
@@ -156,7 +162,11 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
       (A per video and audio output element) and the fp32 prediction and target of the code MSE
       (8 * n_q*C);
     - the batch itself (the loss keeps views of it): float32 video (4*F*H*W*3), int64 codes
-      (8*n_q*C), float32 text (4*K*D), float32 fMRI (4*V).
+      (8*n_q*C), float32 text (4*K*D), float32 fMRI (4*V);
+    - with ``context_trs`` = k > 1: the per-TR encoders (video, audio, text stacks) run on k rows
+      per sample, so everything they save, the code embedding indices and the batch's stimulus
+      keys count k times (plus the k-byte window mask); the temporal mixer saves its masked
+      input (A*k*D, D the fused feature width) and the mask cast to the activation dtype (A*k).
 
     With activation checkpointing every DenseBlock keeps only its input (A*i); in backward one
     block at a time is recomputed, so the largest block's saved set other than its input (which
@@ -172,12 +182,20 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
     cfg = model.config
     assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width and cfg.n_codebooks
     assert cfg.code_frames and cfg.text_slots and cfg.text_dim and cfg.n_voxels
+    k = cfg.context_trs
+    per_tr_stacks = {
+        id(m)
+        for encoder in (model.encoder.video, model.encoder.audio, model.encoder.text)
+        for m in encoder.modules()
+        if isinstance(m, DenseStack)
+    }
     block_inputs = 0  # what checkpointing keeps per block
     block_full = 0  # what a block keeps without checkpointing
     recompute = 0  # the most one block adds while it is recomputed (its input is already kept)
     heads_plain = heads_checkpointed = 0  # inputs of the stacks' output Linears
     outside = 0  # loss and batch: the same with or without checkpointing
     for stack in (m for m in model.modules() if isinstance(m, DenseStack)):
+        rows = k if id(stack) in per_tr_stacks else 1  # rows per sample through this stack
         output_kept = False  # the previous block's output is already saved (as its ReLU output)
         for block in stack.blocks:
             assert isinstance(block, DenseBlock)
@@ -191,9 +209,9 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
                 own += ACT_BYTES * o
             if dropout:
                 own += o
-            block_full += own + (0 if output_kept else ACT_BYTES * i)
-            block_inputs += ACT_BYTES * i
-            recompute = max(recompute, own)
+            block_full += rows * (own + (0 if output_kept else ACT_BYTES * i))
+            block_inputs += rows * ACT_BYTES * i
+            recompute = max(recompute, rows * own)
             # Without dropout the ReLU output is the next Linear's input: one tensor, not two.
             output_kept = relu and not dropout
         if stack.out is not None:
@@ -209,8 +227,11 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
     if cfg.seed_compat:
         outside += ACT_BYTES * (frame + codes) + 2 * FP32 * codes
     else:
-        outside += INT64 * codes + ACT_BYTES * codes * cfg.audio_embed_dim
+        outside += INT64 * codes * k + ACT_BYTES * codes * cfg.audio_embed_dim
         outside += FP32 * codes * cfg.codebook_size
+    if model.encoder.temporal is not None:
+        fused = int(model.encoder.temporal.weight.shape[1])
+        outside += ACT_BYTES * k * (fused + 1)
     outside += batch_bytes(cfg)
 
     return ActivationEstimate(

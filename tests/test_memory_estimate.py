@@ -30,7 +30,7 @@ from tests.tiny_sizes import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
-P_DEFAULT = 3_513_036_418  # the default 3.5B preset
+P_DEFAULT = 3_513_048_706  # the default 3.5B preset (context_trs 8: a 12,288-weight mixer)
 P_SEED = 3_500_188_290
 VIDEO_IN = 10 * 90 * 160 * 3
 LARGEST = VIDEO_IN * 4096  # encoder.video.blocks.0.linear, no bias
@@ -77,7 +77,7 @@ def test_zero_figures_match_the_hand_formulas_on_8_gpus() -> None:
     got = [(z.label, z.gpu_bytes, z.cpu_bytes) for z in est.zero]
     assert got == zero_by_hand(P_DEFAULT, LARGEST, 8, 1)
     # The headline figure: ZeRO-2 on 8 GPUs needs 2 x 3.513e9 + 18 x 3.513e9 / 8 bytes per GPU.
-    assert est.zero[0].gpu_bytes == 7_026_072_836 + 7_904_331_940 == 14_930_404_776
+    assert est.zero[0].gpu_bytes == 7_026_097_412 + 7_904_359_588 == 14_930_457_000
     # No offload holds more per GPU than the ZeRO paper's lower bound 2 + 14 / N bytes per param.
     assert est.zero[0].gpu_bytes > 2 * P_DEFAULT + 14 * P_DEFAULT // 8
 
@@ -147,6 +147,27 @@ def test_activations_of_tiny_by_hand() -> None:
     assert est.configured_activation_bytes == 90_148
 
 
+def test_activations_of_tiny_with_a_context_window_by_hand() -> None:
+    # k = 3: the per-TR stacks (video, audio, text) run on 3 rows per sample, the code indices and
+    # the stimulus part of the batch count 3 times, the mixer saves its masked (3, 24) input and
+    # the mask cast (3), all bf16. Everything after the mixer is as at k = 1.
+    est = estimate(tiny("model.context_trs=3"), num_gpus=1)
+    per_tr_blocks = (720 + 72 + 40) + (30 + 40) + (28 + 40)  # 970, from the k = 1 case
+    blocks = 1_438 + 2 * per_tr_blocks
+    assert blocks == 3_378
+    audio = 8 * 10 * 3 + 2 * 10 * 3 + 4 * 10 * 1024
+    mixer = 2 * 3 * (24 + 1)
+    batch = 3 * (4 * 360 + 4 * 14 + 8 * 10) + 4 * 23 + 3  # + the 3-byte window mask
+    assert batch == batch_bytes(tiny("model.context_trs=3").model) == 4_823
+    outside = 4 * (23 + 180 + 14) + audio + mixer + batch
+    assert outside == 47_101
+    ckpt = 2 * (3 * (360 + 16 + 15 + 14) + 24 + 12 + 6 + 6 + 12 + 12 + 12)
+    recompute = 3 * 72  # the first video block, recomputed for 3 rows at once
+    heads = 2 * (10 + 14 + 9 + 7)
+    assert est.activations.without_checkpointing == 2 * (blocks + outside) == 100_958
+    assert est.activations.with_checkpointing == 2 * (ckpt + recompute + heads + outside) == 99_990
+
+
 def test_activations_with_dropout_and_a_larger_batch() -> None:
     est = estimate(tiny("model.dropout=0.1", "optim.micro_batch_size=3"), num_gpus=1)
     # Every block now saves its input and a 1-byte mask per activated output.
@@ -177,16 +198,21 @@ def saved_bytes(cfg: RunConfig, batch_size: int) -> int:
     assert model_cfg.n_codebooks and model_cfg.code_frames and model_cfg.text_slots
     assert model_cfg.text_dim and model_cfg.n_voxels
     b = batch_size
+    k = model_cfg.context_trs
+    window = (b, k) if k > 1 else (b,)
     batch = {
         "video": torch.rand(
-            b, model_cfg.frames_per_tr, model_cfg.frame_height, model_cfg.frame_width, 3
+            *window, model_cfg.frames_per_tr, model_cfg.frame_height, model_cfg.frame_width, 3
         ),
         "audio_codes": torch.randint(
-            0, model_cfg.codebook_size, (b, model_cfg.n_codebooks, model_cfg.code_frames)
+            0, model_cfg.codebook_size, (*window, model_cfg.n_codebooks, model_cfg.code_frames)
         ),
-        "text": torch.randn(b, model_cfg.text_slots, model_cfg.text_dim),
+        "text": torch.randn(*window, model_cfg.text_slots, model_cfg.text_dim),
         "fmri": torch.randn(b, model_cfg.n_voxels),
     }
+    if k > 1:
+        batch["context_mask"] = torch.ones(b, k, dtype=torch.bool)
+        batch["context_mask"][0, 0] = False  # padding at the start of a movie
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -201,17 +227,23 @@ def saved_bytes(cfg: RunConfig, batch_size: int) -> int:
         codebook_size=model_cfg.codebook_size,
     )
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch["video"].bfloat16(), batch["audio_codes"], batch["text"].bfloat16())
+        out = model(
+            batch["video"].bfloat16(),
+            batch["audio_codes"],
+            batch["text"].bfloat16(),
+            batch.get("context_mask"),
+        )
         loss(out, batch)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_activation_formula_is_close_to_what_autograd_saves(dropout: float) -> None:
+@pytest.mark.parametrize(("dropout", "k"), [(0.0, 1), (0.2, 1), (0.0, 4), (0.2, 4)])
+def test_activation_formula_is_close_to_what_autograd_saves(dropout: float, k: int) -> None:
     # Wide enough that the blocks, not the audio logits, dominate. On CPU the kernels differ
     # from CUDA's in small ways (bf16 LayerNorm statistics and dropout masks), hence a band.
     cfg = tiny(
         f"model.dropout={dropout}",
+        f"model.context_trs={k}",
         "model.codebook_size=16",
         "model.video_hidden=[256, 128]",
         "model.trunk_hidden=[192]",
@@ -286,13 +318,14 @@ def test_format_estimate_table() -> None:
     est = estimate(config("giblet_3p5b.yaml"), num_gpus=8)
     text = format_estimate(est)
     lines = text.splitlines()
-    assert lines[0] == "giblet model, default architecture: 3,513,036,418 parameters"
+    assert lines[0] == "giblet model, default architecture: 3,513,048,706 parameters"
     assert "  encoder.video        1,779,972,096" in lines
-    assert "  total                3,513,036,418" in lines
+    assert "  encoder.temporal            12,288" in lines
+    assert "  total                3,513,048,706" in lines
     assert "largest layer: encoder.video.blocks.0.linear, 1,769,472,000 parameters" in lines
     assert "memory on 1 node x 8 GPUs per node = 8 GPUs" in lines
     row = next(line for line in lines if line.startswith("  ZeRO-2 "))
-    # 14,930,404,776 bytes = 13.91 GiB; + activations as configured
+    # 14,930,457,000 bytes = 13.91 GiB; + activations as configured
     assert row.split()[1:3] == ["13.91", "GiB"]
     labels = [line.split("  ")[1].strip() for line in lines if line.startswith("  ZeRO-")]
     assert labels == [

@@ -111,6 +111,8 @@ def hand_counts(cfg: ModelConfig) -> dict[str, int]:
         "decoder.text": hidden(width, cfg.text_decoder_hidden)
         + out(cfg.text_decoder_hidden[-1], text),
     }
+    if cfg.context_trs > 1:  # the temporal mixer: one weight per delay and fused feature
+        counts["encoder.temporal"] = cfg.context_trs * fused
     counts["encoder"] = sum(v for k, v in counts.items() if k.startswith("encoder."))
     counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
     counts["total"] = counts["encoder"] + counts["decoder"]
@@ -145,22 +147,43 @@ def test_seed_compat_3p5b_counts_exactly_the_seed() -> None:
 
 def test_default_3p5b_counts() -> None:
     cfg = load_config(CONFIGS / "giblet_3p5b.yaml").model
+    assert cfg.context_trs == 8
     counts = parameter_counts(meta_model(cfg))
     assert counts == {
         "encoder.video": 1_779_972_096,
         "encoder.audio": 656_896,
         "encoder.text": 1_705_472,
+        "encoder.temporal": 8 * 1_536,  # 12,288: one weight per delay and fused feature
         "encoder.trunk": 57_834_112,
         "encoder.fmri_head": 1_395_803_330,
         "decoder.trunk": 60_717_696,
         "decoder.video": 188_537_024,
         "decoder.audio": 22_035_456,
         "decoder.text": 5_774_336,
-        "encoder": 3_235_971_906,
+        "encoder": 3_235_984_194,
         "decoder": 277_064_512,
-        "total": 3_513_036_418,
+        "total": 3_513_048_706,
     }
     assert counts == hand_counts(cfg)
+
+
+def test_one_tr_3p5b_counts_are_the_model_before_context() -> None:
+    # k = 1 builds no mixer: the groups and the total of the one-TR model, unchanged.
+    cfg = load_config(CONFIGS / "giblet_3p5b.yaml", ["model.context_trs=1"]).model
+    counts = parameter_counts(meta_model(cfg))
+    assert "encoder.temporal" not in counts
+    assert counts["encoder"] == 3_235_971_906
+    assert counts["total"] == 3_513_036_418
+    assert counts == hand_counts(cfg)
+
+
+@pytest.mark.parametrize("k", [2, 5, 16])
+def test_counts_grow_with_k_only_by_the_mixer(k: int) -> None:
+    base = parameter_counts(meta_model(tiny_config()))
+    counts = parameter_counts(meta_model(tiny_config(f"model.context_trs={k}")))
+    assert counts["encoder.temporal"] == k * 24  # fused 8 + 8 + 8 features per TR
+    assert counts["total"] == base["total"] + k * 24
+    assert counts == hand_counts(tiny_config(f"model.context_trs={k}"))
 
 
 def test_tiny_counts_pinned_and_by_hand() -> None:
@@ -210,10 +233,16 @@ def test_counts_follow_every_width(overrides: list[str]) -> None:
 
 
 def test_groups_cover_the_model_and_sum_to_the_total() -> None:
-    for cfg in (tiny_config(), dataclasses.replace(tiny_config(), seed_compat=True)):
+    for cfg in (
+        tiny_config(),
+        dataclasses.replace(tiny_config(), seed_compat=True),
+        tiny_config("model.context_trs=4"),
+    ):
         model = meta_model(cfg)
         counts = parameter_counts(model)
-        assert sum(counts[g] for g in PARAMETER_GROUPS) == counts["total"]
+        # encoder.temporal is reported only when the model has a mixer (k > 1)
+        assert ("encoder.temporal" in counts) == (cfg.context_trs > 1)
+        assert sum(counts.get(g, 0) for g in PARAMETER_GROUPS) == counts["total"]
         assert counts["encoder"] + counts["decoder"] == counts["total"]
         # The code table is shared by the encoder and the decoder: counted once.
         assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -229,7 +258,7 @@ def test_numel_reads_ds_numel_of_a_partitioned_parameter() -> None:
 def test_format_counts_uses_thousands_separators() -> None:
     counts = parameter_counts(meta_model(load_config(CONFIGS / "giblet_3p5b_seed.yaml").model))
     lines = format_counts(counts).splitlines()
-    assert len(lines) == len(PARAMETER_GROUPS) + 3
+    assert len(lines) == len(PARAMETER_GROUPS) - 1 + 3  # no encoder.temporal at k = 1
     assert lines[0] == "encoder.video        1,779,979,264"
     assert lines[-1] == "total                3,500,188,290"
 
@@ -489,9 +518,11 @@ def test_checkpointing_with_functools_partial_and_off_in_eval() -> None:
 
 # ----------------------------------------------------------------------------- import layers
 
-LAYER_FILES = sorted((ROOT / "giblet_ds" / "model").glob("*.py")) + [
-    ROOT / "giblet_ds" / name for name in ("losses.py", "metrics.py", "config.py", "errors.py")
-]
+LAYER_FILES = (
+    sorted((ROOT / "giblet_ds" / "model").glob("*.py"))
+    + sorted((ROOT / "giblet_ds" / "config").glob("*.py"))
+    + [ROOT / "giblet_ds" / name for name in ("losses.py", "metrics.py", "errors.py")]
+)
 
 
 @pytest.mark.parametrize("path", LAYER_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -107,6 +107,10 @@ class ModelConfig:
     """Dropout after every hidden activation."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
+    context_trs: int = 8
+    """TRs the encoder sees per sample (k): store rows t-k+1..t, each embedded by the same
+    modality encoders, then mixed over time before the bottleneck (docs/design.md, "Temporal
+    context"). 1: one TR, the model as it was. A BOLD volume sums ~8-10 TRs of stimulus (HRF)."""
 
     def __post_init__(self) -> None:
         for key in MODEL_INPUT_KEYS:
@@ -147,6 +151,19 @@ class ModelConfig:
             "cannot be true with model.seed_compat (BatchNorm running statistics would be "
             "updated twice per step, a fault of the old system)",
             "set one of them to false",
+        )
+        _require(
+            isinstance(self.context_trs, int) and self.context_trs >= 1,
+            "model.context_trs",
+            self.context_trs,
+            "must be an integer >= 1",
+        )
+        _require(
+            not (self.seed_compat and self.context_trs != 1),
+            "model.context_trs",
+            self.context_trs,
+            "must be 1 with model.seed_compat (the old system saw one TR per sample)",
+            "set model.context_trs=1 or model.seed_compat=false",
         )
 
     def missing_input_sizes(self) -> list[str]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from giblet_ds.config import ModelConfig
 from giblet_ds.model.blocks import CheckpointFn, DenseBlock, DenseStack
+from giblet_ds.model.context import TemporalMixer
 from giblet_ds.model.decoder import GibletDecoder
 from giblet_ds.model.encoder import AudioCodebook, GibletEncoder
 
@@ -54,9 +55,15 @@ class GibletAutoencoder(nn.Module):
         self.decoder = GibletDecoder(cfg)
 
     def forward(
-        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+        self,
+        video: torch.Tensor,
+        audio_codes: torch.Tensor,
+        text: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
     ) -> GibletOutput:
-        bottleneck, fmri = self.encoder(video, audio_codes, text)
+        """Inputs as :meth:`GibletEncoder.forward` takes them (a window axis when k > 1); the
+        outputs are for TR t, the window's last TR, whatever k is."""
+        bottleneck, fmri = self.encoder(video, audio_codes, text, context_mask)
         video_out, audio_out, text_out = self.decoder(bottleneck, self.encoder.audio.codebook)
         return GibletOutput(
             fmri=fmri, video=video_out, audio=audio_out, text=text_out, bottleneck=bottleneck
@@ -88,6 +95,7 @@ class GibletAutoencoder(nn.Module):
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
         - audio code embeddings: normal, std 1;
+        - temporal mixer (context_trs > 1): 1/k for every delay and feature (a moving average);
         - with ``output_means`` (training means of the targets, keys ``fmri``, ``video``,
           ``text``): those output biases start at the mean, so every normalized MSE term starts
           near 1.0 (predicting the mean) instead of mean^2 / var above it.
@@ -129,6 +137,8 @@ class GibletAutoencoder(nn.Module):
                 module.reset_running_stats()
         elif isinstance(module, AudioCodebook):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, TemporalMixer):
+            module.reset_parameters()
 
     def _is_output_linear(self, linear: nn.Linear) -> bool:
         return any(stack.out is linear for stack in self.stacks())

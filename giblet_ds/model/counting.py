@@ -13,11 +13,17 @@ __all__ = [
 ]
 
 # Reporting groups: dotted module paths inside GibletAutoencoder. The fMRI head counts as encoder,
-# as the old system counted it (encoder 3,235,947,138 + decoder 264,241,152).
+# as the old system counted it (encoder 3,235,947,138 + decoder 264,241,152). ``encoder.temporal``
+# (the mixer of the context window) exists only when model.context_trs > 1 and is left out of the
+# counts otherwise, so a one-TR model reports exactly the groups it always did.
+OPTIONAL_GROUPS = ("encoder.temporal",)
+# Groups whose weights run once per TR of the context window (k times per sample).
+PER_TR_GROUPS = ("encoder.video", "encoder.audio", "encoder.text")
 PARAMETER_GROUPS = (
     "encoder.video",
     "encoder.audio",
     "encoder.text",
+    "encoder.temporal",
     "encoder.trunk",
     "encoder.fmri_head",
     "decoder.trunk",
@@ -43,6 +49,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         if group is None:
             raise ValueError(f"parameter {name} belongs to no counting group {PARAMETER_GROUPS}")
         counts[group] += n
+    for group in OPTIONAL_GROUPS:
+        if counts[group] == 0:
+            del counts[group]
     counts["encoder"] = sum(v for k, v in counts.items() if k.startswith("encoder."))
     counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
     counts["total"] = total
@@ -60,11 +69,15 @@ def format_counts(counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def train_flops_per_sample(counts: dict[str, int]) -> int:
-    """FLOPs of one training sample (forward and backward): 6 per parameter.
+def train_flops_per_sample(counts: dict[str, int], context_trs: int = 1) -> int:
+    """FLOPs of one training sample (forward and backward): 6 per parameter use.
 
     Every weight of a dense layer does one multiply-add (2 FLOPs) per sample forward and two
     backward (input and weight gradients), the 6N rule of Kaplan et al. (2020), eq. 2.1. The model
     is almost all dense matrices (REFERENCE.md), so norms, embeddings lookups and losses are noise.
+    With ``context_trs`` = k the per-TR encoders (video, audio, text) run on each of the k TRs of
+    the window, so their parameters count k times: 6 * (k * N_per_TR + N_rest). The audio code
+    table is inside ``encoder.audio`` and counted k times too, though a lookup does no arithmetic.
     """
-    return 6 * counts["total"]
+    per_tr = sum(counts.get(group, 0) for group in PER_TR_GROUPS)
+    return 6 * (counts["total"] + (context_trs - 1) * per_tr)

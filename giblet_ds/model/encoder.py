@@ -9,6 +9,7 @@ from torch import nn
 
 from giblet_ds.config import ModelConfig
 from giblet_ds.model.blocks import DenseStack
+from giblet_ds.model.context import TemporalMixer
 
 __all__ = ["AudioCodebook", "AudioEncoder", "GibletEncoder"]
 
@@ -88,16 +89,53 @@ class GibletEncoder(nn.Module):
         fused = cfg.video_hidden[-1] + cfg.audio_hidden[-1] + cfg.text_hidden[-1]
         # The bottleneck is normalized but not activated: it is the code the decoder and the fMRI
         # head read, and a ReLU there would zero half of it.
+        # k > 1: the three encoders above embed each TR of the window with the same weights;
+        # the mixer folds the k embeddings into one before the trunk. k = 1 builds no mixer, so
+        # the model (parameters, names, arithmetic) is exactly the one-TR model.
+        self.context_trs = cfg.context_trs
+        self.temporal: TemporalMixer | None = (
+            TemporalMixer(cfg.context_trs, fused) if cfg.context_trs > 1 else None
+        )
         self.trunk = stack(fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False)
         self.fmri_head = stack(cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels)
 
     def forward(
-        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+        self,
+        video: torch.Tensor,
+        audio_codes: torch.Tensor,
+        text: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (bottleneck (B, bottleneck), fMRI prediction (B, n_voxels))."""
-        features = torch.cat(
+        """Returns (bottleneck (B, bottleneck), fMRI prediction (B, n_voxels)).
+
+        k = 1: video (B, F, H, W, 3), audio_codes (B, n_q, C), text (B, K, D). k > 1: each with
+        a window axis after the batch, (B, k, ...), oldest TR first, and ``context_mask`` (B, k)
+        bool marking real TRs (None: all real). Raises ValueError on a window of another length.
+        """
+        if self.temporal is None:
+            return self._encode_one_tr(video, audio_codes, text)
+        batch, k = video.shape[0], self.context_trs
+        for name, tensor in (("video", video), ("audio_codes", audio_codes), ("text", text)):
+            if tensor.dim() < 2 or tensor.shape[1] != k:
+                raise ValueError(
+                    f"{name} must be (B, {k}, ...) for model.context_trs={k} (the dataset's "
+                    f"window), got shape {tuple(tensor.shape)}"
+                )
+        per_tr = self._features(video.flatten(0, 1), audio_codes.flatten(0, 1), text.flatten(0, 1))
+        bottleneck = self.trunk(self.temporal(per_tr.view(batch, k, -1), context_mask))
+        return bottleneck, self.fmri_head(bottleneck)
+
+    def _features(
+        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        """One row per TR: (N, F, H, W, 3), (N, n_q, C), (N, K, D) -> (N, fused)."""
+        return torch.cat(
             [self.video(video.flatten(1)), self.audio(audio_codes), self.text(text.flatten(1))],
             dim=1,
         )
-        bottleneck = self.trunk(features)
+
+    def _encode_one_tr(
+        self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bottleneck = self.trunk(self._features(video, audio_codes, text))
         return bottleneck, self.fmri_head(bottleneck)
