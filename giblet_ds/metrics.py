@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FmriScores", "VoxelCorrelation", "loso_isc"]
+__all__ = [
+    "FmriScores",
+    "ShiftNull",
+    "VoxelCorrelation",
+    "ceiling_r",
+    "circular_shift_null",
+    "loso_isc",
+    "mean_reliability",
+    "pairwise_isc",
+    "spearman_brown",
+    "voxel_r",
+]
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,123 @@ def loso_isc(subjects: torch.Tensor) -> torch.Tensor:
         acc.update(others, data[s])
         ceiling += acc.per_voxel_r()
     return ceiling / n_subjects
+
+
+def voxel_r(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-voxel temporal Pearson r of two (T, V) series, float64 (V,); 0 where either is constant."""
+    acc = VoxelCorrelation(prediction.shape[-1])
+    acc.update(torch.as_tensor(prediction), torch.as_tensor(target))
+    return acc.per_voxel_r()
+
+
+def pairwise_isc(subjects: torch.Tensor) -> torch.Tensor:
+    """Mean over all subject pairs of the per-voxel temporal r, (S, T, V) -> (V,) float64.
+
+    With each subject z-scored per voxel over these TRs (population sd), r_ij = mean_t(z_i z_j) and
+    the sum over pairs i < j is ((sum_i z_i)^2 - sum_i z_i^2) / 2, so all S(S-1)/2 pairs cost one
+    pass. A voxel constant in one subject contributes r = 0 for its pairs. Needs S >= 2.
+    """
+    n_subjects = subjects.shape[0]
+    if subjects.dim() != 3 or n_subjects < 2:
+        raise ValueError(
+            f"pairwise ISC needs (subjects >= 2, TRs, voxels), got {tuple(subjects.shape)}"
+        )
+    data = subjects.to(torch.float64)
+    centered = data - data.mean(1, keepdim=True)
+    sd = centered.pow(2).mean(1, keepdim=True).sqrt()
+    z = torch.where(sd > 0, centered / sd.clamp_min(1e-300), torch.zeros_like(centered))
+    total = z.sum(0)
+    pair_sum = (total.pow(2).mean(0) - z.pow(2).mean(1).sum(0)) / 2
+    return pair_sum / (n_subjects * (n_subjects - 1) / 2)
+
+
+def spearman_brown(r: torch.Tensor, k: float) -> torch.Tensor:
+    """Reliability of the mean of k measurements whose pairwise correlation is r:
+    k r / (1 + (k - 1) r) (Spearman 1910, Brown 1910). r <= 0 gives 0 (no shared signal)."""
+    r = torch.as_tensor(r, dtype=torch.float64).clamp(min=0.0, max=1.0)
+    return k * r / (1 + (k - 1) * r)
+
+
+def mean_reliability(subjects: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
+    """Per-voxel reliability (V,) of the average of ``k`` subjects (default: all S), from the mean
+    pairwise ISC of ``subjects`` (S, T, V) on these TRs, Spearman-Brown corrected.
+
+    Model: subject s = signal + noise_s, independent noises of equal variance. The pairwise r is
+    rho = var(signal) / var(subject); the mean of k subjects has var(signal) / var(mean) =
+    k rho / (1 + (k - 1) rho): the squared correlation of that mean with the signal. k = 1: the
+    reliability of one subject (the ceiling's square for a single-subject model).
+    """
+    isc = pairwise_isc(subjects)
+    return spearman_brown(isc, subjects.shape[0] if k is None else k)
+
+
+def ceiling_r(reliability: torch.Tensor) -> torch.Tensor:
+    """The largest expected r of any prediction against a target of this reliability: the
+    correlation of the target with its own noise-free signal, sqrt(reliability)."""
+    return torch.as_tensor(reliability, dtype=torch.float64).clamp_min(0.0).sqrt()
+
+
+@dataclass(frozen=True)
+class ShiftNull:
+    """Fraction of voxels with r > ``threshold`` and its chance level from circular time shifts."""
+
+    threshold: float
+    observed: float
+    """Fraction of voxels with r > threshold for the real alignment."""
+    null_mean: float
+    """Mean of that fraction over the shifted alignments: what no signal at all reaches."""
+    null_p95: float
+    """95th percentile of the null fractions."""
+    p_value: float
+    """(1 + #null >= observed) / (1 + n_shifts)."""
+    n_shifts: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "threshold": self.threshold,
+            "fraction": self.observed,
+            "null_mean": self.null_mean,
+            "null_p95": self.null_p95,
+            "p_value": self.p_value,
+            "n_shifts": self.n_shifts,
+        }
+
+
+def circular_shift_null(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    threshold: float = 0.1,
+    n_shifts: int = 200,
+    min_shift: int = 5,
+    seed: int = 0,
+) -> ShiftNull:
+    """The fraction of voxels (columns of (T, V) series) with r > ``threshold``, with its null.
+
+    The null rolls the prediction in time by a random shift in [min_shift, T - min_shift]
+    (circularly) and recomputes the fraction: this keeps each series' autocorrelation, which
+    inflates chance correlations on short splits far above what independent samples give.
+    """
+    n_trs = prediction.shape[0]
+    if n_trs < 2 * min_shift + 1:
+        raise ValueError(f"circular shifts by >= {min_shift} TRs need >= {2 * min_shift + 1} TRs")
+    x = torch.as_tensor(prediction, dtype=torch.float64)
+    y = torch.as_tensor(target, dtype=torch.float64)
+    observed = float((voxel_r(x, y) > threshold).double().mean())
+    generator = torch.Generator().manual_seed(seed)
+    shifts = torch.randint(min_shift, n_trs - min_shift + 1, (n_shifts,), generator=generator)
+    null = torch.tensor(
+        [float((voxel_r(torch.roll(x, int(k), 0), y) > threshold).double().mean()) for k in shifts],
+        dtype=torch.float64,
+    )
+    return ShiftNull(
+        threshold=threshold,
+        observed=observed,
+        null_mean=float(null.mean()),
+        null_p95=float(torch.quantile(null, 0.95)),
+        p_value=float((1 + (null >= observed).sum()) / (1 + n_shifts)),
+        n_shifts=n_shifts,
+    )
 
 
 def _rowwise_r(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ ALLOWED = {
     "checkpoint": {"errors", "config", "model", "run"},
     "report": {"errors", "config", "model", "metrics", "store", "checkpoint", "run"},
     "train": {"errors", "config", "model", "losses", "metrics", "store", "resolve", "run"},
+    "evaluation": {"errors", "config", "model", "metrics", "store", "checkpoint", "run", "report"},
 }
 DISTRIBUTED_OK = {"train", "memory_estimate"}
 

@@ -1,0 +1,250 @@
+"""Evaluate a trained model on one split: model, ridge baseline, ceiling and oracle, same TRs and voxels.
+
+``evaluate(checkpoint, store, split)`` returns an :class:`EvaluationResult`; ``write_evaluation``
+(giblet_ds.evaluation.output) writes evaluation.json, NIfTI maps, a figure and the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from giblet_ds.checkpoint.loading import load_model
+from giblet_ds.config import RunConfig, cross_check
+from giblet_ds.errors import GibletError
+from giblet_ds.evaluation.ridge import fit_ridge_baseline
+from giblet_ds.evaluation.scores import SetScores, summarize_set
+from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
+from giblet_ds.metrics import circular_shift_null, mean_reliability, pairwise_isc, voxel_r
+from giblet_ds.store import StoreDataset, StoreInfo, load_mask, load_target_stats, open_store
+from giblet_ds.store.stats import read_split_subjects
+
+__all__ = ["DEFAULT_RELIABLE_ISC", "EvaluationResult", "evaluate", "predict_split"]
+
+log = logging.getLogger("giblet_ds")
+
+DEFAULT_RELIABLE_ISC = 0.1
+
+
+@dataclass
+class EvaluationResult:
+    """Everything :func:`evaluate` measured. ``sets``: voxel-set name -> scores; ``maps``: name ->
+    per-voxel values (V,) over the store's mask."""
+
+    checkpoint: str
+    store: str
+    split: str
+    n_trs: int
+    target: str
+    sets: dict[str, SetScores]
+    maps: dict[str, np.ndarray] = field(repr=False)
+    reliable: dict[str, Any]
+    ceiling: dict[str, Any]
+    ridge: dict[str, Any] | None
+    oracle: dict[str, Any] | None
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if k not in ("sets", "maps")}
+        out["sets"] = {name: s.as_dict() for name, s in self.sets.items()}
+        return out
+
+
+def predict_split(
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    info: StoreInfo,
+    split: str,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's fMRI prediction and the target over a split, float32 (T_split, V) each.
+
+    The dataset is built as the trainer builds it (same subject, same context window when the
+    model config has one), so any checkpoint is scored on exactly what it was trained to predict.
+    """
+    context = int(getattr(cfg.model, "context_trs", 1))
+    extra: dict[str, Any] = {"context_trs": context} if context > 1 else {}
+    ds = StoreDataset(info.path, split, info=info, subject=cfg.data.subject, **extra)
+    n = len(ds)
+    pred = np.empty((n, info.n_voxels), np.float32)
+    target = np.empty((n, info.n_voxels), np.float32)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            samples = [ds[i] for i in range(start, min(n, start + batch_size))]
+            batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+            args = [batch["video"].to(dtype), batch["audio_codes"], batch["text"].to(dtype)]
+            if "context_mask" in batch:
+                args.append(batch["context_mask"])
+            out = model(*args)
+            pred[start : start + len(samples)] = out.fmri.float().cpu().numpy()
+            target[start : start + len(samples)] = batch["fmri"].cpu().numpy()
+    ds.close()
+    return pred, target
+
+
+def roi_voxels(roi: str | Path, info: StoreInfo) -> np.ndarray:
+    """Bool (V,): the store's mask voxels inside a ROI NIfTI on the store's grid (value > 0)."""
+    mask, affine = load_mask(info.path)
+    try:
+        img: Any = nib.load(str(roi))
+        data = np.asarray(img.dataobj)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise GibletError(f"--roi {roi}: not a readable NIfTI ({exc})") from exc
+    data = data[..., 0] if data.ndim == 4 and data.shape[-1] == 1 else data
+    if data.shape != mask.shape or not np.allclose(img.affine, affine, atol=1e-3):
+        raise GibletError(
+            f"--roi {roi}: shape {data.shape} / affine not the store's mask grid {mask.shape}; "
+            "resample it to the store's space first (tools/build_store.py's mask: "
+            "giblet_ds.store.export_mask_nifti, then nilearn.image.resample_to_img)"
+        )
+    inside = np.asarray(data[mask] > 0)
+    if not inside.any():
+        raise GibletError(f"--roi {roi}: holds no voxel of the store's mask")
+    return inside
+
+
+def evaluate(
+    checkpoint: str | Path,
+    store: str | Path,
+    split: str = "test",
+    *,
+    roi: str | Path | None = None,
+    truth: str | Path | None = None,
+    ridge: bool = True,
+    ridge_cache: str | Path | None = None,
+    reliable_isc: float | None = None,
+    n_shifts: int = 100,
+    device: str | None = None,
+    config: str | Path | None = None,
+) -> EvaluationResult:
+    """Score ``checkpoint`` (any form load_model takes; a run directory means its best tag) on
+    ``split`` of ``store``: model, ridge baseline, ceiling and (demo) oracle per voxel, summarized
+    over the whole mask, the reliable voxels (training-TR ISC > ``reliable_isc``, default the run's
+    data.reliable_isc_threshold) and the ``roi`` NIfTI."""
+    if split not in ("val", "test"):
+        raise GibletError(f"split must be val or test (held-out TRs), got {split!r}")
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, location = load_model(checkpoint, config=config, device=dev)
+    info = open_store(store)
+    cross_check(cfg, store_sizes=info.model_input_sizes())
+    subject = None if cfg.data.subject is None else info.subject_index(cfg.data.subject)
+    pred, target = predict_split(model, cfg, info, split, device=dev)
+    del model
+    model_r = voxel_r(torch.from_numpy(pred), torch.from_numpy(target)).numpy()
+    stats = load_target_stats(info.path, subject=subject, info=info)["fmri"]
+    seconds["model"] = time.perf_counter() - clock
+
+    # Voxel sets and the ceiling, from the subjects (the mean alone cannot show what is shared).
+    threshold = reliable_isc
+    if threshold is None:
+        threshold = float(getattr(cfg.data, "reliable_isc_threshold", DEFAULT_RELIABLE_ISC))
+    sets: dict[str, np.ndarray] = {"all": np.ones(info.n_voxels, bool)}
+    reliability = None
+    reliable: dict[str, Any]
+    ceiling: dict[str, Any]
+    if info.n_subjects >= 2:
+        train_isc = pairwise_isc(
+            torch.from_numpy(read_split_subjects(info.path, "train", info=info))
+        )
+        sets["reliable"] = (train_isc > threshold).numpy()
+        held_out = torch.from_numpy(read_split_subjects(info.path, split, info=info))
+        k = info.n_subjects if subject is None else 1
+        reliability = mean_reliability(held_out, k=k).numpy()
+        reliable = {"threshold": threshold, "n_voxels": int(sets["reliable"].sum()),
+                    "rule": "mean pairwise inter-subject r on the training TRs > threshold"}  # fmt: skip
+        ceiling = {
+            "kind": "subject mean" if subject is None else "one subject",
+            "definition": f"sqrt of the Spearman-Brown reliability of the mean of k={k} "
+            f"subject(s), from the mean pairwise inter-subject r on the same {split} TRs",
+            "why": "the model predicts the subject mean; its noise shrinks with the number of "
+            "subjects, so a leave-one-subject-out ISC would understate the ceiling"
+            if subject is None
+            else f"the run trains on one subject (data.subject={cfg.data.subject}): the "
+            "ceiling is one subject's reliability (k=1), not the subject mean's",
+        }
+        if not sets["reliable"].any():
+            log.warning("no voxel has training ISC > %s: the reliable set is empty", threshold)
+            del sets["reliable"]
+    else:
+        reliable = {"threshold": threshold, "n_voxels": 0,
+                    "rule": "needs >= 2 subjects: the store has one"}  # fmt: skip
+        ceiling = {"kind": None, "why": "the store holds one subject: a ceiling needs either "
+                   "several subjects or repeated presentations of the movie; none reported"}  # fmt: skip
+    if roi is not None:
+        sets["roi"] = roi_voxels(roi, info)
+    seconds["ceiling"] = time.perf_counter() - clock - sum(seconds.values())
+
+    ridge_pred = ridge_r = None
+    ridge_info = None
+    if ridge:
+        baseline = fit_ridge_baseline(info, subject=subject, cache_dir=ridge_cache)
+        ridge_pred = baseline.predictions[split]
+        ridge_r = voxel_r(torch.from_numpy(ridge_pred), torch.from_numpy(target)).numpy()
+        ridge_info = {"backend": baseline.backend, "cache": str(baseline.cache),
+                      "from_cache": baseline.from_cache, "fit_seconds": baseline.fit_seconds,
+                      "alpha_median": float(np.median(baseline.alphas))}  # fmt: skip
+    seconds["ridge"] = time.perf_counter() - clock - sum(seconds.values())
+
+    oracle_r = None
+    oracle_info = None
+    found = find_ground_truth(info, truth)
+    if found is not None:
+        rows = np.asarray(info.splits[split])
+        oracle_r = voxel_r(torch.from_numpy(oracle_series(found, info, rows)),
+                           torch.from_numpy(target)).numpy()  # fmt: skip
+        oracle_info = {"truth": str(found.json_path),
+                       "definition": "the planted noise-free response against the same target"}  # fmt: skip
+
+    scores: dict[str, SetScores] = {}
+    for name, voxels in sets.items():
+        null = circular_shift_null(
+            torch.from_numpy(pred[:, voxels]), torch.from_numpy(target[:, voxels]),
+            threshold=0.1, n_shifts=n_shifts, min_shift=min(5, (len(pred) - 1) // 2),
+        ).as_dict()  # fmt: skip
+        scores[name] = summarize_set(
+            name, voxels, split=split, target=target, model_pred=pred, model_r=model_r,
+            train_mean=stats["mean"], train_var=stats["var"], ridge_pred=ridge_pred,
+            ridge_r=ridge_r, oracle_r=oracle_r, reliability=reliability,
+            whole_brain=name == "all", frac_null=null,
+        )  # fmt: skip
+    seconds["scores"] = time.perf_counter() - clock - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - clock
+
+    maps = {"model_r": model_r}
+    if ridge_r is not None:
+        maps["ridge_r"] = ridge_r
+    if oracle_r is not None:
+        maps["oracle_r"] = oracle_r
+    if reliability is not None:
+        ceiling_map = np.sqrt(np.clip(reliability, 0.0, None))
+        maps["ceiling_r"] = ceiling_map
+        # r / ceiling is unstable where the ceiling is near 0: mapped only where it is > 0.1
+        maps["model_r_normalized"] = np.where(
+            ceiling_map > 0.1, model_r / np.maximum(ceiling_map, 0.1), 0.0
+        )
+    return EvaluationResult(
+        checkpoint=str(location.path),
+        store=str(info.path),
+        split=split,
+        n_trs=len(pred),
+        target="subject mean" if subject is None else f"subject {info.subjects[subject]}",
+        sets=scores,
+        maps={k: np.asarray(v, np.float32) for k, v in maps.items()},
+        reliable=reliable,
+        ceiling=ceiling,
+        ridge=ridge_info,
+        oracle=oracle_info,
+        seconds=seconds,
+    )

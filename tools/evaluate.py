@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Evaluate a trained model on held-out TRs: model, ridge baseline, noise ceiling and oracle r.
+
+CHECKPOINT_OR_RUN: a run directory (its best tag), a ZeRO tag, or consolidated weights. Scores
+the split's TRs per voxel and summarizes over the whole mask, the reliable voxels (inter-subject
+correlation on the training TRs above data.reliable_isc_threshold, or --reliable-isc) and --roi.
+Writes into --out: evaluation.json, model_r / ridge_r / ceiling_r / model_r_normalized (and
+oracle_r on the demo) .nii.gz in the store's mask space, model_r.png, table.txt; prints the table.
+The ridge baseline (himalaya) is cached beside the store per store hash (--ridge-cache).
+
+Exit codes: 0 written, 2 unreadable checkpoint, store, ROI or ground truth.
+
+    tools/evaluate.py demo_out/run_small --store demo_out/store.h5 --split test --out demo_out/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from giblet_ds.errors import GibletError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="run dir (best tag), ZeRO tag or weights file")
+    p.add_argument("--store", type=Path, required=True, help="the HDF5 feature store")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--roi", type=Path, help="ROI mask NIfTI on the store's grid (value > 0)")
+    p.add_argument("--truth", type=Path, help="ground_truth.json (default: found beside the store)")
+    p.add_argument("--reliable-isc", type=float, help="override data.reliable_isc_threshold")
+    p.add_argument("--no-ridge", action="store_true", help="skip the ridge baseline")
+    p.add_argument(
+        "--ridge-cache", type=Path, help="ridge cache folder (default: STORE_DIR/.giblet_cache)"
+    )
+    p.add_argument(
+        "--shifts", type=int, default=100, help="circular shifts of the null (default 100)"
+    )
+    p.add_argument(
+        "--config", type=Path, help="run config YAML (default: found beside the weights)"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    return p  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.shifts < 1:
+        print("evaluate: error: --shifts must be >= 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[evaluate] %(message)s", stream=sys.stderr)
+    from giblet_ds.evaluation import evaluate, format_table, write_evaluation
+
+    try:
+        result = evaluate(
+            args.checkpoint, args.store, args.split, roi=args.roi, truth=args.truth,
+            ridge=not args.no_ridge, ridge_cache=args.ridge_cache, reliable_isc=args.reliable_isc,
+            n_shifts=args.shifts, device=args.device, config=args.config,
+        )  # fmt: skip
+        paths = write_evaluation(result, args.out)
+    except GibletError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(
+        f"\nwrote {paths['json']} and maps, figure in {args.out} ({result.seconds['total']:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
