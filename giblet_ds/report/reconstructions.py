@@ -23,6 +23,7 @@ from giblet_ds.checkpoint.loading import load_model
 from giblet_ds.config import cross_check
 from giblet_ds.errors import CheckpointError
 from giblet_ds.metrics import VoxelCorrelation
+from giblet_ds.model.context import current_tr
 from giblet_ds.report import sample_figures as figs
 from giblet_ds.report.brain_maps import plot_brain_map, save_voxel_map
 from giblet_ds.store import StoreDataset, load_mask, open_store
@@ -70,7 +71,9 @@ def render_reconstructions(
     model, cfg, location = load_model(checkpoint, config=config, device=dev)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
-    ds = StoreDataset(info.path, split, info=info, subject=cfg.data.subject)
+    ds = StoreDataset(
+        info.path, split, info=info, subject=cfg.data.subject, context_trs=cfg.model.context_trs
+    )
     if len(ds) < 2:
         raise CheckpointError(f"{store}: split {split!r} has {len(ds)} TR(s); need at least 2")
     out = Path(out_dir)
@@ -83,13 +86,18 @@ def render_reconstructions(
         for start in range(0, n, batch_size):
             items = list(range(start, min(n, start + batch_size)))
             batch = _batch(ds, items)
+            window_mask = batch.get("context_mask")  # the window's padding mask, when k > 1
             pred = model(
-                batch["video"].to(dev), batch["audio_codes"].to(dev), batch["text"].to(dev)
+                batch["video"].to(dev),
+                batch["audio_codes"].to(dev),
+                batch["text"].to(dev),
+                None if window_mask is None else window_mask.to(dev),
             )
             scores.update(pred.fmri.float().cpu(), batch["fmri"])
             for j, i in enumerate(items):
                 if i in picks:
-                    kept[i] = ({k: v[j] for k, v in batch.items()},
+                    # the figures show TR t, the window's last TR (what the decoder rebuilds)
+                    kept[i] = (current_tr({k: v[j] for k, v in batch.items()}, batched=False),
                                {k: getattr(pred, k)[j].float().cpu() for k in ("fmri", "video", "audio", "text")})  # fmt: skip
     ds.close()
 

@@ -16,7 +16,7 @@ from giblet_ds.train import distributed as dist
 
 __all__ = ["evaluate"]
 
-BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "fmri")
+BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "context_mask", "fmri")
 
 
 @torch.no_grad()
@@ -46,8 +46,11 @@ def evaluate(
     sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)  # terms..., total, count
     for start in range(0, per_rank, micro_batch_size):
         items = [dataset[i] for i in padded[start : start + micro_batch_size]]
-        batch = to_device({k: torch.stack([item[k] for item in items]) for k in BATCH_KEYS})
-        output = engine(batch["video"], batch["audio_codes"], batch["text"])
+        keys = [k for k in BATCH_KEYS if k in items[0]]  # context_mask only when k > 1
+        batch = to_device({k: torch.stack([item[k] for item in items]) for k in keys})
+        output = engine(
+            batch["video"], batch["audio_codes"], batch["text"], batch.get("context_mask")
+        )
         for j, keep in enumerate(real[start : start + micro_batch_size]):
             if not keep:
                 continue

@@ -118,8 +118,16 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, store = self.cfg, self.store
-        self.train_data = StoreDataset(store.path, "train", subject=cfg.data.subject, info=store)
-        self.val_data = StoreDataset(store.path, "val", subject=cfg.data.subject, info=store)
+        self.train_data, self.val_data = (
+            StoreDataset(
+                store.path,
+                split,
+                subject=cfg.data.subject,
+                info=store,
+                context_trs=cfg.model.context_trs,
+            )
+            for split in ("train", "val")
+        )
         self.sampler = ResumableDistributedSampler(
             len(self.train_data),
             num_replicas=self.world_size,
@@ -157,7 +165,7 @@ class Trainer:
             TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )
         self.counts = parameter_counts(self.model)
-        self.flops_per_sample = train_flops_per_sample(self.counts)
+        self.flops_per_sample = train_flops_per_sample(self.counts, self.cfg.model.context_trs)
         self.device_name = device_name()
         self.peak_flops = peak_flops(self.device_name)
         # bf16 engines take bf16 activations
@@ -300,7 +308,9 @@ class Trainer:
         for batch in micro_batches:
             batch = self._to_device(batch)
             faults.maybe_poison(batch, self.step, self.rank)
-            output = self.engine(batch["video"], batch["audio_codes"], batch["text"])
+            output = self.engine(
+                batch["video"], batch["audio_codes"], batch["text"], batch.get("context_mask")
+            )
             result = self.loss_fn(output, batch)
             self.engine.backward(result.total)
             self.engine.step()
