@@ -118,6 +118,9 @@ def loso_isc(subjects: torch.Tensor) -> torch.Tensor:
     return ceiling / n_subjects
 
 
+_VOXEL_BLOCK = 8192
+
+
 def voxel_r(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-voxel temporal Pearson r of two (T, V) series, float64 (V,); 0 where either is constant."""
     acc = VoxelCorrelation(prediction.shape[-1])
@@ -137,13 +140,16 @@ def pairwise_isc(subjects: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"pairwise ISC needs (subjects >= 2, TRs, voxels), got {tuple(subjects.shape)}"
         )
-    data = subjects.to(torch.float64)
-    centered = data - data.mean(1, keepdim=True)
-    sd = centered.pow(2).mean(1, keepdim=True).sqrt()
-    z = torch.where(sd > 0, centered / sd.clamp_min(1e-300), torch.zeros_like(centered))
-    total = z.sum(0)
-    pair_sum = (total.pow(2).mean(0) - z.pow(2).mean(1).sum(0)) / 2
-    return pair_sum / (n_subjects * (n_subjects - 1) / 2)
+    out = torch.empty(subjects.shape[2], dtype=torch.float64)
+    for first in range(0, subjects.shape[2], _VOXEL_BLOCK):  # float64 copies of a block only
+        data = subjects[:, :, first : first + _VOXEL_BLOCK].to(torch.float64)
+        centered = data - data.mean(1, keepdim=True)
+        sd = centered.pow(2).mean(1, keepdim=True).sqrt()
+        z = torch.where(sd > 0, centered / sd.clamp_min(1e-300), torch.zeros_like(centered))
+        total = z.sum(0)
+        pair_sum = (total.pow(2).mean(0) - z.pow(2).mean(1).sum(0)) / 2
+        out[first : first + data.shape[2]] = pair_sum / (n_subjects * (n_subjects - 1) / 2)
+    return out
 
 
 def spearman_brown(r: torch.Tensor, k: float) -> torch.Tensor:

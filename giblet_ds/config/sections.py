@@ -194,6 +194,9 @@ class DataConfig:
     """Train on one subject's fMRI (index into the store's subjects); null: the cross-subject mean."""
     num_workers: int = 0
     """DataLoader worker processes per rank (each opens the store itself)."""
+    reliable_isc_threshold: float = 0.1
+    """Reliable voxels: mean pairwise inter-subject r on the training TRs above this. Validation
+    (fmri_r_reliable, early stopping) and tools/evaluate.py score the model on them."""
 
     def __post_init__(self) -> None:
         _require(
@@ -203,6 +206,12 @@ class DataConfig:
             "must be >= 0 or null",
         )
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _require(
+            -1.0 <= self.reliable_isc_threshold < 1.0,
+            "data.reliable_isc_threshold",
+            self.reliable_isc_threshold,
+            "must be in [-1, 1) (a correlation)",
+        )
 
 
 @dataclass
@@ -321,8 +330,10 @@ class LossConfig:
 class EarlyStoppingConfig:
     """Stop when the validation metric stops improving; every rank takes the same decision."""
 
-    metric: str = "fmri_r_mean"
-    """Validation metric: fmri_r_mean, fmri_r_median, loss, or loss_<term>."""
+    metric: str = "fmri_r_reliable"
+    """Validation metric: fmri_r_reliable (mean r on the reliable voxels, see
+    data.reliable_isc_threshold), fmri_r_normalized (that r over their ceiling), fmri_r_mean,
+    fmri_r_median, loss, or loss_<term>."""
     mode: str = "max"
     """max: larger is better; min: smaller is better."""
     patience: int = 20
@@ -331,7 +342,7 @@ class EarlyStoppingConfig:
     """Smallest change that counts as an improvement."""
 
     def __post_init__(self) -> None:
-        valid = {"fmri_r_mean", "fmri_r_median", "loss"} | {
+        valid = {"fmri_r_reliable", "fmri_r_normalized", "fmri_r_mean", "fmri_r_median", "loss"} | {
             f"loss_{t}" for t in ("fmri", "video", "audio", "text")
         }
         _require(

@@ -122,6 +122,14 @@ class ValRecord(Record):
     fmri_r_frac_gt_0p1: float = math.nan
     fmri_spatial_r: float = math.nan
     fmri_noise_ceiling_r: float | None = None
+    fmri_r_reliable: float = math.nan
+    """Mean r over the reliable voxels (training-TR inter-subject r > data.reliable_isc_threshold)."""
+    fmri_r_normalized: float | None = None
+    """fmri_r_reliable / the mean ceiling of those voxels on these TRs (None: one subject)."""
+    fmri_n_reliable: int | None = None
+    """How many voxels are reliable."""
+    fmri_constant_term: float | None = None
+    """Normalized fMRI loss of the training-mean constant on these TRs: the score to beat."""
     is_best: bool = False
     best_metric: float | None = None
     patience_left: int | None = None

@@ -1,20 +1,88 @@
-"""Validation: loss terms and fMRI scores over a whole split, reduced exactly across ranks."""
+"""Validation: loss terms and fMRI scores over a whole split, reduced exactly across ranks.
+
+Besides the mean r over every mask voxel, validation reports the r on the reliable voxels (chosen
+on the training TRs only, by inter-subject correlation) and the noise-normalized r (that r over the
+mean ceiling of the same voxels on the validation TRs): :class:`ValReference` holds what those need.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from giblet_ds.losses import TERMS, NormalizedLoss
-from giblet_ds.metrics import VoxelCorrelation
+from giblet_ds.metrics import VoxelCorrelation, ceiling_r, mean_reliability, pairwise_isc
 from giblet_ds.model import GibletOutput
-from giblet_ds.store import StoreDataset
+from giblet_ds.store import StoreDataset, StoreInfo, read_split_subjects
 from giblet_ds.train import distributed as dist
 
-__all__ = ["evaluate"]
+__all__ = ["ValReference", "evaluate", "val_reference"]
+
+
+@dataclass
+class ValReference:
+    """What validation scores the model against, fixed for the run (computed once on rank 0).
+
+    ``reliable``: bool (V,) voxels whose mean pairwise inter-subject r on the TRAINING TRs exceeds
+    the threshold (all voxels when the store has one subject: nothing to choose them by);
+    ``ceiling``: (V,) sqrt of the Spearman-Brown reliability of the target on the VALIDATION TRs
+    (k = number of subjects for the subject mean, 1 for a one-subject run), None with one subject;
+    ``constant_term``: the normalized fMRI loss of the training-mean constant on the validation
+    TRs (the score a model must beat: above 1.0 when the held-out TRs drift from the training mean).
+    """
+
+    reliable: np.ndarray
+    ceiling: np.ndarray | None
+    constant_term: float
+    note: str
+
+    @property
+    def n_reliable(self) -> int:
+        return int(self.reliable.sum())
+
+    @property
+    def ceiling_reliable(self) -> float | None:
+        """Mean ceiling over the reliable voxels (never over the whole mask)."""
+        if self.ceiling is None or not self.reliable.any():
+            return None
+        return float(self.ceiling[self.reliable].mean())
+
+
+def val_reference(
+    info: StoreInfo,
+    *,
+    subject: int | None,
+    threshold: float,
+    train_mean: np.ndarray,
+    train_var: np.ndarray,
+) -> ValReference:
+    """Build the :class:`ValReference` of a store (reads every subject's train and val TRs)."""
+    val = torch.from_numpy(read_split_subjects(info.path, "val", info=info))
+    target = val.double().mean(0) if subject is None else val[subject].double()
+    err = (target - torch.from_numpy(np.asarray(train_mean, np.float64))).pow(2).mean()
+    constant = float(err / float(np.mean(np.asarray(train_var, np.float64))))
+    if info.n_subjects < 2:
+        note = "one subject: no inter-subject reliability; reliable voxels = all, no ceiling"
+        return ValReference(np.ones(info.n_voxels, bool), None, constant, note)
+    train = torch.from_numpy(read_split_subjects(info.path, "train", info=info))
+    reliable = (pairwise_isc(train) > threshold).numpy()
+    del train
+    k = info.n_subjects if subject is None else 1
+    ceiling = ceiling_r(mean_reliability(val, k=k)).numpy()
+    note = (
+        f"{int(reliable.sum())} reliable voxels (training-TR ISC > {threshold}); ceiling: "
+        f"Spearman-Brown reliability of {'the mean of ' + str(k) if k > 1 else 'one'} subject(s)"
+    )
+    if not reliable.any():
+        note = f"no voxel has training-TR ISC > {threshold}: reliable r = r over all voxels"
+        reliable = np.ones(info.n_voxels, bool)
+    return ValReference(reliable, ceiling, constant, note)
+
 
 BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "context_mask", "fmri")
 
@@ -27,6 +95,7 @@ def evaluate(
     *,
     micro_batch_size: int,
     to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    reference: ValReference | None = None,
 ) -> dict[str, float]:
     """``loss``, ``loss_<term>`` and the fMRI scores of ``dataset`` (every sample once).
 
@@ -69,6 +138,14 @@ def evaluate(
         if loss_fn.weights.get(name, 0.0) > 0:
             metrics[f"loss_{name}"] = sums[i].item() / count
     metrics.update(scores.compute().as_dict())
+    r = scores.per_voxel_r().numpy()
+    if reference is not None:
+        metrics["fmri_r_reliable"] = float(r[reference.reliable].mean())
+        ceiling = reference.ceiling_reliable
+        if ceiling is not None and ceiling > 0:
+            metrics["fmri_r_normalized"] = metrics["fmri_r_reliable"] / ceiling
+    else:
+        metrics["fmri_r_reliable"] = metrics["fmri_r_mean"]
     engine.train()
     return metrics
 

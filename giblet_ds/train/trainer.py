@@ -17,7 +17,6 @@ from tqdm import tqdm
 from giblet_ds.config import RunConfig, config_to_dict
 from giblet_ds.errors import CheckpointError, GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
-from giblet_ds.metrics import loso_isc
 from giblet_ds.model import (
     GibletAutoencoder,
     format_counts,
@@ -39,7 +38,6 @@ from giblet_ds.store import (
     StoreDataset,
     StoreInfo,
     load_target_stats,
-    read_split_subjects,
 )
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
@@ -47,7 +45,7 @@ from giblet_ds.train.checkpointer import Checkpointer
 from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import build_engine
-from giblet_ds.train.evaluate import evaluate
+from giblet_ds.train.evaluate import ValReference, evaluate, val_reference
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging
 
@@ -398,6 +396,7 @@ class Trainer:
             self.loss_fn,
             micro_batch_size=self.cfg.optim.micro_batch_size,
             to_device=self._to_device,
+            reference=self.val_ref,
         )
 
     def _validate_and_checkpoint(self) -> bool:
@@ -416,16 +415,19 @@ class Trainer:
                 terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
                 **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
                 fmri_noise_ceiling_r=self.noise_ceiling,
+                fmri_n_reliable=self.val_ref.n_reliable,
+                fmri_constant_term=self.val_ref.constant_term,
                 is_best=is_best,
                 best_metric=self.early_stopping.best,
                 patience_left=self.early_stopping.patience_left,
             )
         )
         log.info(
-            "validation at step %d: loss %.4f, fMRI r %.4f%s",
+            "validation at step %d: loss %.4f, fMRI r %.4f (reliable voxels %.4f)%s",
             self.step,
             metrics["loss"],
             metrics["fmri_r_mean"],
+            metrics["fmri_r_reliable"],
             " (best)" if is_best else "",
         )
         if is_best:
@@ -495,13 +497,34 @@ class Trainer:
     # ------------------------------------------------------------------------------- helpers
 
     def _val_noise_ceiling(self) -> float | None:
-        """The noise ceiling logged beside the validation r (rank 0; None with one subject): the
-        leave-one-subject-out ISC on the validation TRs, averaged over voxels. It is the ceiling
-        for predicting one subject; the subject mean is less noisy, so its r can exceed it."""
-        if self.rank != 0 or self.store.n_subjects < 2:
-            return None
-        subjects = torch.from_numpy(read_split_subjects(self.store.path, "val", info=self.store))
-        return float(loso_isc(subjects).mean())
+        """Build ``self.val_ref`` (rank 0 reads the subjects; every rank receives it, since early
+        stopping reads the reliable-voxel r everywhere) and return the ceiling logged beside the
+        validation r: the mean over the reliable voxels of sqrt(Spearman-Brown reliability of the
+        target) on the validation TRs; None with one subject. Never a whole-mask average: most
+        voxels there carry no signal and the average reads near 0."""
+        ref = None
+        if self.rank == 0:
+            subject = self.cfg.data.subject
+            index = None if subject is None else self.store.subject_index(subject)
+            stats = load_target_stats(self.store.path, subject=index, info=self.store)["fmri"]
+            ref = val_reference(
+                self.store,
+                subject=index,
+                threshold=self.cfg.data.reliable_isc_threshold,
+                train_mean=stats["mean"],
+                train_var=stats["var"],
+            )
+            log.info("validation reference: %s; the training-mean constant scores %.4f (fMRI "
+                     "term) on the validation TRs", ref.note, ref.constant_term)  # fmt: skip
+        self.val_ref: ValReference = dist.broadcast_object(ref)
+        if self.cfg.train.early_stopping.metric == "fmri_r_normalized" and (
+            self.val_ref.ceiling is None
+        ):
+            raise GibletError(
+                "train.early_stopping.metric=fmri_r_normalized needs a noise ceiling, but the "
+                f"store {self.store.path} holds one subject; use fmri_r_reliable"
+            )
+        return self.val_ref.ceiling_reliable
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
