@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit the Adam moments of the newest checkpoint too (slower)",
     )
     p.add_argument(
+        "--evaluation",
+        type=Path,
+        metavar="JSON",
+        help="evaluation.json of tools/evaluate.py (default: RUN_DIR/evaluation/evaluation.json)",
+    )
+    p.add_argument(
         "--fail-on",
         choices=sorted(_FAIL_ON),
         default="never",
@@ -47,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = build_health_report(
-            args.run_dir, audit=not args.no_audit, audit_moments=args.audit_moments
+            args.run_dir,
+            audit=not args.no_audit,
+            audit_moments=args.audit_moments,
+            evaluation=args.evaluation,
         )
         if args.plot:
             plot_loss_curves(args.run_dir, args.plot)

@@ -17,6 +17,7 @@ from giblet_ds.report import health_disk as disk
 from giblet_ds.report import health_records as records
 from giblet_ds.report import markdown as fmt
 from giblet_ds.report.health_checks import ICON, Check, HealthReport, Thresholds
+from giblet_ds.report.health_evaluation import evaluation_section
 from giblet_ds.run.records import read_metrics
 
 __all__ = ["Check", "HealthReport", "Thresholds", "build_health_report"]
@@ -29,8 +30,10 @@ def build_health_report(
     audit: bool = True,
     audit_moments: bool = False,
     thresholds: Thresholds | None = None,
+    evaluation: str | Path | None = None,
 ) -> HealthReport:
-    """Everything in the module docstring. Raises CheckpointError when RUN_DIR is no run."""
+    """Everything in the module docstring. Raises CheckpointError when RUN_DIR is no run.
+    ``evaluation``: an evaluation.json of tools/evaluate.py (default: RUN_DIR/evaluation/)."""
     th = thresholds or Thresholds()
     now = time.time() if now is None else now
     rec = read_metrics(run_dir)
@@ -51,7 +54,8 @@ def build_health_report(
     weight_lines, weight_checks = (
         disk.weights(newest, audit_moments) if audit else (["Skipped."], [])
     )
-    report.checks = checks + dev_checks + store_checks + ckpt_checks + weight_checks
+    eval_lines, eval_checks = evaluation_section(rec.run_dir, evaluation)
+    report.checks = checks + eval_checks + dev_checks + store_checks + ckpt_checks + weight_checks
     if rec.bad_lines:
         report.checks.append(Check("Run", "info", f"unreadable metrics.jsonl line(s) {rec.bad_lines} "
                                    "skipped (a write cut short)"))  # fmt: skip
@@ -63,6 +67,7 @@ def build_health_report(
           f"## Status: {status.upper()} — {report.verdict}", "", f"{reason}", "",
           "### Progress", "", *progress, "",
           "### Loss per epoch", "", *records.epoch_table(rec), *records.terms_table(rec), "",
+          "### Held-out evaluation (model, ridge, ceiling, oracle)", "", *eval_lines, "",
           "### Throughput", "", *records.throughput(rec), "",
           "### Device health", "", *dev_lines, "",
           "### Normalization status", "", *store_lines, "",
