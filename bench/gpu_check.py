@@ -346,15 +346,25 @@ class Check:
         store_path = self.work / "store.h5"
         self.stage("store", lambda: self.probe("store", str(store_path), timeout=180))
         self.stage("dry_run", self.dry_run)
-        self.stage("optimizer_op", self.optimizer_op, needs=("setup",))
+        # environment fails where torch sees no GPU: nothing then tries the 3.5B model on a CPU
+        self.stage("optimizer_op", self.optimizer_op, needs=("setup", "environment"))
         save_to, place_note = self.checkpoint_place()
         # The last run (ZeRO-2, shortest) keeps its checkpoint: a slow save on a small disk then
         # cannot eat the time of the runs measured before it.
         for index, spec in enumerate(self.runs):
             where = save_to if index == len(self.runs) - 1 else None
-            self.stage(spec.name, functools.partial(self.train_run, spec, where), needs=("store",))
-        saving_run = self.stages[self.runs[-1].name]
-        self.stage("checkpoint", lambda: self.checkpoint(saving_run.get("result"), place_note))
+            run = functools.partial(self.train_run, spec, where)
+            self.stage(spec.name, run, needs=("setup", "environment", "store"))
+            self.stages[spec.name]["plan"] = {
+                "zero_stage": spec.zero_stage,
+                "activation_checkpointing": spec.activation_checkpointing,
+                "steps": spec.steps,
+                "ds_config": spec.ds_config.name,
+            }
+        saving = self.stages[self.runs[-1].name]
+        if save_to is not None and saving["status"] != "ok":
+            place_note = f"{self.runs[-1].name}, the run that saves it, did not pass"
+        self.stage("checkpoint", lambda: self.checkpoint(saving.get("result"), place_note))
         self.stage("consolidate", self.consolidate, needs=("checkpoint",))
         self.stage("audit", self.audit, needs=("consolidate",))
         if save_to is not None and not self.cpu:  # a 3.5B tag would fill the disk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 GIB = 2**30
@@ -13,11 +14,16 @@ def _num(value: Any, fmt: str = ".3g", scale: float = 1.0) -> str:
     return format(value * scale, fmt)
 
 
+_ERROR = re.compile(r"Error\b|error:|Exception\b")
+
+
 def _stage_line(stage: dict[str, Any]) -> str:
     note = stage.get("error") or stage.get("reason") or ""
-    tail = (stage.get("stderr_tail") or "").strip().splitlines()[-1:]
+    lines = (stage.get("stderr_tail") or "").strip().splitlines()
+    # the exception's own line says more than whatever the process printed after it
+    tail = [line for line in lines if _ERROR.search(line)][-1:] or lines[-1:]
     if stage["status"] == "failed" and tail:
-        note += f" (stderr: {tail[0][:160]})"
+        note += f" (stderr: {tail[0].strip()[:200]})"
     return f"| {stage['name']} | {stage['status']} | {stage['seconds']:.1f} | {note} |"
 
 
@@ -52,7 +58,7 @@ def markdown(report: dict[str, Any]) -> str:
     for stage in report["stages"]:
         if not stage["name"].startswith("train_"):
             continue
-        r = stage.get("result") or {}
+        r = {**stage.get("plan", {}), **(stage.get("result") or {})}
         peaks = r.get("peaks") or {}
         lines.append(
             f"| {stage['name']} ({stage['status']}) | {r.get('zero_stage', '-')} "

@@ -253,3 +253,19 @@ def test_a_failed_fused_adam_build_falls_back_to_torch_adamw(tmp_path: Path) -> 
         assert {k: v for k, v in ds.items() if k != "optimizer"} == {
             k: v for k, v in original.items() if k != "optimizer"
         }
+
+
+def test_a_failed_stage_line_quotes_the_exception_not_the_launcher_noise() -> None:
+    gpu_report = _bench("gpu_report")
+    stage = {
+        "name": "train_zero2_ac",
+        "status": "failed",
+        "seconds": 12.5,
+        "error": "train_zero2_ac exited with 1",
+        "stderr_tail": "Traceback (most recent call last):\n  File x\n[rank0]: ValueError: bad "
+        "shape\n[launch.py:351:main] Process 7 exits with return code = 1\n",
+    }
+    assert gpu_report._stage_line(stage) == (
+        "| train_zero2_ac | failed | 12.5 | train_zero2_ac exited with 1 "
+        "(stderr: [rank0]: ValueError: bad shape) |"
+    )
