@@ -1,0 +1,175 @@
+"""Temporal context on the demo: k = 1 against the default k, side by side in one run.
+
+Trains the `small` preset twice on the same demo store (2 CPU ranks, ZeRO-2 fp32, as `make demo`
+does), identical but for model.context_trs, then scores each run's best tag on the test split
+with tools/evaluate.py (same TRs, same voxel sets, the same cached ridge baseline, the planted
+oracle). Cost: median s/step over the logged steps after the first few, peak rank-0 RSS, and the
+3.5B dry run's activation memory per GPU at each k (giblet_ds.memory_estimate).
+
+    .venv/bin/python bench/bench_context.py --store demo_out/store.h5 \
+        --truth demo_out/raw/ground_truth.json --out bench_out/context [--ks 1 8]
+
+Writes OUT/bench_context.json and prints a markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PY = Path(sys.executable)
+DEEPSPEED = PY.parent / "deepspeed"
+SETS = ("reliable", "all")
+
+
+def train(store: Path, run_dir: Path, k: int, extra: list[str]) -> float:
+    """One training run of the small preset with context_trs = k; returns its wall seconds."""
+    cmd = [
+        str(DEEPSPEED), "--num_gpus", "2", str(REPO / "launch" / "train.py"),
+        "--config", str(REPO / "launch" / "configs" / "small.yaml"),
+        "--deepspeed_config", str(REPO / "ds_configs" / "zero2_fp32_cpu.json"),
+        "--set", f"data.store={store}", "--set", f"checkpoint.run_dir={run_dir}",
+        "--set", f"model.context_trs={k}", "--set", "logging.wandb_mode=disabled",
+    ]  # fmt: skip
+    for item in extra:
+        cmd += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    clock = time.perf_counter()
+    log = run_dir.parent / f"train_k{k}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"training k={k} failed ({done.returncode}); see {log}")
+    return time.perf_counter() - clock
+
+
+def evaluate(run_dir: Path, store: Path, truth: Path | None, out: Path) -> dict[str, Any]:
+    cmd = [str(PY), str(REPO / "tools" / "evaluate.py"), str(run_dir), "--store", str(store),
+           "--split", "test", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    if truth is not None:
+        cmd += ["--truth", str(truth)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"evaluation of {run_dir} failed:\n{done.stderr[-3000:]}")
+    print(done.stdout)
+    return dict(json.loads((out / "evaluation.json").read_text()))
+
+
+def run_cost(run_dir: Path, skip: int = 3) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    times = [r["step_time_s"] for r in steps[skip:]] or [r["step_time_s"] for r in steps]
+    end = [r for r in rows if r["kind"] == "end"][-1]
+    vals = [r for r in rows if r["kind"] == "val"]
+    return {
+        "steps": end["step"],
+        "status": end["status"],
+        "s_per_step_median": statistics.median(times),
+        "peak_rss_gb_rank0": max(r["memory"]["rss_gb"] for r in steps),
+        "val_records": len(vals),
+        "param_counts_total": [r for r in rows if r["kind"] == "start"][0]["param_counts"]["total"],
+    }
+
+
+def dry_run_memory(k: int) -> dict[str, float]:
+    """3.5B preset at context_trs = k, 8 GPUs: activations per GPU and ZeRO-2 total, GiB."""
+    from giblet_ds.config import load_config
+    from giblet_ds.memory_estimate import GIB, estimate
+    from giblet_ds.model import train_flops_per_sample
+
+    cfg = load_config(REPO / "launch" / "configs" / "giblet_3p5b.yaml", [f"model.context_trs={k}"])
+    est = estimate(cfg, num_gpus=8)
+    return {
+        "params": est.total_params,
+        "activations_gib_checkpointed": est.activations.with_checkpointing / GIB,
+        "activations_gib_plain": est.activations.without_checkpointing / GIB,
+        "zero2_total_gib": (est.zero[0].gpu_bytes + est.configured_activation_bytes) / GIB,
+        "train_tflops_per_sample": train_flops_per_sample(est.param_counts, k) / 1e12,
+    }
+
+
+def voxel_set(evaluation: dict[str, Any], name: str) -> dict[str, Any]:
+    sets = evaluation["sets"]
+    return (
+        dict(sets[name]) if isinstance(sets, dict) else next(s for s in sets if s["name"] == name)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--truth", type=Path, help="the demo's ground_truth.json (oracle r)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--set", action="append", default=[], help="extra run-config overrides")
+    args = p.parse_args(argv)
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "store": str(args.store),
+        "runs": {},
+    }
+    for k in args.ks:
+        run_dir = args.out / f"run_k{k}"
+        wall = train(args.store, run_dir, k, args.set)
+        evaluation = evaluate(run_dir, args.store, args.truth, args.out / f"eval_k{k}")
+        entry: dict[str, Any] = {
+            "train_wall_s": wall,
+            **run_cost(run_dir),
+            "dry_run_3p5b": dry_run_memory(k),
+        }
+        for name in SETS:
+            try:
+                s = voxel_set(evaluation, name)
+            except (KeyError, StopIteration):
+                continue
+            entry[name] = {key: s.get(key) for key in ("n_voxels", "model_r", "ridge_r",
+                                                      "oracle_r", "ceiling_r")}  # fmt: skip
+        entry["n_trs"] = evaluation.get("n_trs")
+        results["runs"][str(k)] = entry
+        (args.out / "bench_context.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['date']}, {results['machine']}; store {results['store']}; test split, "
+        "reliable voxels",
+        "",
+        "| k | model r | ridge r | oracle r | model/oracle | s/step | peak RSS GB (rank 0) | "
+        "3.5B act./GPU (ckpt) | 3.5B ZeRO-2 total/GPU | 3.5B TFLOP/sample |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, run in results["runs"].items():
+        rel = run.get("reliable", {})
+        dry = run["dry_run_3p5b"]
+        oracle = rel.get("oracle_r")
+        ratio = f"{rel['model_r'] / oracle:.2f}" if oracle else "n/a"
+
+        def r(key: str, rel: dict[str, Any] = rel) -> str:
+            value = rel.get(key)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        lines.append(
+            f"| {k} | {r('model_r')} | {r('ridge_r')} | {r('oracle_r')} | {ratio} | "
+            f"{run['s_per_step_median']:.3f} | {run['peak_rss_gb_rank0']:.2f} | "
+            f"{dry['activations_gib_checkpointed']:.2f} GiB | {dry['zero2_total_gib']:.2f} GiB | "
+            f"{dry['train_tflops_per_sample']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Temporal context (model.context_trs = k): windows from the store, the mixer, k = 1 unchanged,
+counts and FLOPs, losses on TR t, and a bit-identical resume of a k > 1 run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from giblet_ds.config import ModelConfig, load_config
+from giblet_ds.errors import ConfigError
+from giblet_ds.losses import reconstruction_targets
+from giblet_ds.model import GibletAutoencoder, parameter_counts, train_flops_per_sample
+from giblet_ds.model.context import CONTEXT_MASK, WINDOW_KEYS, current_tr
+from giblet_ds.store import StoreDataset, write_synthetic_store
+from giblet_ds.store import dataset as store_dataset
+from tests.tiny_sizes import TINY_SIZES
+from tests.train_harness import losses_by_step, records, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "launch" / "configs" / "tiny.yaml"
+
+
+def tiny_model_config(*overrides: str) -> ModelConfig:
+    return load_config(TINY, overrides).model.with_input_sizes(TINY_SIZES)
+
+
+def built(cfg: ModelConfig, seed: int = 0) -> GibletAutoencoder:
+    torch.manual_seed(seed)
+    model = GibletAutoencoder(cfg)
+    model.init_weights()
+    return model.eval()
+
+
+def window_batch(cfg: ModelConfig, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs with a window axis of cfg.context_trs TRs (all real)."""
+    g = torch.Generator().manual_seed(seed)
+    assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width and cfg.n_codebooks
+    assert cfg.code_frames and cfg.text_slots and cfg.text_dim
+    k = cfg.context_trs
+    return {
+        "video": torch.rand(
+            batch, k, cfg.frames_per_tr, cfg.frame_height, cfg.frame_width, 3, generator=g
+        ),
+        "audio_codes": torch.randint(
+            0, cfg.codebook_size, (batch, k, cfg.n_codebooks, cfg.code_frames), generator=g
+        ),
+        "text": torch.randn(batch, k, cfg.text_slots, cfg.text_dim, generator=g),
+        CONTEXT_MASK: torch.ones(batch, k, dtype=torch.bool),
+    }
+
+
+# --------------------------------------------------------------------------------- config
+
+
+def test_context_trs_must_be_a_positive_integer() -> None:
+    with pytest.raises(ConfigError, match=r"^model.context_trs must be an integer >= 1, got 0$"):
+        ModelConfig(context_trs=0)
+    with pytest.raises(ConfigError, match=r"tiny.yaml: model.context_trs must be an integer"):
+        load_config(TINY, ["model.context_trs=2.5"])
+
+
+def test_seed_compat_refuses_a_window_naming_the_fix() -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(seed_compat=True, context_trs=4)
+    assert str(err.value) == (
+        "model.context_trs must be 1 with model.seed_compat (the old system saw one TR per "
+        "sample), got 4; set model.context_trs=1 or model.seed_compat=false"
+    )
+    seed = load_config(ROOT / "launch" / "configs" / "giblet_3p5b_seed.yaml").model
+    assert seed.seed_compat and seed.context_trs == 1
+
+
+def test_shipped_defaults() -> None:
+    assert ModelConfig().context_trs == 8
+    assert load_config(ROOT / "launch" / "configs" / "small.yaml").model.context_trs == 8
+    assert load_config(TINY).model.context_trs == 1
+
+
+# --------------------------------------------------------------------------------- dataset
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 43 TRs, gap 3: train 0..21 (22), val 25..33 (9), test 37..42 (6) -- unequal on purpose.
+    return write_synthetic_store(
+        tmp_path_factory.mktemp("ctx") / "store.h5",
+        n_trs=43,
+        split_gap=3,
+        n_subjects=3,
+        split_fractions=(0.6, 0.25, 0.15),
+    )
+
+
+def test_split_layout_of_the_fixture(store: Path) -> None:
+    ds = {s: StoreDataset(store, s) for s in ("train", "val", "test")}
+    assert [int(ds[s].indices[0]) for s in ds] == [0, 25, 37]
+    assert [len(ds[s]) for s in ds] == [22, 9, 6]
+
+
+def _rows(store: Path, key: str, rows: list[int]) -> np.ndarray:
+    with h5py.File(store, "r") as handle:
+        return np.stack([handle[key][r] for r in rows])
+
+
+@pytest.mark.parametrize(
+    ("split", "item", "real_rows"),
+    [
+        ("train", 0, [0]),  # the first TR of the movie: 3 padded rows
+        ("train", 2, [0, 1, 2]),
+        ("train", 3, [0, 1, 2, 3]),  # the first full window
+        ("train", 21, [18, 19, 20, 21]),
+        ("val", 0, [25]),  # never reaches back over the gap (22..24) into train rows
+        ("val", 1, [25, 26]),
+        ("val", 8, [30, 31, 32, 33]),
+        ("test", 5, [39, 40, 41, 42]),
+        ("test", 2, [37, 38, 39]),
+    ],
+)
+def test_window_rows_and_padding(store: Path, split: str, item: int, real_rows: list[int]) -> None:
+    k = 4
+    sample = StoreDataset(store, split, context_trs=k)[item]
+    n_pad = k - len(real_rows)
+    assert sample[CONTEXT_MASK].tolist() == [False] * n_pad + [True] * len(real_rows)
+    assert sample["video"].shape == (k, 2, 6, 10, 3)
+    assert sample["audio_codes"].shape == (k, 2, 5) and sample["audio_codes"].dtype == torch.int64
+    assert sample["text"].shape == (k, 2, 7) and sample["text_mask"].shape == (k, 2)
+    assert sample["fmri"].shape == (23,)
+    t = real_rows[-1]
+    assert int(sample["index"]) == t
+    expected = {
+        "video": _rows(store, "video", real_rows).astype(np.float32) / np.float32(255.0),
+        "audio_codes": _rows(store, "audio_codes", real_rows).astype(np.int64),
+        "text": _rows(store, "text", real_rows),
+        "text_mask": _rows(store, "text_mask", real_rows),
+    }
+    for key, value in expected.items():
+        np.testing.assert_array_equal(sample[key][n_pad:].numpy(), value)
+        assert not sample[key][:n_pad].any(), f"padding of {key} is not zero"
+    # fMRI stays the volume paired with TR t (not the window)
+    np.testing.assert_array_equal(
+        sample["fmri"].numpy(), _rows(store, "fmri/mean", [t])[0].astype(np.float32)
+    )
+
+
+def test_a_window_longer_than_the_split_is_padded_every_time(store: Path) -> None:
+    ds = StoreDataset(store, "test", context_trs=7)  # 6 test TRs
+    masks = [ds[i][CONTEXT_MASK].tolist() for i in range(len(ds))]
+    assert [sum(m) for m in masks] == [1, 2, 3, 4, 5, 6]
+    assert all(m[: 7 - sum(m)] == [False] * (7 - sum(m)) for m in masks)
+
+
+def test_one_tr_samples_are_unchanged(store: Path) -> None:
+    ds = StoreDataset(store, "val")
+    sample = ds[2]
+    assert CONTEXT_MASK not in sample
+    assert sample["video"].shape == (2, 6, 10, 3)
+    np.testing.assert_array_equal(
+        sample["video"].numpy(), _rows(store, "video", [27])[0].astype(np.float32) / 255.0
+    )
+    # the window's last TR is the one-TR sample, key by key, bit for bit
+    last = current_tr(StoreDataset(store, "val", context_trs=3)[2], batched=False)
+    assert set(last) == set(sample)
+    for key in sample:
+        assert torch.equal(last[key], sample[key]), key
+
+
+def test_a_hole_in_a_split_starts_a_new_run() -> None:
+    starts = store_dataset._run_starts(np.array([3, 4, 5, 9, 10, 12], dtype=np.int64))
+    assert starts.tolist() == [3, 3, 3, 9, 9, 12]
+
+
+def test_windows_batch_with_the_default_collate(store: Path) -> None:
+    loader = DataLoader(StoreDataset(store, "train", context_trs=3), batch_size=4)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (4, 3, 2, 6, 10, 3)
+    assert batch[CONTEXT_MASK].tolist() == [
+        [False, False, True],
+        [False, True, True],
+        [True, True, True],
+        [True, True, True],
+    ]
+
+
+def test_dataset_rejects_a_bad_context(store: Path) -> None:
+    with pytest.raises(ValueError, match=r"^context_trs must be an integer >= 1, got 0$"):
+        StoreDataset(store, "train", context_trs=0)
+
+
+def test_the_mask_key_is_one_name_in_both_layers() -> None:
+    assert store_dataset.CONTEXT_MASK == CONTEXT_MASK == "context_mask"
+    assert WINDOW_KEYS == ("video", "audio_codes", "text", "text_mask")
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def test_one_tr_model_is_the_composition_it_always_was() -> None:
+    # k = 1 builds no mixer and computes cat(video, audio, text) -> trunk -> heads, bit for bit.
+    cfg = tiny_model_config("model.dropout=0.0")
+    model = built(cfg)
+    assert model.encoder.temporal is None
+    assert not any("temporal" in name for name in model.state_dict())
+    batch = {
+        k: v[:, -1] for k, v in window_batch(tiny_model_config("model.context_trs=2"), 3).items()
+    }
+    out = model(batch["video"], batch["audio_codes"], batch["text"])
+    enc = model.encoder
+    features = torch.cat(
+        [
+            enc.video(batch["video"].flatten(1)),
+            enc.audio(batch["audio_codes"]),
+            enc.text(batch["text"].flatten(1)),
+        ],
+        dim=1,
+    )
+    bottleneck = enc.trunk(features)
+    assert torch.equal(out.bottleneck, bottleneck)
+    assert torch.equal(out.fmri, enc.fmri_head(bottleneck))
+    assert torch.equal(out.video, model.decoder.video(model.decoder.trunk(bottleneck)))
+
+
+def test_a_window_model_that_reads_only_tr_t_is_the_one_tr_model() -> None:
+    # Equal up to float rounding, not bit for bit: the window model's encoders multiply B*k rows
+    # at once and BLAS blocks a 12-row product differently from a 3-row one (~1e-7 apart).
+    one = built(tiny_model_config())
+    cfg = tiny_model_config("model.context_trs=4")
+    window = GibletAutoencoder(cfg).eval()
+    missing, unexpected = window.load_state_dict(one.state_dict(), strict=False)
+    assert missing == ["encoder.temporal.weight"] and unexpected == []
+    assert window.encoder.temporal is not None
+    with torch.no_grad():
+        window.encoder.temporal.weight.zero_()
+        window.encoder.temporal.weight[-1] = 1.0
+    batch = window_batch(cfg, 3)
+    got = window(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
+    last = current_tr(batch)
+    want = one(last["video"], last["audio_codes"], last["text"])
+    for name, a, b in zip(want._fields, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    # and the mixer itself passes TR t through exactly
+    assert window.encoder.temporal is not None
+    features = torch.randn(3, 4, 24)
+    assert torch.equal(window.encoder.temporal(features), features[:, -1])
+
+
+def test_padded_rows_never_reach_the_output() -> None:
+    cfg = tiny_model_config("model.context_trs=3")
+    model = built(cfg)
+    batch = window_batch(cfg, 2)
+    batch[CONTEXT_MASK][0, :2] = False
+    other = {k: v.clone() for k, v in batch.items()}
+    other["video"][0, :2] = torch.rand_like(other["video"][0, :2])
+    other["text"][0, :2] = 5.0
+    other["audio_codes"][0, :2] = 7
+    a = model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
+    b = model(other["video"], other["audio_codes"], other["text"], other[CONTEXT_MASK])
+    # (the bottleneck: the output layers start at zero, so every prediction starts equal)
+    assert torch.equal(a.bottleneck, b.bottleneck)
+    # ... while an unmasked change does reach it
+    c = model(other["video"], other["audio_codes"], other["text"], None)
+    assert not torch.equal(a.bottleneck[0], c.bottleneck[0])
+    assert torch.equal(a.bottleneck[1], c.bottleneck[1])  # all real: None means all real
+
+
+def test_mixer_starts_as_a_moving_average_and_learns() -> None:
+    cfg = tiny_model_config("model.context_trs=5")
+    model = built(cfg).train()
+    assert model.encoder.temporal is not None
+    assert torch.equal(model.encoder.temporal.weight, torch.full((5, 24), 0.2))
+    batch = window_batch(cfg, 3)
+    out = model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
+    out.bottleneck.square().sum().backward()
+    grad = model.encoder.temporal.weight.grad
+    assert grad is not None and bool((grad.abs().sum(dim=1) > 0).all())  # every delay learns
+
+
+def test_a_window_of_the_wrong_length_is_named() -> None:
+    cfg = tiny_model_config("model.context_trs=3")
+    model = built(cfg)
+    batch = window_batch(tiny_model_config("model.context_trs=2"), 2)
+    with pytest.raises(ValueError, match=r"video must be \(B, 3, \.\.\.\) for model.context_trs=3"):
+        model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
+
+
+def test_flops_count_the_per_tr_encoders_k_times() -> None:
+    cfg = tiny_model_config("model.context_trs=3")
+    with torch.device("meta"):
+        counts = parameter_counts(GibletAutoencoder(cfg))
+    per_tr = 5_936 + 6_280 + 128  # encoder video, audio, text of the tiny model (test_model)
+    assert counts["total"] == 16_701 + 3 * 24
+    assert train_flops_per_sample(counts, 3) == 6 * (16_701 + 72 + 2 * per_tr) == 248_766
+    assert train_flops_per_sample(counts) == 6 * counts["total"]
+
+
+def test_losses_reconstruct_tr_t() -> None:
+    cfg = tiny_model_config("model.context_trs=3")
+    batch = window_batch(cfg, 2)
+    batch["fmri"] = torch.randn(2, 23)
+    targets = reconstruction_targets(batch)
+    assert torch.equal(targets["video"], batch["video"][:, -1, -1].flatten(1))
+    assert torch.equal(targets["audio"], batch["audio_codes"][:, -1])
+    assert torch.equal(targets["text"], batch["text"][:, -1].flatten(1))
+    assert torch.equal(targets["fmri"], batch["fmri"])
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.distributed
+def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
+    store: Path, tmp_path: Path
+) -> None:
+    from giblet_ds.checkpoint.loading import load_model
+
+    sets = (
+        "model.context_trs=3",
+        "train.max_steps=6",
+        "checkpoint.save_every_steps=2",
+        "checkpoint.keep_last=5",
+        "train.val_every_steps=3",
+    )
+    reference = tmp_path / "reference"
+    result = run_training(reference, store, world=1, sets=sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    killed = run_training(
+        run_dir, store, world=1, sets=sets, env={"GIBLET_FAULT_KILL_AT_STEP": "3"}
+    )
+    assert killed.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000002"
+    resumed = run_training(run_dir, store, world=1, sets=sets)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert records(run_dir, "start")[-1]["start_step"] == 2
+    assert records(run_dir, "start")[-1]["param_counts"]["encoder.temporal"] == 72
+    assert losses_by_step(run_dir) == losses_by_step(reference)
+    assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")
+    model, cfg, _ = load_model(run_dir / "checkpoints" / "step-00000006", verify=False)
+    assert cfg.model.context_trs == 3 and model.encoder.temporal is not None
+    trained = model.encoder.temporal.weight
+    assert trained.shape == (3, 24) and not torch.equal(trained, torch.full((3, 24), 1 / 3))
