@@ -84,6 +84,7 @@ def val_reference(
     return ValReference(reliable, ceiling, constant, note)
 
 
+KEEP_FRAMES = 3
 BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "context_mask", "fmri")
 
 
@@ -96,13 +97,16 @@ def evaluate(
     micro_batch_size: int,
     to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     reference: ValReference | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """``loss``, ``loss_<term>`` and the fMRI scores of ``dataset`` (every sample once).
 
     Rank r takes samples r, r + world, ...; every rank runs the same number of batches (ZeRO-3
     gathers parameters collectively, so a rank that stopped early would hang the others), padding
     with repeats that are masked out. Per-sample loss sums, counts and the voxel-correlation sums
-    are all-reduced, so the result is exact, not an average of averages.
+    are all-reduced, so the result is exact, not an average of averages. ``keep`` (a dict) receives
+    ``per_voxel_r`` (V,) and ``frames``: (true, reconstructed) last frames of this rank's first
+    ``KEEP_FRAMES`` samples, flattened, for the dashboard.
     """
     rank, world = dist.rank(), dist.world_size()
     engine.eval()
@@ -120,9 +124,13 @@ def evaluate(
         output = engine(
             batch["video"], batch["audio_codes"], batch["text"], batch.get("context_mask")
         )
-        for j, keep in enumerate(real[start : start + micro_batch_size]):
-            if not keep:
+        for j, is_real in enumerate(real[start : start + micro_batch_size]):
+            if not is_real:
                 continue
+            if keep is not None and len(keep.setdefault("frames", [])) < KEEP_FRAMES:
+                size = output.video.shape[-1]
+                keep["frames"].append((batch["video"][j].float().reshape(-1, size)[-1].cpu().numpy(),
+                                       output.video[j].float().cpu().numpy()))  # fmt: skip
             result = loss_fn(_select(output, j), {k: v[j : j + 1] for k, v in batch.items()})
             for i, name in enumerate(TERMS):
                 if name in result.terms:
@@ -139,6 +147,8 @@ def evaluate(
             metrics[f"loss_{name}"] = sums[i].item() / count
     metrics.update(scores.compute().as_dict())
     r = scores.per_voxel_r().numpy()
+    if keep is not None:
+        keep["per_voxel_r"] = r
     if reference is not None:
         metrics["fmri_r_reliable"] = float(r[reference.reliable].mean())
         ceiling = reference.ceiling_reliable

@@ -68,6 +68,25 @@ class RunLog:
             fields.pop("time")
             flat = {f"{record.kind}/{k}": v for k, v in _flatten(fields).items()}
             self._wandb.log(flat, step=record.step)
+            if isinstance(record, ValRecord) and record.is_best:
+                # the dashboard's run table shows these: "is it learning?" without opening a plot
+                self._wandb.summary["best/val_metric"] = record.best_metric
+                self._wandb.summary["best/val_fmri_r_mean"] = record.fmri_r_mean
+                self._wandb.summary["best/val_fmri_r_reliable"] = record.fmri_r_reliable
+                self._wandb.summary["best/step"] = record.step
+
+    @property
+    def wants_images(self) -> bool:
+        """True when images logged now would go somewhere (rank 0 with wandb on)."""
+        return self._wandb is not None
+
+    def log_images(self, step: int, images: dict[str, Any]) -> None:
+        """Log (H, W, 3) uint8 arrays as wandb images at ``step``."""
+        if self._wandb is None or not images:
+            return
+        import wandb
+
+        self._wandb.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -37,6 +37,7 @@ from giblet_ds.store import (
     ResumableDistributedSampler,
     StoreDataset,
     StoreInfo,
+    load_mask,
     load_target_stats,
 )
 from giblet_ds.train import distributed as dist
@@ -48,6 +49,7 @@ from giblet_ds.train.engine import build_engine
 from giblet_ds.train.evaluate import ValReference, evaluate, val_reference
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging
+from giblet_ds.train.val_images import frame_pair, r_map_mosaic
 
 __all__ = ["StepResult", "Trainer"]
 
@@ -388,7 +390,7 @@ class Trainer:
         """A periodic action (validate, save) every ``every`` steps, or at epoch ends when 0."""
         return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, keep: dict[str, Any] | None = None) -> dict[str, float]:
         """Loss terms and fMRI scores over the whole validation split (see evaluate())."""
         return evaluate(
             self.engine,
@@ -397,11 +399,13 @@ class Trainer:
             micro_batch_size=self.cfg.optim.micro_batch_size,
             to_device=self._to_device,
             reference=self.val_ref,
+            keep=keep,
         )
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate, save `best` on improvement, log; True when early stopping says stop."""
-        metrics = self.validate()
+        keep: dict[str, Any] = {}
+        metrics = self.validate(keep)
         es = self.cfg.train.early_stopping
         is_best = self.early_stopping.update(metrics[es.metric], self.step)
         # All ranks computed identical reduced metrics; rank 0's decision is broadcast anyway so
@@ -430,6 +434,7 @@ class Trainer:
             metrics["fmri_r_reliable"],
             " (best)" if is_best else "",
         )
+        self._log_val_images(keep)
         if is_best:
             self.save(BEST_TAG)
         return stop
@@ -525,6 +530,18 @@ class Trainer:
                 f"store {self.store.path} holds one subject; use fmri_r_reliable"
             )
         return self.val_ref.ceiling_reliable
+
+    def _log_val_images(self, keep: dict[str, Any]) -> None:
+        """The brain r map and a few reconstructed frames, as images on the dashboard."""
+        if not self.run_log.wants_images:
+            return
+        mask, _ = load_mask(self.store.path)
+        images = {"val/r_map": r_map_mosaic(keep["per_voxel_r"], mask)}
+        for i, (true, predicted) in enumerate(keep.get("frames", [])):
+            images[f"val/reconstruction_{i}"] = frame_pair(
+                true, predicted, self.store.height, self.store.width
+            )
+        self.run_log.log_images(self.step, images)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
