@@ -7,6 +7,10 @@
     python launch/train.py --dry-run            # sizes and memory per GPU, nothing allocated
 
 Also runs under torchrun and as one plain process.
+
+Exit codes: 0 finished or early-stopped, 2 bad input (message on stderr), 75 preempted (SIGTERM or
+SIGUSR1 reached the ranks: a complete checkpoint was saved and the same command resumes from it;
+launch/slurm_train.sbatch requeues the job on 75).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override, e.g. optim.lr=3e-4",
     )
     parser.add_argument("--resume", help="auto | none | PATH (same as --set checkpoint.resume=...)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="resume without checking the tag's checksums against its manifest (faster)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print sizes and memory, then exit")
     parser.add_argument("--num-gpus", type=int, default=8, help="GPUs per node for --dry-run")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes for --dry-run")
@@ -67,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(cfg, ds_json, num_gpus=args.num_gpus, num_nodes=args.num_nodes)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from giblet_ds.train.preemption import PREEMPTED_EXIT_CODE
         from giblet_ds.train.trainer import Trainer
 
-        trainer = Trainer(cfg, ds_json)
+        trainer = Trainer(cfg, ds_json, verify_checkpoint=not args.no_verify)
         try:
-            trainer.train()
+            status = trainer.train()
         finally:
             trainer.close()
     except GibletError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_resume_resolution(tmp_path: Path) -> None:
     assert resumed(str(run.checkpoints)) == run.tag_dir("step-00000006")
     tag = run.tag_dir("step-00000004")
     assert resumed(str(tag)) == tag
-    with pytest.raises(CheckpointError, match="has no 'complete' marker"):
+    with pytest.raises(CheckpointError, match="incomplete .*newest complete tag is step-00000006"):
         resumed(str(incomplete))
     empty = tmp_path / "empty"
     empty.mkdir()

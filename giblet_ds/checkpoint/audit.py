@@ -11,13 +11,17 @@ Checks (each finding names the tensor by its full parameter name):
 * ``moments_nonfinite`` (error): NaN or Inf in an Adam moment of a parameter;
 * ``abs_max`` (warn): a parameter element beyond ``max_abs``;
 * ``dead`` (warn): a trainable tensor whose elements are all equal (no gradient ever reached it,
-  e.g. a bias right before a norm layer);
+  e.g. a bias right before a norm layer); frozen parameters and buffers are never "dead". A
+  consolidated file cannot say what was trainable: the kinds come from the ``tensor_kinds.json``
+  that tools/zero_to_fp32.py writes beside it, so a tag and its consolidated weights get the
+  same findings; without that file (weights from elsewhere) every tensor counts as trainable;
 * ``norm_at_init`` (warn): a norm scale still exactly 1.0 everywhere (updates lost, e.g. pure bf16
   weights without fp32 master copies).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -32,7 +36,12 @@ from giblet_ds.checkpoint.mapped_file import MappedTorchFile
 from giblet_ds.checkpoint.safe_load import check_zip_file
 from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.errors import CheckpointError
-from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, resolve_checkpoint
+from giblet_ds.run.layout import (
+    BEST_TAG,
+    TENSOR_KINDS_NAME,
+    CheckpointLocation,
+    resolve_checkpoint,
+)
 
 __all__ = [
     "AuditReport",
@@ -91,6 +100,7 @@ class AuditSection:
 class AuditReport:
     path: str
     sections: list[AuditSection] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def findings(self) -> list[Finding]:
@@ -117,6 +127,7 @@ class AuditReport:
         return clean(
             {
                 "path": self.path,
+                "notes": self.notes,
                 "summary": {
                     "tensors": sum(len(s.tensors) for s in self.sections),
                     "errors": self.count("error"),
@@ -202,11 +213,12 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
 
 
-def _torch_file_items(path: Path, chunk: int) -> Iterator[_Item]:
+def _torch_file_items(path: Path, chunk: int, kinds: dict[str, str]) -> Iterator[_Item]:
     mf = MappedTorchFile(path)
     try:
         for name, t in _flatten(mf.obj):
-            yield name, tuple(t.shape), t.dtype, _guess_kind(name), _torch_chunks(mf, t, chunk)
+            kind = kinds.get(name) or _guess_kind(name)
+            yield name, tuple(t.shape), t.dtype, kind, _torch_chunks(mf, t, chunk)
     finally:
         mf.close()
 
@@ -225,7 +237,7 @@ def _torch_chunks(mf: MappedTorchFile, t: torch.Tensor, chunk: int) -> Iterator[
 _SAFETENSORS_CODES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
-def _safetensors_items(path: Path, chunk: int) -> Iterator[_Item]:
+def _safetensors_items(path: Path, chunk: int, kinds: dict[str, str]) -> Iterator[_Item]:
     """Tensors of a safetensors file through ``safetensors.safe_open``, read in row blocks of at
     most ``chunk`` elements with ``get_slice`` (one block in memory at a time)."""
     from safetensors import safe_open
@@ -244,7 +256,8 @@ def _safetensors_items(path: Path, chunk: int) -> Iterator[_Item]:
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {code}")
             shape = tuple(int(d) for d in piece.get_shape())
-            yield name, shape, dtype, _guess_kind(name), _slice_chunks(piece, shape, chunk)
+            kind = kinds.get(name) or _guess_kind(name)
+            yield name, shape, dtype, kind, _slice_chunks(piece, shape, chunk)
 
 
 def _slice_chunks(piece: Any, shape: tuple[int, ...], chunk: int) -> Iterator[torch.Tensor]:
@@ -327,14 +340,31 @@ def _audit_zero_tag(tag_dir: Path, label: str, max_abs: float, chunk: int,
     return section
 
 
+def _tensor_kinds(folder: Path) -> dict[str, str]:
+    """``tensor_kinds.json`` written beside consolidated weights (empty when there is none)."""
+    path = folder / TENSOR_KINDS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        kinds = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); delete it or re-consolidate") from None
+    if not isinstance(kinds, dict) or not all(
+        v in ("param", "frozen", "buffer") for v in kinds.values()
+    ):
+        raise CheckpointError(f"{path}: expected a map of tensor name -> param|frozen|buffer")
+    return {str(k): str(v) for k, v in kinds.items()}
+
+
 def _audit_files(paths: list[Path], label: str, max_abs: float, chunk: int) -> AuditSection:
     section = AuditSection(label, str(paths[0].parent if len(paths) > 1 else paths[0]))
+    kinds = _tensor_kinds(paths[0].parent)
     for path in paths:
         if path.suffix == ".safetensors":
-            _audit_items(section, _safetensors_items(path, chunk), max_abs)
+            _audit_items(section, _safetensors_items(path, chunk, kinds), max_abs)
         else:
             check_zip_file(path)
-            _audit_items(section, _torch_file_items(path, chunk), max_abs)
+            _audit_items(section, _torch_file_items(path, chunk, kinds), max_abs)
     return section
 
 
@@ -344,14 +374,18 @@ def audit_path(
     max_abs: float = 1e3,
     chunk: int = 1 << 24,
     moments: bool = True,
+    verify: bool = True,
 ) -> AuditReport:
-    """Audit whatever ``path`` is (see module docstring). Raises CheckpointError if unreadable.
+    """Audit whatever ``path`` is (see module docstring). Raises CheckpointError if unreadable,
+    if a named tag is incomplete (naming the newest complete one) or, unless ``verify=False``,
+    if a tag's files do not match its manifest.
 
-    A run directory or checkpoints folder gets one section for its newest tag and one for ``best``.
+    A run directory or checkpoints folder gets one section for its newest complete tag and one
+    for ``best`` when ``best`` is complete.
     """
     path = Path(path)
     report = AuditReport(str(path))
-    location = resolve_checkpoint(path)
+    location = resolve_checkpoint(path, verify=verify)
     if location.kind == "consolidated":
         report.sections.append(_audit_consolidated(location, max_abs, chunk))
         return report
@@ -359,8 +393,10 @@ def audit_path(
         report.sections.append(_audit_zero_tag(path, path.name, max_abs, chunk, moments))
         return report
     tags = [(f"latest ({location.tag})", location.path)]
-    best = resolve_checkpoint(path, prefer="best")
-    if best.tag == BEST_TAG:
+    best = resolve_checkpoint(path, prefer="best", verify=verify)
+    if best.tag != BEST_TAG and (path / "checkpoints" / BEST_TAG).is_dir():
+        report.notes.append(f"{BEST_TAG}: not audited ({best.how.split(';')[0]})")
+    if best.tag == BEST_TAG and best.path != location.path:
         tags.append((BEST_TAG, best.path))
     for label, tag_dir in tags:
         report.sections.append(_audit_zero_tag(tag_dir, label, max_abs, chunk, moments))
@@ -407,6 +443,7 @@ def format_report(report: AuditReport, *, all_tensors: bool = True) -> str:
         for f in s.findings:
             lines.append(f"{f.severity.upper():5s} [{f.check}] {f.message}")
         lines.append("")
+    lines += [f"note: {n}" for n in report.notes]
     n_err, n_warn = report.count("error"), report.count("warn")
     total = sum(len(s.tensors) for s in report.sections)
     verdict = "UNHEALTHY" if n_err else ("WARNINGS" if n_warn else "HEALTHY")

@@ -7,6 +7,7 @@ largest single tensor instead of the model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,15 @@ from giblet_ds.checkpoint.serialization import (
 )
 from giblet_ds.checkpoint.zero_reader import ParamEntry, ZeroCheckpoint
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run.layout import TENSOR_KINDS_NAME
 
 __all__ = ["convert_zero_checkpoint", "ConversionResult", "OUTPUT_DTYPES"]
 
-OUTPUT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -52,18 +58,22 @@ def convert_zero_checkpoint(
     output_dir: str | Path,
     *,
     tag: str | None = None,
-    dtype: Literal["fp32", "bf16"] | torch.dtype = "fp32",
+    dtype: Literal["fp32", "bf16", "fp16"] | torch.dtype = "fp32",
     max_shard_size: int | str | None = "5GB",
     safe_serialization: bool = False,
     exclude_frozen_parameters: bool = False,
     on_file: Callable[[Path, int], None] | None = None,
+    verify: bool = True,
 ) -> ConversionResult:
     """Write the consolidated weights of a ZeRO-1/2/3 tag to ``output_dir``.
 
     ``max_shard_size=None`` writes a single file whatever its size. Floating tensors are cast to
     ``dtype`` (integer buffers keep theirs, as in DeepSpeed). ``on_file(path, n_tensors)`` is called
     after each file is written. Raises :class:`CheckpointError` for a missing, truncated or foreign
-    input; in that case nothing is left in ``output_dir``.
+    input; in that case nothing is left in ``output_dir``. Only a complete tag is read, checked
+    against its manifest unless ``verify=False`` (giblet_ds.run.resolve_checkpoint). Beside the
+    weights, ``tensor_kinds.json`` says which tensors were trainable, frozen or buffers (read by
+    the audit; DeepSpeed's files are unchanged).
     """
     target = OUTPUT_DTYPES[dtype] if isinstance(dtype, str) else dtype
     if target not in OUTPUT_DTYPES.values():
@@ -72,7 +82,7 @@ def convert_zero_checkpoint(
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     index_name = weights_name + ".index.json"
 
-    with ZeroCheckpoint.open(checkpoint_dir, tag) as ckpt:
+    with ZeroCheckpoint.open(checkpoint_dir, tag, verify=verify) as ckpt:
         entries = ckpt.state_dict_entries(exclude_frozen_parameters)
         metas: dict[str, TensorMeta] = {}
         by_entry: dict[int, TensorMeta] = {}
@@ -114,6 +124,8 @@ def convert_zero_checkpoint(
                     write_torch_file(stage / filename, sub, produce)
                 if on_file is not None:
                     on_file(output_dir / filename, len(names))
+            kinds = {name: entries[name].kind for name in metas}
+            (stage / TENSOR_KINDS_NAME).write_text(json.dumps(kinds, indent=1) + "\n")
             if plan.is_sharded:
                 write_index(stage / index_name, plan)
         result.files = [output_dir / f for f in plan.filename_to_tensors]

@@ -68,13 +68,17 @@ def load_model(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     prefer: str = "best",
+    verify: bool = True,
 ) -> tuple[GibletAutoencoder, RunConfig, CheckpointLocation]:
     """The model of a checkpoint, weights loaded, in eval mode; with its config and location.
 
     ``checkpoint`` is anything :func:`giblet_ds.run.resolve_checkpoint` accepts; a run directory
     stands for its ``best`` tag when there is one (``prefer``), else its newest complete tag.
+    Incomplete tags are refused; a tag is checked against its manifest unless ``verify=False``.
     """
-    location = resolve_checkpoint(checkpoint, prefer="best" if prefer == "best" else "latest")
+    location = resolve_checkpoint(
+        checkpoint, prefer="best" if prefer == "best" else "latest", verify=verify
+    )
     config_path = Path(config) if config is not None else find_run_config(location.path)
     cfg = load_config(config_path)
     with torch.device("meta"):

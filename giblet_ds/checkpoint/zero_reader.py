@@ -136,10 +136,13 @@ class ZeroCheckpoint:
     # -- construction helpers ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, checkpoint_dir: str | Path, tag: str | None = None) -> ZeroCheckpoint:
+    def open(
+        cls, checkpoint_dir: str | Path, tag: str | None = None, *, verify: bool = True
+    ) -> ZeroCheckpoint:
         """Open ``checkpoint_dir/tag``, or what :func:`giblet_ds.run.resolve_checkpoint` picks in a
-        checkpoints folder or run directory, or a tag folder given directly."""
-        location = resolve_checkpoint(checkpoint_dir, tag=tag)
+        checkpoints folder or run directory, or a tag folder given directly (complete tags only;
+        checked against the tag's manifest unless ``verify=False``)."""
+        location = resolve_checkpoint(checkpoint_dir, tag=tag, verify=verify)
         if location.kind != "tag":
             raise CheckpointError(f"{location.path}: consolidated weights, not a ZeRO tag")
         return cls(location.path)

@@ -9,14 +9,25 @@ RUN_DIR/
   train.log                 rank-0 log
   checkpoints/
     latest                  names the newest complete step tag (DeepSpeed's convention)
-    step-00000123/          a DeepSpeed tag + run_config.yaml + complete (written last)
+    step-00000123/          a DeepSpeed tag + run_config.yaml + metadata.json + manifest.json
+                            + complete (written last; see giblet_ds.run.manifest)
     best/                   the best validation tag (never overwritten by the final weights)
+    zero_to_fp32.py         giblet-ds's safe converter (in place of DeepSpeed's copy)
+    zero_to_torch.py        DeepSpeed's dtype-choosing wrapper, which imports the file above
+    .staging/<tag>/         a tag being written (moved into place when every rank has finished)
   wandb/
+  wandb_run_id              the wandb run id of this run (fresh per run, reused on resume)
 ```
 
-A tag is complete when every rank has written its files: the trainer calls :meth:`RunDir.mark_complete`
-after a barrier that follows DeepSpeed's save, and only then moves ``latest``. A run killed during a
-save therefore resumes from the previous complete tag.
+A tag is written into ``checkpoints/.staging/<tag>`` and moved into place by
+:meth:`RunDir.commit_staged` only when every rank has written its files and rank 0 has written
+``metadata.json``, ``manifest.json`` and the ``complete`` marker; a tag already there under that name
+(e.g. the previous ``best``) is replaced as a whole, never mixed. Only then is ``latest`` moved. A
+run killed during a save therefore resumes from the previous complete tag, and a later save of the
+same tag starts from an empty staging folder.
+
+Tools read only complete tags (:func:`resolve_checkpoint`): in a giblet-ds checkpoints folder a tag
+without its ``complete`` marker is refused, naming the newest complete one.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from giblet_ds.errors import CheckpointError
+from giblet_ds.run.manifest import METADATA_NAME, read_metadata, verify_manifest
 
 __all__ = [
     "BEST_TAG",
@@ -38,6 +50,7 @@ __all__ = [
     "RunDir",
     "SAFE_WEIGHTS_NAME",
     "TAG_CONFIG_NAME",
+    "TENSOR_KINDS_NAME",
     "UNIVERSAL_SUFFIX",
     "WEIGHTS_NAME",
     "find_run_config",
@@ -45,6 +58,7 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_resume",
     "step_tag",
+    "tag_world_size",
 ]
 
 CONFIG_NAME = "config.resolved.yaml"
@@ -57,6 +71,11 @@ BEST_TAG = "best"
 COMPLETE_MARKER = "complete"
 TAG_CONFIG_NAME = "run_config.yaml"
 UNIVERSAL_SUFFIX = "-universal"
+STAGING_NAME = ".staging"
+WANDB_ID_NAME = "wandb_run_id"
+# Beside consolidated weights: name -> param | frozen | buffer, so the audit judges a consolidated
+# file as it judges the tag it came from (a .bin cannot tell trainable from frozen).
+TENSOR_KINDS_NAME = "tensor_kinds.json"
 STEP_TAG = re.compile(r"^step-(\d{8})$")
 # DeepSpeed's model-state file names: one of them marks a folder as a ZeRO tag.
 _MODEL_STATE_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -120,13 +139,27 @@ class RunDir:
     def tag_dir(self, tag: str) -> Path:
         return self.checkpoints / tag
 
+    @property
+    def staging(self) -> Path:
+        return self.checkpoints / STAGING_NAME
+
+    def staging_tag_dir(self, tag: str) -> Path:
+        """Where ``tag`` is written before :meth:`commit_staged` moves it into place."""
+        return self.staging / tag
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / WANDB_ID_NAME
+
     # -- reading ---------------------------------------------------------------------------
 
     def tags(self) -> list[str]:
         """Every tag folder (complete or not), sorted by name."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p.name for p in self.checkpoints.iterdir() if p.is_dir())
+        return sorted(
+            p.name for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def is_complete(self, tag: str) -> bool:
         return (self.tag_dir(tag) / COMPLETE_MARKER).is_file()
@@ -157,11 +190,38 @@ class RunDir:
 
     # -- writing (rank 0 only) ----------------------------------------------------------------
 
-    def mark_complete(self, tag: str, step: int) -> None:
-        _atomic_write(self.tag_dir(tag) / COMPLETE_MARKER, f"{step}\n")
+    def mark_complete(self, tag: str, step: int, *, staged: bool = False) -> None:
+        folder = self.staging_tag_dir(tag) if staged else self.tag_dir(tag)
+        _atomic_write(folder / COMPLETE_MARKER, f"{step}\n")
 
     def unmark_complete(self, tag: str) -> None:
         (self.tag_dir(tag) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+    def fresh_staging(self, tag: str) -> Path:
+        """An empty staging folder for ``tag`` (what a crashed save left there is deleted)."""
+        folder = self.staging_tag_dir(tag)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def commit_staged(self, tag: str) -> Path:
+        """Move the staged ``tag`` into place, replacing a tag of that name as a whole.
+
+        The old folder is first renamed aside (one rename each way, so readers see the old tag or
+        the new one, and during the instant between them no tag), then deleted, together with its
+        universal-format copy, which was converted from the old files.
+        """
+        staged, target = self.staging_tag_dir(tag), self.tag_dir(tag)
+        if not (staged / COMPLETE_MARKER).is_file():
+            raise CheckpointError(f"{staged}: staged tag has no '{COMPLETE_MARKER}' marker")
+        old = self.staging / f"{tag}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.tag_dir(tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+        return target
 
     def write_latest(self, tag: str) -> None:
         """DeepSpeed's ``latest`` file (read by load_checkpoint and zero_to_fp32), atomically."""
@@ -222,29 +282,98 @@ def _run_of_checkpoints(checkpoints: Path) -> RunDir:
     )
 
 
+def _keeps_markers(checkpoints: Path) -> bool:
+    """True for a giblet-ds checkpoints folder, whose tags count only with a ``complete`` marker;
+    False for a folder DeepSpeed wrote alone (no markers at all), read as DeepSpeed would."""
+    if checkpoints.name == CHECKPOINTS_NAME and (checkpoints.parent / CONFIG_NAME).is_file():
+        return True
+    return any(
+        (p / COMPLETE_MARKER).is_file() or (p / METADATA_NAME).is_file()
+        for p in checkpoints.iterdir()
+        if p.is_dir()
+    )
+
+
+def _complete_tags(checkpoints: Path) -> list[str]:
+    """Complete tags (step tags and ``best``), oldest step first; a step tag wins a tie."""
+    steps = []
+    for p in checkpoints.iterdir():
+        if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(UNIVERSAL_SUFFIX):
+            step = _marker_step(p)
+            if step is not None and is_zero_tag_dir(p):
+                steps.append((step, p.name != BEST_TAG, p.name))
+    return [name for _, _, name in sorted(steps)]
+
+
+def _marker_step(tag_dir: Path) -> int | None:
+    marker = tag_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return int(marker.read_text().split()[0])
+    except (ValueError, IndexError):
+        return -1  # a marker without a step (older DeepSpeed-only copies): complete, oldest
+
+
+def _refuse_incomplete(tag_dir: Path) -> None:
+    """Raise naming ``tag_dir`` and the newest complete tag beside it, if it lacks its marker."""
+    if (tag_dir / COMPLETE_MARKER).is_file() or not _keeps_markers(tag_dir.parent):
+        return
+    complete = _complete_tags(tag_dir.parent)
+    newest = (
+        f"the newest complete tag is {complete[-1]} ({tag_dir.parent / complete[-1]})"
+        if complete
+        else f"{tag_dir.parent} holds no complete tag"
+    )
+    raise CheckpointError(
+        f"{tag_dir}: tag {tag_dir.name!r} is incomplete (no '{COMPLETE_MARKER}' marker: a save "
+        f"that did not finish, its files may mix two steps); {newest}"
+    )
+
+
 def _pick_tag(checkpoints: Path, tag: str | None, prefer: Prefer) -> CheckpointLocation:
     """A tag inside a checkpoints folder: the one named, else ``best`` or the newest complete."""
     run = _run_of_checkpoints(checkpoints)
-    found = sorted(p.name for p in checkpoints.iterdir() if p.is_dir() and is_zero_tag_dir(p))
+    found = sorted(
+        p.name
+        for p in checkpoints.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and is_zero_tag_dir(p)
+    )
     if tag is not None:
         if not (checkpoints / tag).is_dir():
             raise CheckpointError(
                 f"{checkpoints / tag}: tag folder not found (tags in {checkpoints}: "
                 f"{found or 'none'})"
             )
+        _refuse_incomplete(checkpoints / tag)
         return CheckpointLocation("tag", checkpoints / tag, run, f"tag {tag} as named")
-    if (
-        prefer == "best"
-        and (checkpoints / BEST_TAG).is_dir()
-        and is_zero_tag_dir(checkpoints / BEST_TAG)
-    ):
-        return CheckpointLocation("tag", checkpoints / BEST_TAG, run, "the best tag")
+    markers = _keeps_markers(checkpoints)
+    best = checkpoints / BEST_TAG
+    skipped = ""
+    if prefer == "best" and best.is_dir() and is_zero_tag_dir(best):
+        if not markers or (best / COMPLETE_MARKER).is_file():
+            return CheckpointLocation("tag", best, run, "the best tag")
+        skipped = f"'{BEST_TAG}' is incomplete, skipped; "
     complete = [
         t for t in found if STEP_TAG.match(t) and (checkpoints / t / COMPLETE_MARKER).is_file()
     ]
     if complete:
         return CheckpointLocation(
-            "tag", checkpoints / complete[-1], run, f"the newest complete tag {complete[-1]}"
+            "tag",
+            checkpoints / complete[-1],
+            run,
+            f"{skipped}the newest complete tag {complete[-1]}",
+        )
+    if markers:
+        any_complete = _complete_tags(checkpoints)
+        if any_complete:
+            name = any_complete[-1]
+            return CheckpointLocation(
+                "tag", checkpoints / name, run, f"{skipped}the newest complete tag {name}"
+            )
+        raise CheckpointError(
+            f"{checkpoints}: no complete checkpoint (no tag folder holds a '{COMPLETE_MARKER}' "
+            f"marker; tags found: {found or 'none'}, all from saves that did not finish)"
         )
     latest = checkpoints / LATEST_NAME
     if latest.is_file():  # a plain DeepSpeed checkpoints folder (no completeness markers)
@@ -264,16 +393,30 @@ def _pick_tag(checkpoints: Path, tag: str | None, prefer: Prefer) -> CheckpointL
 
 
 def resolve_checkpoint(
-    path: str | Path, *, tag: str | None = None, prefer: Prefer = "latest"
+    path: str | Path,
+    *,
+    tag: str | None = None,
+    prefer: Prefer = "latest",
+    verify: bool = True,
 ) -> CheckpointLocation:
     """Resolve any path a user may give to one checkpoint.
 
     Accepted: a consolidated file (``.bin``, ``.pt``, ``.safetensors``, ``*.index.json``), a
     folder of consolidated weights, a ZeRO tag folder, a checkpoints folder or a run directory
-    (``tag`` if given, else ``best`` when ``prefer="best"`` and present, else the newest complete
-    step tag, else the tag named by ``latest``). Raises CheckpointError naming what was searched.
+    (``tag`` if given, else ``best`` when ``prefer="best"`` and complete, else the newest complete
+    tag; in a folder DeepSpeed wrote alone, the tag named by ``latest``). In a giblet-ds
+    checkpoints folder only complete tags are read: a tag named without its ``complete`` marker
+    raises CheckpointError naming the newest complete tag. With ``verify`` a tag's files are
+    checked against its manifest (sizes and checksums; giblet_ds.run.manifest), naming the file
+    that does not match. Raises CheckpointError naming what was searched.
     """
-    path = Path(path)
+    location = _resolve(Path(path), tag, prefer)
+    if verify and location.kind == "tag":
+        verify_manifest(location.path)
+    return location
+
+
+def _resolve(path: Path, tag: str | None, prefer: Prefer) -> CheckpointLocation:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_file():
@@ -285,6 +428,7 @@ def resolve_checkpoint(
     if is_zero_tag_dir(path):
         if tag is not None:
             raise CheckpointError(f"{path} is a tag folder itself; drop the tag {tag!r}")
+        _refuse_incomplete(path)
         parent = path.parent
         run = _run_of_checkpoints(parent) if parent.name == CHECKPOINTS_NAME else None
         return CheckpointLocation("tag", path, run, "the tag folder as given")
@@ -308,6 +452,7 @@ def resolve_resume(resume: str, run_dir: Path) -> CheckpointLocation | None:
 
     ``auto``: the newest complete step tag of RUN_DIR (None when there is none). ``none``: start
     fresh. A path: anything :func:`resolve_checkpoint` accepts that is a tag; it must be complete.
+    The manifest is not checked here: the trainer's ranks check it together (faster).
     """
     if resume == "none":
         return None
@@ -319,7 +464,7 @@ def resolve_resume(resume: str, run_dir: Path) -> CheckpointLocation | None:
             "tag", RunDir(run_dir).tag_dir(tags[-1]), RunDir(run_dir), f"newest complete {tags[-1]}"
         )
     try:
-        location = resolve_checkpoint(resume)
+        location = resolve_checkpoint(resume, verify=False)
     except CheckpointError as exc:
         raise CheckpointError(f"--resume {resume}: {exc}") from None
     if location.kind != "tag":
@@ -333,6 +478,13 @@ def resolve_resume(resume: str, run_dir: Path) -> CheckpointLocation | None:
             "did not finish); pick a complete tag"
         )
     return location
+
+
+def tag_world_size(tag_dir: Path) -> int | None:
+    """The data-parallel world size that wrote ``tag_dir``, from its ``metadata.json`` (None when
+    the tag has none, e.g. one DeepSpeed wrote alone)."""
+    meta = read_metadata(tag_dir)
+    return None if meta is None else meta.world_size
 
 
 def find_run_config(checkpoint: Path) -> Path:

@@ -148,7 +148,8 @@ class EndRecord(Record):
     kind: ClassVar[str] = "end"
     step: int = 0
     status: str = "failed"
-    """finished | early_stopped | failed"""
+    """finished | early_stopped | preempted (a SIGTERM/SIGUSR1 stopped it at a step boundary after
+    a complete save; launch/train.py then exits 75 and the run resumes from that save) | failed"""
     reason: str = ""
 
 

@@ -3,8 +3,11 @@
 Same order as ``torch.utils.data.DistributedSampler`` (a permutation seeded by ``seed + epoch``,
 padded or cropped to a multiple of the world size, rank ``r`` taking every ``world``-th index from
 ``r``), but it knows how far the epoch has got, so a resumed run continues with the very next
-sample instead of replaying or skipping part of the epoch. No ``torch.distributed`` import: the
-trainer passes ``num_replicas`` and ``rank``.
+sample instead of replaying or skipping part of the epoch, on any number of ranks: the position is
+global (samples of the epoch's order consumed by all ranks together), and the rest of the order,
+from that position on, is split over the new ranks the same way. On the same world size this is
+exactly the order an uninterrupted run takes. No ``torch.distributed`` import: the trainer passes
+``num_replicas`` and ``rank``.
 """
 
 from __future__ import annotations
@@ -58,19 +61,36 @@ class ResumableDistributedSampler(Sampler[int]):
                 )
         else:
             self.num_samples = math.ceil(size / num_replicas)
-        self.total_size = self.num_samples * num_replicas
         self.epoch = 0
+        self.start = 0  # global position in the epoch's order where this split begins
+        self.consumed = 0  # samples this rank has consumed since ``start``
+        self._split(0)
+
+    def _split(self, start: int) -> None:
+        """Share the epoch's order from global position ``start`` over the ranks."""
+        rest = max(self.dataset_size - start, 0)
+        if self.drop_last:
+            self.num_samples = rest // self.num_replicas
+        else:
+            self.num_samples = math.ceil(rest / self.num_replicas)
+        self.start = start
+        self.total_size = start + self.num_samples * self.num_replicas
         self.consumed = 0
 
     def __len__(self) -> int:
         """Samples this rank still has to yield in the current epoch."""
         return self.num_samples - self.consumed
 
+    @property
+    def consumed_global(self) -> int:
+        """Samples of the epoch's order consumed by all ranks together."""
+        return self.start + self.consumed * self.num_replicas
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning, unless it is the epoch already in progress."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self.consumed = 0
+            self._split(0)
 
     def advance(self, n: int) -> None:
         """Record that training consumed ``n`` more samples on this rank."""
@@ -81,19 +101,17 @@ class ResumableDistributedSampler(Sampler[int]):
         self.consumed += n
 
     def epoch_indices(self) -> list[int]:
-        """This rank's full index sequence for the current epoch."""
+        """This rank's index sequence for the current epoch, from the split's start."""
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.dataset_size, generator=generator).tolist()
         else:
             order = list(range(self.dataset_size))
-        if self.drop_last:
-            order = order[: self.total_size]
-        else:
-            padding = self.total_size - len(order)
+        padding = self.total_size - len(order)
+        if padding > 0:  # wrap around to the epoch's first samples, as DistributedSampler does
             order += (order * math.ceil(padding / len(order)))[:padding]
-        return order[self.rank : self.total_size : self.num_replicas]
+        return order[self.start + self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.consumed :])
@@ -103,7 +121,8 @@ class ResumableDistributedSampler(Sampler[int]):
         return {
             "epoch": self.epoch,
             "consumed": self.consumed,
-            "consumed_global": self.consumed * self.num_replicas,
+            "consumed_global": self.consumed_global,
+            "start": self.start,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
@@ -111,27 +130,31 @@ class ResumableDistributedSampler(Sampler[int]):
             "dataset_size": self.dataset_size,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position. The world size may change if the global position divides evenly:
-        index ``k`` of rank ``r`` is global position ``k * world + r``, so the next sample of the
-        new world is still the next sample of the old one."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be continued by this sampler (other data or
+        sampler settings); the world size may differ. Cheap: call it before converting anything."""
         for key in ("seed", "shuffle", "drop_last", "dataset_size"):
-            if state[key] != getattr(self, key):
+            if state.get(key) != getattr(self, key):
                 raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this sampler has "
+                    f"sampler state has {key}={state.get(key)!r} but this sampler has "
                     f"{getattr(self, key)!r}; resume with the same data and sampler settings"
                 )
         consumed_global = int(state["consumed_global"])
-        if consumed_global % self.num_replicas:
-            raise ValueError(
-                f"cannot resume {consumed_global} consumed samples on {self.num_replicas} ranks "
-                f"(saved with {state['num_replicas']}); resume with a world size dividing it"
-            )
-        # Padding depends on the world size: positions past the real data would differ.
-        if state["num_replicas"] != self.num_replicas and consumed_global > self.dataset_size:
-            raise ValueError("cannot change world size inside the padded tail of an epoch")
-        consumed = consumed_global // self.num_replicas
-        if consumed > self.num_samples:
-            raise ValueError(f"saved position {consumed} is past this epoch's {self.num_samples}")
+        if consumed_global < 0:
+            raise ValueError(f"sampler state has a negative position {consumed_global}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position, on any world size: the rest of the epoch's order, from the saved
+        global position, is split over this sampler's ranks (:meth:`_split`). A position inside
+        the padded tail (``drop_last=False``) means the epoch's real samples are all consumed."""
+        self.check_state(state)
         self.epoch = int(state["epoch"])
-        self.consumed = consumed
+        consumed_global = int(state["consumed_global"])
+        start = int(state.get("start", 0))
+        if state["num_replicas"] == self.num_replicas and start <= consumed_global:
+            # Same world: keep the saved split (identical to an uninterrupted run, padded tail
+            # included).
+            self._split(start)
+            self.consumed = min((consumed_global - start) // self.num_replicas, self.num_samples)
+        else:
+            self._split(min(consumed_global, self.dataset_size))

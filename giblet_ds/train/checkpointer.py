@@ -1,13 +1,18 @@
 """Save and load one tag: the engine's ZeRO files plus the trainer's resumable state bundle.
 
-Every rank calls :meth:`Checkpointer.save` and :meth:`Checkpointer.load` (both are collective). A tag
-is complete once every rank has written its files: rank 0 writes the ``complete`` marker after a
-barrier, and only then moves ``latest`` and prunes old step tags (giblet_ds.run.layout).
+Every rank calls :meth:`Checkpointer.save`, :meth:`Checkpointer.verify` and
+:meth:`Checkpointer.load` (all collective). A tag is written into an empty staging folder
+(``checkpoints/.staging/<tag>``); once every rank has written its files, the ranks checksum them
+in parallel (each a share), rank 0 writes ``run_config.yaml``, ``metadata.json`` (step, world
+size, ZeRO stage, the resume pre-checks), ``manifest.json`` and the ``complete`` marker, and moves
+the folder into place, replacing a tag of the same name as a whole. Only then does it move
+``latest`` and prune old step tags (giblet_ds.run.layout, giblet_ds.run.manifest).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,16 @@ from giblet_ds.run.layout import (
     CheckpointLocation,
     RunDir,
 )
+from giblet_ds.run.manifest import (
+    METADATA_NAME,
+    TagMetadata,
+    manifest_entries,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+    write_metadata,
+)
+from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
 
@@ -33,8 +48,16 @@ class Checkpointer:
         self.run = run
         self.keep_last = keep_last
 
+    def clear_staging(self) -> None:
+        """Drop what saves killed midway left in the staging folder (rank 0, at start-up)."""
+        if dist.is_rank0():
+            for folder in self.run.staging.iterdir() if self.run.staging.is_dir() else []:
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
+
     def needs_universal(self, location: CheckpointLocation, world_size: int) -> bool:
-        """True when ``location`` was written by another number of ranks."""
+        """True when ``location`` was written by another number of ranks (its metadata says)."""
         return checkpoint_world_size(location.path) != world_size
 
     def to_universal(self, location: CheckpointLocation) -> CheckpointLocation:
@@ -48,29 +71,67 @@ class Checkpointer:
             f"universal copy of {location.tag}",
         )
 
-    def save(
-        self, engine: Any, tag: str, *, step: int, state: dict[str, Any], config_yaml: str
-    ) -> Path:
-        """Write ``tag`` on every rank with ``state`` as DeepSpeed's client state; returns its folder.
+    def verify(self, location: CheckpointLocation) -> None:
+        """Check the tag against its manifest, the checksums split over the ranks; every rank
+        raises the same CheckpointError naming the first file that does not match."""
+        error: str | None = None
+        try:
+            files = read_manifest(location.path) or {}
+            names = sorted(files)[dist.rank() :: dist.world_size()]
+            verify_manifest(location.path, names)
+        except CheckpointError as exc:
+            error = str(exc)
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
 
-        Rewriting ``best`` drops its marker first: it is incomplete until every rank has written.
-        """
-        tag_dir = self.run.tag_dir(tag)
+    def save(
+        self,
+        engine: Any,
+        tag: str,
+        *,
+        step: int,
+        state: dict[str, Any],
+        config_yaml: str,
+        store_hash: str | None = None,
+    ) -> Path:
+        """Write ``tag`` on every rank with ``state`` as DeepSpeed's client state; returns its folder
+        (see the module docstring for the order)."""
+        staged = self.run.staging_tag_dir(tag)
         if dist.is_rank0():
-            self.run.unmark_complete(tag)
+            self.run.fresh_staging(tag)
         dist.barrier()
         engine.save_checkpoint(
-            str(self.run.checkpoints), tag=tag, client_state=state, save_latest=False
+            str(self.run.staging), tag=tag, client_state=state, save_latest=False
         )
         dist.barrier()
+        # Rank 0's listing for everyone (a shared file system may show other ranks late).
+        names = dist.broadcast_object(sorted(p.name for p in staged.iterdir() if p.is_file()))
+        mine = manifest_entries(staged, names[dist.rank() :: dist.world_size()])
+        entries = {k: v for part in dist.all_gather_object(mine) for k, v in part.items()}
         if dist.is_rank0():
-            (tag_dir / TAG_CONFIG_NAME).write_text(config_yaml)
-            self.run.mark_complete(tag, step)
+            (staged / TAG_CONFIG_NAME).write_text(config_yaml)
+            write_metadata(
+                staged,
+                TagMetadata(
+                    tag=tag,
+                    step=step,
+                    world_size=int(getattr(engine, "dp_world_size", dist.world_size())),
+                    zero_stage=int(engine.zero_optimization_stage()),
+                    store_hash=store_hash,
+                    sampler=state.get("sampler"),
+                ),
+            )
+            entries.update(manifest_entries(staged, [TAG_CONFIG_NAME, METADATA_NAME]))
+            write_manifest(staged, entries)
+            self.run.mark_complete(tag, step, staged=True)
+            self.run.commit_staged(tag)
+            write_converter_scripts(self.run.checkpoints, self.run.staging)
             if tag != BEST_TAG:
                 self.run.write_latest(tag)
                 self.run.prune_step_tags(self.keep_last)
         dist.barrier()
-        return tag_dir
+        return self.run.tag_dir(tag)
 
     def load(self, engine: Any, location: CheckpointLocation) -> dict[str, Any]:
         """Load the engine (weights, optimizer, scheduler) and return the saved client state."""

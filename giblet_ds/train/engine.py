@@ -4,6 +4,7 @@ convert a checkpoint for a different world size (DeepSpeed's universal checkpoin
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,11 @@ from giblet_ds.config import RunConfig
 from giblet_ds.config.deepspeed_json import zero_stage
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.run.layout import COMPLETE_MARKER, UNIVERSAL_SUFFIX
+from giblet_ds.run.layout import COMPLETE_MARKER, UNIVERSAL_SUFFIX, tag_world_size
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.schedule import make_scheduler
+
+_RANK_IN_NAME = re.compile(r"zero_pp_rank_(\d+)_")
 
 __all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "weight_decay_groups"]
 
@@ -80,11 +83,17 @@ def build_engine(
 
 
 def checkpoint_world_size(tag_dir: Path) -> int:
-    """How many data-parallel ranks wrote this tag (one optimizer-state file each)."""
-    files = sorted(tag_dir.glob("*_optim_states.pt"))
-    if not files:
+    """How many data-parallel ranks wrote this tag: from its ``metadata.json``, never by counting
+    files (a folder may hold stale files of another save). A tag without metadata (DeepSpeed's
+    alone) falls back to the highest rank number in its optimizer file names."""
+    saved = tag_world_size(tag_dir)
+    if saved is not None:
+        return saved
+    ranks = [int(m.group(1)) for p in tag_dir.glob("*_optim_states.pt")
+             if (m := _RANK_IN_NAME.search(p.name))]  # fmt: skip
+    if not ranks:
         raise CheckpointError(f"{tag_dir}: no *_optim_states.pt files; not a DeepSpeed ZeRO tag")
-    return len(files)
+    return max(ranks) + 1
 
 
 def convert_to_universal(checkpoint_dir: Path, tag: str) -> str:

@@ -4,6 +4,9 @@ GIBLET_FAULT_NAN_STEPS=3,4   rank 0's batch becomes NaN at these optimizer steps
 GIBLET_FAULT_KILL_AT_STEP=5  after step 5 and what follows it (validation and saves; for an
                              epoch's last step, the end-of-epoch ones), rank 0 SIGKILLs its whole
                              process group, as a crashed node would.
+GIBLET_FAULT_SIGNAL_AT_STEP=5:USR1
+                             right after step 5's optimizer step, rank 0 (only) sends itself the
+                             signal (USR1 or TERM), as a scheduler preempting the job would.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import signal
 
 import torch
 
-__all__ = ["maybe_kill", "maybe_poison"]
+__all__ = ["maybe_kill", "maybe_poison", "maybe_signal"]
 
 
 def _steps(name: str) -> set[int]:
@@ -29,3 +32,12 @@ def maybe_poison(batch: dict[str, torch.Tensor], step: int, rank: int) -> None:
 def maybe_kill(step: int, rank: int) -> None:
     if rank == 0 and step in _steps("GIBLET_FAULT_KILL_AT_STEP"):
         os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def maybe_signal(step: int, rank: int) -> None:
+    raw = os.environ.get("GIBLET_FAULT_SIGNAL_AT_STEP", "")
+    if rank != 0 or not raw:
+        return
+    at, _, name = raw.partition(":")
+    if int(at) == step:
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'USR1'}"))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 from giblet_ds.run.layout import RunDir
 from giblet_ds.run.records import Record, TrainRecord, ValRecord, record_to_json
 
-__all__ = ["RunLog", "setup_file_logging"]
+__all__ = ["RunLog", "setup_file_logging", "wandb_run_id"]
 
 log = logging.getLogger("giblet_ds")
 
@@ -29,6 +31,22 @@ def setup_file_logging(run_dir: Path, enabled: bool) -> None:
         log.addHandler(handler)
 
 
+def wandb_run_id(run: RunDir, *, resuming: bool) -> str:
+    """The wandb run id of this run: the one kept in RUN_DIR/wandb_run_id when resuming, else a
+    fresh random one written there (rank 0 only). Never the folder's name: two runs in folders of
+    one name (e.g. the default runs/giblet_3p5b) would otherwise log into one wandb run."""
+    path = run.wandb_id
+    if resuming and path.is_file():
+        kept = path.read_text().strip()
+        if re.fullmatch(r"[a-z0-9]{8,64}", kept):
+            return kept
+        log.warning("%s holds %r, not a wandb run id: starting a new wandb run", path, kept)
+    fresh = uuid.uuid4().hex[:16]
+    run.path.mkdir(parents=True, exist_ok=True)
+    path.write_text(fresh + "\n")
+    return fresh
+
+
 class RunLog:
     """Appends records to metrics.jsonl and mirrors numeric ones to wandb. No-op off rank 0."""
 
@@ -40,6 +58,7 @@ class RunLog:
         wandb_mode: str,
         wandb_project: str,
         wandb_run_name: str,
+        wandb_run_id: str,
         config: dict[str, Any],
     ) -> None:
         self.enabled = enabled
@@ -55,7 +74,7 @@ class RunLog:
                 mode=wandb_mode,  # type: ignore[arg-type]  # validated by LoggingConfig
                 config=config,
                 resume="allow",
-                id=(wandb_run_name or run_dir.name).replace("/", "-"),
+                id=wandb_run_id,
             )
 
     def write(self, record: Record) -> None:

@@ -25,6 +25,7 @@ from giblet_ds.model import (
 )
 from giblet_ds.resolve import resolve
 from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, RunDir, resolve_resume, step_tag
+from giblet_ds.run.manifest import read_metadata
 from giblet_ds.run.records import (
     CheckpointRecord,
     EndRecord,
@@ -47,8 +48,9 @@ from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flo
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import build_engine
 from giblet_ds.train.evaluate import ValReference, evaluate, val_reference
+from giblet_ds.train.preemption import PreemptionWatch
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from giblet_ds.train.run_log import RunLog, setup_file_logging
+from giblet_ds.train.run_log import RunLog, setup_file_logging, wandb_run_id
 from giblet_ds.train.val_images import frame_pair, r_map_mosaic
 
 __all__ = ["StepResult", "Trainer"]
@@ -89,17 +91,21 @@ class Trainer:
     checkpointer: Checkpointer
     run_log: RunLog
 
-    def __init__(self, cfg: RunConfig, ds_json: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: RunConfig, ds_json: dict[str, Any], *, verify_checkpoint: bool = True
+    ) -> None:
+        """``verify_checkpoint=False`` skips checking the resumed tag against its manifest."""
         self._init_process_group(cfg.checkpoint.run_dir)
         resolved = resolve(cfg, ds_json=ds_json, world_size=self.world_size)
         assert resolved.store is not None and resolved.ds_config is not None
         self.cfg, self.store = resolved.cfg, resolved.store
         self._build_data()
         self.checkpointer = Checkpointer(self.run, keep_last=self.cfg.checkpoint.keep_last)
-        resume = self._resume_target(resolved.ds_config)
+        self.checkpointer.clear_staging()
+        resume = self._resume_target(resolved.ds_config, verify=verify_checkpoint)
         self._build_engine(resolved.ds_config)
         self._init_counters()
-        self._build_logging()
+        self._build_logging(resuming=resume is not None)
         if resume is not None:
             self.load_state_dict(self.checkpointer.load(self.engine, resume))
             log.info("resumed from %s at step %d (epoch %d)", resume.path, self.step, self.epoch)
@@ -146,11 +152,26 @@ class Trainer:
             )
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-    def _resume_target(self, ds_config: dict[str, Any]) -> CheckpointLocation | None:
-        """The tag to resume from; on a new world size its universal copy (and ``ds_config`` is
-        switched to universal loading)."""
+    def _resume_target(
+        self, ds_config: dict[str, Any], *, verify: bool
+    ) -> CheckpointLocation | None:
+        """The tag to resume from, checked (manifest, store, sampler) before anything is converted;
+        on a new world size its universal copy (and ``ds_config`` is switched to universal
+        loading)."""
         resume = resolve_resume(self.cfg.checkpoint.resume, self.run.path)
-        if resume is not None and self.checkpointer.needs_universal(resume, self.world_size):
+        if resume is None:
+            return None
+        if verify:
+            self.checkpointer.verify(resume)
+        meta = read_metadata(resume.path)
+        if meta is not None and meta.store_hash is not None:
+            self._check_store_hash(meta.store_hash)
+        if meta is not None and meta.sampler is not None:
+            try:
+                self.sampler.check_state(meta.sampler)
+            except ValueError as exc:
+                raise CheckpointError(f"cannot resume from {resume.path}: {exc}") from None
+        if self.checkpointer.needs_universal(resume, self.world_size):
             resume = self.checkpointer.to_universal(resume)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return resume
@@ -179,8 +200,10 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self._last_saved_step = -1
+        self.preemption = PreemptionWatch()
+        self.preempted_by: str | None = None
 
-    def _build_logging(self) -> None:
+    def _build_logging(self, *, resuming: bool) -> None:
         self.noise_ceiling = self._val_noise_ceiling()
         config = config_to_dict(self.cfg)
         self.run_log = RunLog(
@@ -189,6 +212,7 @@ class Trainer:
             wandb_mode=self.cfg.logging.wandb_mode,
             wandb_project=self.cfg.logging.wandb_project,
             wandb_run_name=self.cfg.logging.wandb_run_name,
+            wandb_run_id=wandb_run_id(self.run, resuming=resuming) if self.rank == 0 else "",
             config=config,
         )
         if self.rank == 0:
@@ -215,13 +239,14 @@ class Trainer:
             )
         )
         try:
-            while self.step < self.max_steps:
-                if self._train_epoch():
-                    status, reason = "early_stopped", self._early_stop_reason()
-                    break
-                self.epoch += 1
-            else:
-                status, reason = "finished", f"reached max_steps={self.max_steps}"
+            with self.preemption:
+                while self.step < self.max_steps:
+                    if self._train_epoch():
+                        status, reason = self._stop_status()
+                        break
+                    self.epoch += 1
+                else:
+                    status, reason = "finished", f"reached max_steps={self.max_steps}"
             return status
         except GibletError as exc:
             reason = str(exc)
@@ -235,11 +260,12 @@ class Trainer:
             self.run_log.close()
 
     def _train_epoch(self) -> bool:
-        """One pass over this rank's shard (continuing mid-epoch after a resume). True: stop."""
+        """One pass over this rank's shard (continuing mid-epoch after a resume). True: stop
+        (early stopping, or a preemption signal after its save)."""
         self.sampler.set_epoch(self.epoch)
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=self._steps_done_in_epoch(),
+            initial=max(self.steps_per_epoch - self._steps_left_in_epoch(), 0),
             desc=f"epoch {self.epoch}",
             disable=self.rank != 0 or not self.cfg.logging.progress_bar,
             dynamic_ncols=True,
@@ -253,6 +279,7 @@ class Trainer:
                 self.sampler.advance(self.cfg.optim.micro_batch_size * len(micro_batches))
                 seconds = time.perf_counter() - started
                 self._after_step(result, seconds)
+                faults.maybe_signal(self.step, self.rank)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{result.loss:.4f}",
@@ -263,8 +290,10 @@ class Trainer:
                     stop = self._validate_and_checkpoint()
                 if self._due(self.cfg.checkpoint.save_every_steps, end_of_epoch=False) or stop:
                     self.save(step_tag(self.step))
-                if self._steps_done_in_epoch() < self.steps_per_epoch:
-                    faults.maybe_kill(self.step, self.rank)  # the epoch's last step: below
+                if self._steps_left_in_epoch() > 0:  # the epoch's last step: below
+                    faults.maybe_kill(self.step, self.rank)
+                    if not stop and self.step < self.max_steps and self._stop_for_preemption():
+                        return True
                 if stop or self.step >= self.max_steps:
                     break
         if not stop and self._due(self.cfg.train.val_every_steps, end_of_epoch=True):
@@ -273,10 +302,31 @@ class Trainer:
         if self._due(self.cfg.checkpoint.save_every_steps, end_of_epoch=True) or at_end:
             self.save(step_tag(self.step))
         faults.maybe_kill(self.step, self.rank)
+        if not at_end and self._stop_for_preemption():
+            return True
         return stop
 
-    def _steps_done_in_epoch(self) -> int:
-        return self.sampler.consumed // self.cfg.optim.samples_per_rank_step
+    def _stop_for_preemption(self) -> bool:
+        """At a step boundary (after that step's validation and saves): when any rank received
+        SIGTERM/SIGUSR1, every rank saves this step's tag and the loop stops. Collective."""
+        if not self.preemption.agreed(self.engine.device):
+            return False
+        self.preempted_by = self.preemption.signal_name()
+        self.save(step_tag(self.step))
+        return True
+
+    def _stop_status(self) -> tuple[str, str]:
+        if self.preempted_by is None:
+            return "early_stopped", self._early_stop_reason()
+        return "preempted", (
+            f"{self.preempted_by} received: stopped after step {self.step}, saved as "
+            f"{step_tag(self.step)}; the same command resumes from it"
+        )
+
+    def _steps_left_in_epoch(self) -> int:
+        """Optimizer steps this rank still takes in the epoch (after a resume on another world
+        size: the rest of the epoch's samples split over this world)."""
+        return len(self.sampler) // self.cfg.optim.samples_per_rank_step
 
     def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         loader = DataLoader(
@@ -287,7 +337,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
         )
         group: list[dict[str, torch.Tensor]] = []
-        remaining = self.steps_per_epoch - self._steps_done_in_epoch()
+        remaining = self._steps_left_in_epoch()
         if remaining <= 0:
             return
         for batch in loader:
@@ -454,7 +504,12 @@ class Trainer:
             return  # this step is already on disk under its step tag
         config_yaml = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         tag_dir = self.checkpointer.save(
-            self.engine, tag, step=self.step, state=self.state_dict(), config_yaml=config_yaml
+            self.engine,
+            tag,
+            step=self.step,
+            state=self.state_dict(),
+            config_yaml=config_yaml,
+            store_hash=self.store.build_hash,
         )
         self.run_log.write(CheckpointRecord(step=self.step, tag=tag, path=str(tag_dir)))
         if tag != BEST_TAG:
@@ -476,20 +531,23 @@ class Trainer:
             "world_size": self.world_size,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; refuses a checkpoint of another store."""
-        if state["store_hash"] != self.store.build_hash:
+    def _check_store_hash(self, saved: str) -> None:
+        if saved != self.store.build_hash:
             raise CheckpointError(
-                f"the checkpoint was trained on a store with hash {state['store_hash']}, but "
+                f"the checkpoint was trained on a store with hash {saved}, but "
                 f"data.store={self.store.path} has {self.store.build_hash}; resume with the same "
                 "store or start a new run directory"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; refuses a checkpoint of another store."""
+        self._check_store_hash(state["store_hash"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.skipped_total = int(state["skipped_total"])
         self.consecutive_skips = int(state["consecutive_skips"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.sampler.load_state_dict(state["sampler"])
-        if self._steps_done_in_epoch() >= self.steps_per_epoch:
+        if self._steps_left_in_epoch() == 0:
             # Saved after the epoch's last step, its validation and its save: go on with the next
             # epoch instead of validating (and counting toward early stopping) a second time.
             self.epoch += 1
