@@ -224,7 +224,7 @@ class Check:
         candidates = [self.ckpt_dir] if self.ckpt_dir else [self.work, Path("/dev/shm")]
         seen = []
         for place in candidates:
-            if not place.exists() and place != self.work:
+            if str(place) == "/dev/shm" and not place.is_dir():
                 continue
             place.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(place).free
