@@ -146,3 +146,126 @@ def test_universal_resume_on_one_rank(
     steps = losses_by_step(run_dir)
     assert sorted(steps) == [9, 10]
     assert all(math.isfinite(loss) for loss, _ in steps.values())
+    # Case 2(b): every complete tag, best included (re-saved by 1 rank when validation improved),
+    # holds exactly the files of the world size its metadata names.
+    ckpts = run_dir / "checkpoints"
+    sizes = {
+        t.name: _tag_files_match_metadata(t)["world_size"] for t in ckpts.glob("step-000000??")
+    }
+    assert sizes == {f"step-{s:08d}": 2 for s in (2, 4, 6, 8)} | {"step-00000010": 1}
+    _tag_files_match_metadata(ckpts / "best")
+
+
+# ------------------------------------------------------------------ issue 9: trustworthy tags
+
+
+def _tag_files_match_metadata(tag_dir: Path) -> dict:
+    """The tag's metadata, after checking its rank files are those of its world size only and
+    its manifest verifies."""
+    from giblet_ds.checkpoint import ZeroCheckpoint
+    from giblet_ds.run.manifest import read_metadata, verify_manifest
+
+    meta = read_metadata(tag_dir)
+    assert meta is not None and (tag_dir / "complete").is_file()
+    verify_manifest(tag_dir)
+    with ZeroCheckpoint(tag_dir) as ckpt:  # refuses files of ranks beyond the world size
+        assert ckpt.world_size == meta.world_size
+    return meta.__dict__
+
+
+def test_preempted_run_saves_exits_75_and_resumes_bit_identically(
+    tiny_store: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Cases 5 and 6: SIGUSR1 reaches rank 0 only after step 5; both ranks stop there after a
+    complete save, the end record says preempted, the exit code is 75, and the resumed run logs
+    the reference's losses bit for bit, into the same wandb run (id kept in the run dir, not the
+    folder's name: the reference's folder has the same name, 'run', and another id)."""
+    reference_run = _reference("zero2_fp32_cpu.json", tmp_path_factory, tiny_store)
+    run_dir = tmp_path / "run"
+    sets = (*COMMON, "logging.wandb_mode=offline")
+    preempted = run_training(
+        run_dir, tiny_store, sets=sets, env={"GIBLET_FAULT_SIGNAL_AT_STEP": "5:USR1"}
+    )
+    assert preempted.returncode == 75, preempted.stderr[-3000:]
+    (end,) = records(run_dir, "end")
+    assert end["status"] == "preempted" and end["step"] == 5
+    assert end["reason"].startswith("SIGUSR1 received: stopped after step 5")
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000005"
+    meta = _tag_files_match_metadata(ckpts / "step-00000005")
+    assert meta["world_size"] == 2 and meta["step"] == 5 and meta["zero_stage"] == 2
+    # Case 7: the script beside the checkpoints is ours, DeepSpeed's wrapper uses it.
+    assert "giblet_ds.checkpoint.zero_to_fp32" in (ckpts / "zero_to_fp32.py").read_text()
+    assert "import zero_to_fp32" in (ckpts / "zero_to_torch.py").read_text()
+    assert not list(ckpts.glob(".staging/*")), "nothing left in the staging folder"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert run_id != (reference_run / "wandb_run_id").read_text().strip()
+
+    resumed = run_training(run_dir, tiny_store, sets=sets)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert records(run_dir, "start")[-1]["start_step"] == 5
+    assert losses_by_step(run_dir) == losses_by_step(reference_run)
+    assert losses_by_step(run_dir, "val") == losses_by_step(reference_run, "val")
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline)
+
+
+def test_resume_on_three_ranks_at_a_position_that_does_not_divide(
+    tiny_store: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Cases 1 and 2(a): the 2-rank tag of step 2 (8 samples consumed, 8 % 3 != 0) resumed on 3
+    ranks; the folder of step 4 already holds a stale rank-3 file of an interrupted save (and the
+    staging folder another): the new step-4 tag replaces it whole, its world size comes from its
+    metadata, and the tools read it."""
+    reference_run = _reference("zero2_fp32_cpu.json", tmp_path_factory, tiny_store)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "metrics.jsonl").unlink()
+    ckpts = run_dir / "checkpoints"
+    for tag in ckpts.glob("step-*"):
+        if tag.name != "step-00000002":
+            shutil.rmtree(tag)
+    (ckpts / "latest").write_text("step-00000002")
+    stale = ckpts / "step-00000004"
+    stale.mkdir()
+    shutil.copy(ckpts / "step-00000002" / "mp_rank_00_model_states.pt", stale)
+    (stale / "zero_pp_rank_3_mp_rank_00_optim_states.pt").write_bytes(b"stale")
+    (ckpts / ".staging" / "step-00000004").mkdir(parents=True)
+    (ckpts / ".staging" / "step-00000004" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").touch()
+
+    result = run_training(run_dir, tiny_store, world=3, sets=(*COMMON[1:], "train.max_steps=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (start,) = records(run_dir, "start")
+    assert start["start_step"] == 2 and start["world_size"] == 3
+    steps = losses_by_step(run_dir)
+    assert sorted(steps) == [3, 4] and all(math.isfinite(loss) for loss, _ in steps.values())
+    meta = _tag_files_match_metadata(ckpts / "step-00000004")
+    assert meta["world_size"] == 3
+    assert not (ckpts / "step-00000004" / "zero_pp_rank_3_mp_rank_00_optim_states.pt").exists()
+    assert not list(ckpts.glob(".staging/*"))
+    from giblet_ds.checkpoint import audit_path, convert_zero_checkpoint
+
+    out = convert_zero_checkpoint(run_dir, tmp_path / "consolidated")
+    assert out.tag_dir == ckpts / "step-00000004" and out.world_size == 3
+    assert audit_path(run_dir).count("error") == 0
+
+
+def test_resume_zero3_from_one_rank_on_two(tiny_store: Path, tmp_path: Path) -> None:
+    """1 -> 2 ranks under ZeRO-3 (universal conversion of a ZeRO-3 tag)."""
+    run_dir = tmp_path / "run"
+    sets = ("checkpoint.save_every_steps=2", "train.val_every_steps=0", "train.max_steps=3")
+    first = run_training(run_dir, tiny_store, ds_config="zero3_fp32_cpu.json", world=1, sets=sets)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _tag_files_match_metadata(run_dir / "checkpoints" / "step-00000003")["world_size"] == 1
+    second = run_training(
+        run_dir, tiny_store, ds_config="zero3_fp32_cpu.json", sets=(*sets[:2], "train.max_steps=5")
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert records(run_dir, "start")[-1]["start_step"] == 3
+    steps = losses_by_step(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(loss) for loss, _ in steps.values())
+    meta = _tag_files_match_metadata(run_dir / "checkpoints" / "step-00000005")
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 3

@@ -2,10 +2,11 @@
 """Audit checkpoint weights for NaN/Inf, exploding or dead tensors and norm scales stuck at init.
 
 PATH may be a consolidated file (.bin, .safetensors, a sharded *.index.json), a DeepSpeed ZeRO tag
-folder (read directly, Adam moments included), or a run directory (audits its latest and best tags).
+folder (read directly, Adam moments included), or a run directory (audits its newest complete tag
+and best). Only complete tags are read, checked against their manifest first (--no-verify skips).
 Streams chunk by chunk: memory stays small whatever the model size.
 
-Exit codes: 0 healthy, 1 findings at or above --fail-on, 2 unreadable input.
+Exit codes: 0 healthy, 1 findings at or above --fail-on, 2 unreadable, incomplete or corrupted input.
 
     tools/audit_weights.py runs/demo
     tools/audit_weights.py runs/demo/checkpoints/best --json audit.json --fail-on warn
@@ -42,13 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-moments", action="store_true", help="skip the Adam moments of ZeRO tags")
     p.add_argument("--flagged-only", action="store_true", help="print only tensors with findings")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking a tag's files against its manifest (sizes and checksums)",
+    )
     return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = audit_path(args.path, max_abs=args.max_abs, moments=not args.no_moments)
+        report = audit_path(
+            args.path, max_abs=args.max_abs, moments=not args.no_moments, verify=not args.no_verify
+        )
     except GibletError as exc:
         print(f"audit_weights: error: {exc}", file=sys.stderr)
         return 2
