@@ -229,7 +229,6 @@ def test_gpu_plan_is_the_3p5b_preset_in_bf16() -> None:
         assert cmd[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
     # bf16: 2 + 2 read, 2 written, 24 of fp32 optimizer traffic, 2 rewritten
     assert gpu_runs.floor_bytes_per_param(2) == 2 + 2 + 2 + 24 + 2 == 32
-    assert 3_513_036_418 * 32 == 112_417_165_376  # about 26 ms at 4.3 TB/s
 
 
 def test_a_failed_fused_adam_build_falls_back_to_torch_adamw(tmp_path: Path) -> None:
