@@ -76,8 +76,11 @@ def read_devices() -> list[dict[str, Any]]:
 
 
 def memory_snapshot() -> dict[str, float]:
+    """This rank's memory in GB: host RSS and, on a GPU, allocated, peak allocated and peak
+    reserved (the caching allocator's pool: what the GPU cannot give to anything else)."""
     out = {"rss_gb": psutil.Process().memory_info().rss / 1e9}
     if torch.cuda.is_available():
         out["gpu_allocated_gb"] = torch.cuda.memory_allocated() / 1e9
         out["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["gpu_max_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     return out
