@@ -147,12 +147,47 @@ def generate(folder: Path, minutes: float, subjects: int) -> dict[str, Any]:
     }
 
 
-def run_build(files: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The build in a child process, so its peak RSS is the build's alone."""
+_STUB_ENCODEC = (
+    "import numpy as np\n"
+    "from giblet_ds.store.builder import audio\n"
+    "audio.encode_audio = lambda wave, model, **k: np.zeros((8, -(-len(wave) // 320)), np.int16)\n"
+)
+
+_ENCODEC_ONLY = """
+import json, resource, sys, time
+from giblet_ds.store.builder import audio
+model, _ = audio.load_encodec(6.0, False)
+wave = audio.decode_audio(sys.argv[1])[: int(float(sys.argv[2]) * 60 * audio.SAMPLE_RATE)]
+audio.init_random_codebooks(model, wave)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+codes = audio.encode_audio(wave, model)
+print(json.dumps({"encode_s": round(time.perf_counter() - start, 1), "audio_minutes": len(wave) / 1.44e6,
+    "rss_before_mb": round(base), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "codebooks": int(codes.shape[0])}))
+"""
+
+
+def run_encodec_fraction(movie: str, minutes: float) -> dict[str, Any]:
+    """EnCodec (6 kbps, the default batch) on the movie's first ``minutes`` of audio, alone in a
+    child process: the stage the full-size run stubs when ``--encodec-minutes`` is given."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENCODEC_ONLY, movie, str(minutes)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"EnCodec measurement failed with exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_build(files: dict[str, Any], out: Path, stub_encodec: bool = False) -> dict[str, Any]:
+    """The build in a child process, so its peak RSS is the build's alone. ``stub_encodec``
+    replaces EnCodec's encoder by zero codes of the right shape (measured apart instead)."""
     out.unlink(missing_ok=True)
     repo = Path(__file__).resolve().parents[1]
     code = (
-        "import json, sys\n"
+        (_STUB_ENCODEC if stub_encodec else "") + "import json, sys\n"
         "from giblet_ds.store.builder.pipeline import build_from_paths\n"
         "from giblet_ds.store.builder.settings import BuildSettings\n"
         "f = json.loads(sys.argv[1])\n"
@@ -179,7 +214,7 @@ def run_build(files: dict[str, Any], out: Path) -> dict[str, Any]:
         "build_s_per_movie_minute": round(wall / minutes, 1),
         "peak_rss_gb": round(max(result["peak_rss_mb"].values()) / 1024, 2),
         "store_gb": round(out.stat().st_size / 1e9, 2),
-        "log_tail": proc.stderr.strip().splitlines()[-6:],
+        "log": [line for line in proc.stderr.splitlines() if "stage " in line or "TRs" in line],
     }
 
 
@@ -190,6 +225,11 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=5)
     p.add_argument("--generate-only", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the generated files and the store")
+    p.add_argument(
+        "--encodec-minutes",
+        type=float,
+        help="stub EnCodec in the full build and time it apart on this many minutes of the audio",
+    )
     args = p.parse_args()
     free = shutil.disk_usage(args.work_dir.parent if not args.work_dir.exists() else args.work_dir)
     files = generate(args.work_dir, args.minutes, args.subjects)
@@ -204,7 +244,10 @@ def main() -> None:
     }
     if not args.generate_only:
         out = args.work_dir / f"store_{args.subjects}subj_{args.minutes:g}min.h5"
-        record.update(run_build(files, out))
+        if args.encodec_minutes:
+            record["encodec_fraction"] = run_encodec_fraction(files["movie"], args.encodec_minutes)
+        record.update(run_build(files, out, stub_encodec=bool(args.encodec_minutes)))
+        record["stubbed_encodec"] = bool(args.encodec_minutes)
         if not args.keep:
             out.unlink(missing_ok=True)
     print(json.dumps(record))

@@ -243,16 +243,22 @@ def encode_audio(
     ctx = round(context_s * SAMPLE_RATE / hop) * hop
     n_frames = math.ceil(len(wave) / hop)
     n_segments = math.ceil(len(wave) / seg)
-    # Every piece is context + segment long; zeros before the movie and after its end (the model
-    # is causal, so trailing zeros never change earlier codes).
-    padded = np.zeros(ctx + n_segments * seg, dtype=np.float32)
-    padded[ctx : ctx + len(wave)] = wave
     out: list[np.ndarray] = []
+
+    def piece(k: int) -> np.ndarray:
+        # Context + segment, zeros before the movie and after its end (the model is causal, so
+        # trailing zeros never change earlier codes); cut from the wave, never a padded copy.
+        buf = np.zeros(ctx + seg, dtype=np.float32)
+        lo, hi = k * seg - ctx, k * seg + seg
+        part = wave[max(lo, 0) : min(hi, len(wave))]
+        buf[max(lo, 0) - lo : max(lo, 0) - lo + len(part)] = part
+        return buf
+
     model = model.to(device)
     with torch.inference_mode():
         for first in range(0, n_segments, batch):
             indices = range(first, min(first + batch, n_segments))
-            pieces = np.stack([padded[k * seg : k * seg + ctx + seg] for k in indices])
+            pieces = np.stack([piece(k) for k in indices])
             encoded = model.encode(torch.from_numpy(pieces).to(device)[:, None])
             codes = torch.cat([frame_codes for frame_codes, _ in encoded], dim=-1)
             skip = ctx // hop

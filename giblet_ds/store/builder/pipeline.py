@@ -156,6 +156,9 @@ def build_store(
         seconds[name] = round(now - clock, 3)
         peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         clock = now
+        _log(
+            f"stage {name}: {seconds[name]:.1f} s (peak memory so far {peaks[name] / 1024:.2f} GB)"
+        )
 
     if (inputs.mask is not None) != (settings.mask_rule == "file"):
         raise StoreError(
@@ -227,6 +230,13 @@ def build_store(
     )
     _report_rows(inputs.annotations, annotation_counts)
 
+    # Text first: the CLIP tower (1.4 GB for ViT-H-14) is released before audio and fMRI work.
+    texts = [a.text for a in annotations]
+    with _bar("embed text", len(set(texts)), "text", progress) as update:
+        embeddings = text.embed_texts(texts, encode_text, progress=update)
+    del encode_text
+    lap("text")
+
     audio_report: dict[str, int] = {}
     wave = audio.decode_audio(inputs.video, report=audio_report)
     if audio_report["bad_packets"]:
@@ -281,10 +291,6 @@ def build_store(
         del model, wave, codes
         lap("audio")
 
-        texts = [a.text for a in annotations]
-        with _bar("embed text", len(set(texts)), "text", progress) as update:
-            embeddings = text.embed_texts(texts, encode_text, progress=update)
-        del encode_text  # releases the CLIP tower (1.4 GB for ViT-H-14) before the fMRI stage
         text_array, text_mask = text.annotations_per_tr(
             annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
         )
@@ -294,7 +300,6 @@ def build_store(
         if annotation_counts["after_movie_end"]:
             _log(f"note: {annotation_counts['after_movie_end']} annotations start after the last "
                  f"TR ({n_trs * settings.tr:.1f} s) and are not used")  # fmt: skip
-        lap("text")
 
         # -- fMRI mask on the training volumes (every subject before any subject is written) ----
         with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
