@@ -58,7 +58,9 @@ def test_pairwise_isc_is_rho_exactly() -> None:
     # the one-pass formula equals the average of all 6 pairwise np.corrcoef values
     pairs = [(i, j) for i in range(S) for j in range(i + 1, S)]
     for v in (0, 1, 3):
-        manual = np.mean([np.corrcoef(subjects[i, :, v], subjects[j, :, v])[0, 1] for i, j in pairs])
+        manual = np.mean(
+            [np.corrcoef(subjects[i, :, v], subjects[j, :, v])[0, 1] for i, j in pairs]
+        )
         assert isc[v] == pytest.approx(manual, abs=1e-12)
 
 
