@@ -1,7 +1,8 @@
 """Temporal context on the demo: k = 1 against the default k, side by side in one run.
 
-Trains the `small` preset twice on the same demo store (2 CPU ranks, ZeRO-2 fp32, as `make demo`
-does), identical but for model.context_trs, then scores each run's best tag on the test split
+Trains the `small` preset twice on the same demo store (one process, ZeRO-2 fp32, micro-batch
+16 = the demo's global batch of 2 ranks x 8, so no second multi-rank job competes with others on
+the shared cores), identical but for model.context_trs, then scores each run's best tag on the test split
 with tools/evaluate.py (same TRs, same voxel sets, the same cached ridge baseline, the planted
 oracle). Cost: median s/step over the logged steps after the first few, peak rank-0 RSS, and the
 3.5B dry run's activation memory per GPU at each k (giblet_ds.memory_estimate).
@@ -27,15 +28,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PY = Path(sys.executable)
-DEEPSPEED = PY.parent / "deepspeed"
 SETS = ("reliable", "all")
 
 
 def train(store: Path, run_dir: Path, k: int, extra: list[str]) -> float:
     """One training run of the small preset with context_trs = k; returns its wall seconds."""
     cmd = [
-        str(DEEPSPEED), "--num_gpus", "2", str(REPO / "launch" / "train.py"),
+        str(PY), str(REPO / "launch" / "train.py"),
         "--config", str(REPO / "launch" / "configs" / "small.yaml"),
+        "--set", "optim.micro_batch_size=16",
         "--deepspeed_config", str(REPO / "ds_configs" / "zero2_fp32_cpu.json"),
         "--set", f"data.store={store}", "--set", f"checkpoint.run_dir={run_dir}",
         "--set", f"model.context_trs={k}", "--set", "logging.wandb_mode=disabled",
@@ -51,6 +52,14 @@ def train(store: Path, run_dir: Path, k: int, extra: list[str]) -> float:
     if done.returncode != 0:
         raise SystemExit(f"training k={k} failed ({done.returncode}); see {log}")
     return time.perf_counter() - clock
+
+
+def _finished(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return any(r["kind"] == "end" and r["status"] in ("finished", "early_stopped") for r in rows)
 
 
 def evaluate(run_dir: Path, store: Path, truth: Path | None, out: Path) -> dict[str, Any]:
@@ -71,13 +80,68 @@ def run_cost(run_dir: Path, skip: int = 3) -> dict[str, Any]:
     times = [r["step_time_s"] for r in steps[skip:]] or [r["step_time_s"] for r in steps]
     end = [r for r in rows if r["kind"] == "end"][-1]
     vals = [r for r in rows if r["kind"] == "val"]
+    start = [r for r in rows if r["kind"] == "start"][0]
     return {
+        "train_wall_s": end["time"] - start["time"],
         "steps": end["step"],
         "status": end["status"],
         "s_per_step_median": statistics.median(times),
         "peak_rss_gb_rank0": max(r["memory"]["rss_gb"] for r in steps),
         "val_records": len(vals),
         "param_counts_total": [r for r in rows if r["kind"] == "start"][0]["param_counts"]["total"],
+    }
+
+
+def step_times(store: Path, ks: list[int], steps: int = 6, rounds: int = 3) -> dict[str, Any]:
+    """s/step of the small preset at each k, one process, torch AdamW, batch 16, interleaved
+    round by round (k = 1, k = 8, k = 1, ...) so machine noise hits every k alike; plus the small
+    preset's saved-for-backward bytes per step from memory_estimate (fp32 on CPU: x2 the bf16
+    figure)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from giblet_ds.config import load_config
+    from giblet_ds.losses import NormalizedLoss, TargetVariances
+    from giblet_ds.memory_estimate import activation_bytes
+    from giblet_ds.model import GibletAutoencoder
+    from giblet_ds.store import StoreDataset, load_target_stats, open_store
+
+    torch.set_num_threads(1)
+    info = open_store(store)
+    stats = load_target_stats(info.path, info=info)
+    setups = {}
+    for k in ks:
+        cfg = load_config(REPO / "launch" / "configs" / "small.yaml", [f"model.context_trs={k}"])
+        model_cfg = cfg.model.with_input_sizes(info.model_input_sizes())
+        torch.manual_seed(0)
+        model = GibletAutoencoder(model_cfg)
+        model.init_weights()
+        loader = DataLoader(
+            StoreDataset(info.path, "train", info=info, context_trs=k), batch_size=16, shuffle=True
+        )
+        loss_fn = NormalizedLoss(TargetVariances.from_stats(stats), cfg.loss.weights())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        setups[k] = (model, loader, loss_fn, opt, activation_bytes(model, 16))
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(rounds):
+        for k in ks:
+            model, loader, loss_fn, opt, _ = setups[k]
+            batches = iter(loader)
+            for _ in range(steps):
+                clock = time.perf_counter()
+                batch = next(batches)
+                out = model(batch["video"], batch["audio_codes"], batch["text"],
+                            batch.get("context_mask"))  # fmt: skip
+                loss_fn(out, batch).total.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times[k].append(time.perf_counter() - clock)
+    return {
+        str(k): {
+            "s_per_step_median": statistics.median(times[k]),
+            "activations_mb_small_fp32": 2 * setups[k][4].without_checkpointing / 1024**2,
+        }
+        for k in ks
     }
 
 
@@ -120,15 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         "store": str(args.store),
         "runs": {},
     }
+    saved = args.out / "bench_context.json"
+    if saved.is_file():  # a rerun keeps the runs it already has
+        results["runs"] = json.loads(saved.read_text())["runs"]
     for k in args.ks:
         run_dir = args.out / f"run_k{k}"
-        wall = train(args.store, run_dir, k, args.set)
+        if _finished(run_dir):  # trained by an earlier invocation with the same settings
+            print(f"k={k}: reusing the finished run {run_dir}")
+            wall = float(results["runs"].get(str(k), {}).get("train_wall_s", float("nan")))
+        else:
+            wall = train(args.store, run_dir, k, args.set)
         evaluation = evaluate(run_dir, args.store, args.truth, args.out / f"eval_k{k}")
-        entry: dict[str, Any] = {
-            "train_wall_s": wall,
-            **run_cost(run_dir),
-            "dry_run_3p5b": dry_run_memory(k),
-        }
+        entry: dict[str, Any] = {**run_cost(run_dir), "dry_run_3p5b": dry_run_memory(k)}
+        entry["train_and_launch_wall_s"] = wall
         for name in SETS:
             try:
                 s = voxel_set(evaluation, name)
@@ -139,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["n_trs"] = evaluation.get("n_trs")
         results["runs"][str(k)] = entry
         (args.out / "bench_context.json").write_text(json.dumps(results, indent=2))
+    results["interleaved"] = step_times(args.store, args.ks)
+    saved.write_text(json.dumps(results, indent=2))
     print(table(results))
     return 0
 
@@ -148,12 +218,15 @@ def table(results: dict[str, Any]) -> str:
         f"{results['date']}, {results['machine']}; store {results['store']}; test split, "
         "reliable voxels",
         "",
-        "| k | model r | ridge r | oracle r | model/oracle | s/step | peak RSS GB (rank 0) | "
-        "3.5B act./GPU (ckpt) | 3.5B ZeRO-2 total/GPU | 3.5B TFLOP/sample |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| k | model r | ridge r | oracle r | model/oracle | s/step (run) | s/step (interleaved) | "
+        "act. MB (small, fp32, batch 16) | peak RSS GB | 3.5B act./GPU (ckpt) | "
+        "3.5B ZeRO-2 total/GPU | 3.5B TFLOP/sample |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, run in results["runs"].items():
         rel = run.get("reliable", {})
+        inter = results.get("interleaved", {}).get(k, {})
+        nan = float("nan")
         dry = run["dry_run_3p5b"]
         oracle = rel.get("oracle_r")
         ratio = f"{rel['model_r'] / oracle:.2f}" if oracle else "n/a"
@@ -164,7 +237,9 @@ def table(results: dict[str, Any]) -> str:
 
         lines.append(
             f"| {k} | {r('model_r')} | {r('ridge_r')} | {r('oracle_r')} | {ratio} | "
-            f"{run['s_per_step_median']:.3f} | {run['peak_rss_gb_rank0']:.2f} | "
+            f"{run['s_per_step_median']:.3f} | {inter.get('s_per_step_median', nan):.3f} | "
+            f"{inter.get('activations_mb_small_fp32', nan):.1f} | "
+            f"{run['peak_rss_gb_rank0']:.2f} | "
             f"{dry['activations_gib_checkpointed']:.2f} GiB | {dry['zero2_total_gib']:.2f} GiB | "
             f"{dry['train_tflops_per_sample']:.3f} |"
         )

@@ -233,9 +233,7 @@ def test_a_window_model_that_reads_only_tr_t_is_the_one_tr_model() -> None:
     missing, unexpected = window.load_state_dict(one.state_dict(), strict=False)
     assert missing == ["encoder.temporal.weight"] and unexpected == []
     assert window.encoder.temporal is not None
-    with torch.no_grad():
-        window.encoder.temporal.weight.zero_()
-        window.encoder.temporal.weight[-1] = 1.0
+    window.encoder.temporal.reset_parameters()  # the initial mixer: TR t alone
     batch = window_batch(cfg, 3)
     got = window(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
     last = current_tr(batch)
@@ -251,6 +249,9 @@ def test_a_window_model_that_reads_only_tr_t_is_the_one_tr_model() -> None:
 def test_padded_rows_never_reach_the_output() -> None:
     cfg = tiny_model_config("model.context_trs=3")
     model = built(cfg)
+    assert model.encoder.temporal is not None
+    with torch.no_grad():  # a mixer that reads every delay (the initial one reads TR t alone)
+        model.encoder.temporal.weight.copy_(torch.linspace(0.1, 0.5, 3).unsqueeze(1))
     batch = window_batch(cfg, 2)
     batch[CONTEXT_MASK][0, :2] = False
     other = {k: v.clone() for k, v in batch.items()}
@@ -267,11 +268,15 @@ def test_padded_rows_never_reach_the_output() -> None:
     assert torch.equal(a.bottleneck[1], c.bottleneck[1])  # all real: None means all real
 
 
-def test_mixer_starts_as_a_moving_average_and_learns() -> None:
+def test_mixer_starts_as_tr_t_alone_and_every_delay_learns() -> None:
     cfg = tiny_model_config("model.context_trs=5")
     model = built(cfg).train()
     assert model.encoder.temporal is not None
-    assert torch.equal(model.encoder.temporal.weight, torch.full((5, 24), 0.2))
+    start = torch.zeros(5, 24)
+    start[-1] = 0.2  # stored divided by k = 5: an effective weight of 1 on TR t
+    assert torch.equal(model.encoder.temporal.weight, start)
+    features = torch.randn(2, 5, 24)
+    assert torch.equal(model.encoder.temporal(features), features[:, -1])
     batch = window_batch(cfg, 3)
     out = model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
     out.bottleneck.square().sum().backward()
@@ -342,4 +347,4 @@ def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
     model, cfg, _ = load_model(run_dir / "checkpoints" / "step-00000006", verify=False)
     assert cfg.model.context_trs == 3 and model.encoder.temporal is not None
     trained = model.encoder.temporal.weight
-    assert trained.shape == (3, 24) and not torch.equal(trained, torch.full((3, 24), 1 / 3))
+    assert trained.shape == (3, 24) and bool((trained[:2] != 0).any())  # older TRs are used

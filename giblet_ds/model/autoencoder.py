@@ -95,7 +95,8 @@ class GibletAutoencoder(nn.Module):
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
         - audio code embeddings: normal, std 1;
-        - temporal mixer (context_trs > 1): 1/k for every delay and feature (a moving average);
+        - temporal mixer (context_trs > 1): TR t alone (effective weight 1 on the last TR, 0 on
+          the others), so the model starts as the one-TR model;
         - with ``output_means`` (training means of the targets, keys ``fmri``, ``video``,
           ``text``): those output biases start at the mean, so every normalized MSE term starts
           near 1.0 (predicting the mean) instead of mean^2 / var above it.

@@ -41,17 +41,21 @@ def current_tr(
 
 
 class TemporalMixer(nn.Module):
-    """(B, k, D) per-TR features -> (B, D): ``sum_j mask[b, j] * weight[j, d] * x[b, j, d]``.
+    """(B, k, D) per-TR features -> (B, D): ``sum_j mask[b, j] * w[j, d] * x[b, j, d]``.
 
-    ``weight`` is (k, D), oldest delay first: k*D parameters, a few thousand next to the model's
-    billions, so the parameter count does not grow with k beyond it. Padded TRs (mask False) add
-    nothing. Initialized to 1/k everywhere (a moving average over the window: every TR's embedding
-    gets gradient from step 0, and the kernel then learns each feature's response shape).
+    ``w = k * weight``, (k, D), oldest delay first: k*D parameters, a few thousand next to the
+    model's billions, so the parameter count does not grow with k beyond it. Padded TRs (mask
+    False) add nothing. Starts as TR t alone (w = 1 for the last TR, 0 for the others): the
+    model starts as the one-TR model and learns what the older TRs add. Stored divided by k
+    because Adam moves every parameter by about lr per step whatever its gradient: the kernel
+    needs moves of order 1 (an HRF's shape) and would take ~1/lr steps to get them; at k x lr per
+    step it takes k times fewer (measured on the demo: BENCHMARKS.md, "Temporal context").
     """
 
     def __init__(self, context_trs: int, features: int) -> None:
         super().__init__()
         self.context_trs = context_trs
+        self.gain = float(context_trs)
         self.weight = nn.Parameter(torch.empty(context_trs, features))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,11 +64,12 @@ class TemporalMixer(nn.Module):
             raise ValueError(
                 f"expected a window of {self.context_trs} TRs (model.context_trs), got {x.shape[1]}"
             )
-        weight = self.weight.to(x.dtype)
+        weight = (self.weight * self.gain).to(x.dtype)
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)
         return torch.einsum("bkd,kd->bd", x, weight)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.weight, 1.0 / self.context_trs)
+        nn.init.zeros_(self.weight)
+        self.weight[-1] = 1.0 / self.gain
