@@ -181,7 +181,9 @@ def run_encodec_fraction(movie: str, minutes: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_build(files: dict[str, Any], out: Path, stub_encodec: bool = False) -> dict[str, Any]:
+def run_build(
+    files: dict[str, Any], out: Path, stub_encodec: bool = False, clip_model: str = "ViT-H-14"
+) -> dict[str, Any]:
     """The build in a child process, so its peak RSS is the build's alone. ``stub_encodec``
     replaces EnCodec's encoder by zero codes of the right shape (measured apart instead)."""
     out.unlink(missing_ok=True)
@@ -192,14 +194,14 @@ def run_build(files: dict[str, Any], out: Path, stub_encodec: bool = False) -> d
         "from giblet_ds.store.builder.settings import BuildSettings\n"
         "f = json.loads(sys.argv[1])\n"
         "r = build_from_paths(f['movie'], f['annotations'], f['fmri'], sys.argv[2],\n"
-        "    BuildSettings(pretrained=False), progress=False)\n"
+        "    BuildSettings(pretrained=False, clip_model=sys.argv[3]), progress=False)\n"
         "print(json.dumps({'seconds': r.seconds, 'peak_rss_mb': r.peak_rss_mb,\n"
         "    'n_trs': r.n_trs, 'movie_seconds': r.movie_seconds}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(files), str(out)],
+        [sys.executable, "-c", code, json.dumps(files), str(out), clip_model],
         cwd=repo, env=env, capture_output=True, text=True,
     )  # fmt: skip
     wall = time.perf_counter() - start
@@ -225,6 +227,7 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=5)
     p.add_argument("--generate-only", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the generated files and the store")
+    p.add_argument("--clip-model", default="ViT-H-14", help="text tower (default: the real one)")
     p.add_argument(
         "--encodec-minutes",
         type=float,
@@ -246,7 +249,12 @@ def main() -> None:
         out = args.work_dir / f"store_{args.subjects}subj_{args.minutes:g}min.h5"
         if args.encodec_minutes:
             record["encodec_fraction"] = run_encodec_fraction(files["movie"], args.encodec_minutes)
-        record.update(run_build(files, out, stub_encodec=bool(args.encodec_minutes)))
+        record["clip_model"] = args.clip_model
+        record.update(
+            run_build(
+                files, out, stub_encodec=bool(args.encodec_minutes), clip_model=args.clip_model
+            )
+        )
         record["stubbed_encodec"] = bool(args.encodec_minutes)
         if not args.keep:
             out.unlink(missing_ok=True)
