@@ -117,6 +117,18 @@ def test_finished_run_report(tmp_path: Path) -> None:
     assert "Store `" in md and "not found here" in md  # an absent store is said, not hidden
 
 
+def test_preempted_run_is_neither_crashed_nor_unhealthy(tmp_path: Path) -> None:
+    run = tmp_path / "preempted"
+    _write_run(run, train_losses=[[4.0, 3.8, 3.6, 3.4], [3.2, 3.0, 2.9, 2.7]],
+               val=[(3.5, 0.05), (3.0, 0.12)], end="preempted")  # fmt: skip
+    report = build_health_report(run, now=T0 + 3600)
+    assert report.status == "preempted" and report.verdict == "HEALTHY", report.markdown()
+    assert "## Status: PREEMPTED — HEALTHY" in report.markdown()
+    (run_check,) = [c for c in report.checks if c.component == "Run"]
+    assert run_check.level == "info"
+    assert run_check.note.startswith("preempted: stop; it saved a complete tag at the step")
+
+
 def test_crashed_run_with_nan_skips_and_near_zero_r(tmp_path: Path) -> None:
     run = tmp_path / "crashed"
     _write_run(run, train_losses=[[725.7, 720.7, 721.2, 722.0], [720.1, "nan", 721.0, 720.5]],

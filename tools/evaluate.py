@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="run config YAML (default: found beside the weights)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the tag's files against its manifest (checksums; on by default)",
+    )
     return p  # fmt: skip
 
 
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(
             args.checkpoint, args.store, args.split, roi=args.roi, truth=args.truth,
             ridge=not args.no_ridge, ridge_cache=args.ridge_cache, reliable_isc=args.reliable_isc,
-            n_shifts=args.shifts, device=args.device, config=args.config,
+            n_shifts=args.shifts, device=args.device, config=args.config, verify=not args.no_verify,
         )  # fmt: skip
         paths = write_evaluation(result, args.out)
     except GibletError as exc:

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="run config YAML (default: found beside the weights)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the tag's files against its manifest (checksums; on by default)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     return p  # fmt: skip
 
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         result = render_reconstructions(
             args.checkpoint, args.store, args.out, split=args.split,
             num_samples=args.num_samples, config=args.config, device=args.device,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, verify=not args.no_verify,
         )  # fmt: skip
     except GibletError as exc:
         print(f"plot_reconstructions: error: {exc}", file=sys.stderr)

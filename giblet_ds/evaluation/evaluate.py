@@ -126,6 +126,7 @@ def evaluate(
     n_shifts: int = 100,
     device: str | None = None,
     config: str | Path | None = None,
+    verify: bool = True,
 ) -> EvaluationResult:
     """Score ``checkpoint`` (any form load_model takes; a run directory means its best tag) on
     ``split`` of ``store``: model, ridge baseline, ceiling and (demo) oracle per voxel, summarized
@@ -136,7 +137,7 @@ def evaluate(
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, location = load_model(checkpoint, config=config, device=dev)
+    model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
     subject = None if cfg.data.subject is None else info.subject_index(cfg.data.subject)

@@ -46,6 +46,9 @@ def build_health_report(
         checks.insert(0, Check("Run", "fail", f"crashed: {reason}"))
     elif status == "running":
         checks.insert(0, Check("Run", "ok", f"running: {reason}"))
+    elif status == "preempted":
+        checks.insert(0, Check("Run", "info", f"preempted: {reason}; it saved a complete tag at "
+                               "the step it stopped: launch the same command to resume"))  # fmt: skip
     else:
         checks.insert(0, Check("Run", "ok", f"{status}: {reason}"))
     dev_lines, dev_checks = records.devices(rec, th)

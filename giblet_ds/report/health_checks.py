@@ -35,7 +35,7 @@ class Check:
 @dataclass
 class HealthReport:
     run_dir: Path
-    status: str  # running | finished | early-stopped | crashed
+    status: str  # running | finished | early-stopped | preempted | crashed
     checks: list[Check] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)  # markdown sections in order
 

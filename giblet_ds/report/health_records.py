@@ -28,9 +28,12 @@ __all__ = [
 def run_status(rec: RunRecords, now: float, th: Thresholds) -> tuple[str, str]:
     if rec.end and rec.last is rec.end[-1]:
         end = rec.end[-1]
-        status = {"finished": "finished", "early_stopped": "early-stopped"}.get(
-            str(end.status), "crashed"
-        )
+        statuses = {
+            "finished": "finished",
+            "early_stopped": "early-stopped",
+            "preempted": "preempted",
+        }
+        status = statuses.get(str(end.status), "crashed")
         return status, str(end.reason)
     step_time = fmt.median([as_float(r.step_time_s) for r in rec.train[-50:]])
     stale = th.stale_after_s or max(900.0, 20 * step_time if math.isfinite(step_time) else 0.0)

@@ -65,10 +65,11 @@ def render_reconstructions(
     config: str | Path | None = None,
     device: str | None = None,
     batch_size: int = 8,
+    verify: bool = True,
 ) -> ReconstructionResult:
     """Everything in the module docstring; returns where it went."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, location = load_model(checkpoint, config=config, device=dev)
+    model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
     ds = StoreDataset(
