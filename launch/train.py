@@ -84,10 +84,27 @@ def main(argv: list[str] | None = None) -> int:
             status = trainer.train()
         finally:
             trainer.close()
+        if status in ("finished", "early_stopped") and trainer.rank == 0:
+            evaluate_best(trainer.cfg)
     except GibletError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return PREEMPTED_EXIT_CODE if status == "preempted" else 0
+
+
+def evaluate_best(cfg: RunConfig) -> None:
+    """The held-out evaluation of ``best`` (train.evaluate_split), as tools/evaluate.py runs it."""
+    split = cfg.train.evaluate_split
+    if split == "none":
+        return
+    from giblet_ds.evaluation import evaluate, format_table, write_evaluation
+    from giblet_ds.run import RunDir
+
+    run = RunDir.of(cfg.checkpoint.run_dir)
+    result = evaluate(run.path, cfg.data.store, split)
+    write_evaluation(result, run.evaluation(split))
+    print(format_table(result))
+    print(f"evaluation of best on the {split} split written to {run.evaluation(split)}")
 
 
 if __name__ == "__main__":

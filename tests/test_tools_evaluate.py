@@ -28,7 +28,7 @@ def run_and_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     base = tmp_path_factory.mktemp("evaluate")
     store = write_synthetic_store(base / "store.h5", n_trs=120, n_voxels=41, n_subjects=3)
     run = base / "run"
-    proc = run_training(run, store, world=1)
+    proc = run_training(run, store, world=1, sets=("train.evaluate_split=test",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, store
 
@@ -49,6 +49,11 @@ def test_evaluation_files_and_hand_checked_numbers(
         assert row in printed
     data = json.loads((out / "evaluation.json").read_text())
     assert data["split"] == "test" and data["n_trs"] == 17
+    # launch/train.py evaluated best on the test split when training ended: the same numbers
+    at_end = json.loads((run / "evaluation-test" / "evaluation.json").read_text())
+    for name in ("all", "reliable"):
+        for key in ("model_r", "ridge_r", "ceiling_r", "constant_term", "model_term", "n_voxels"):
+            assert at_end["sets"][name][key] == data["sets"][name][key], (name, key)
     assert data["checkpoint"].endswith("checkpoints/best")
     info = open_store(store)
     sets = data["sets"]

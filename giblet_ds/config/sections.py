@@ -377,6 +377,10 @@ class TrainConfig:
     """Seed of every random generator (python, numpy, torch), offset by rank where needed."""
     max_consecutive_skips: int = 5
     """Stop the run after this many optimizer steps in a row with a non-finite loss or gradient."""
+    evaluate_split: str = "test"
+    """When training ends (finished or early-stopped), evaluate ``best`` on this held-out split
+    (test | val; none: skip) as tools/evaluate.py does: model, ridge baseline and ceiling on the
+    same TRs and voxels, written to RUN_DIR/evaluation-<split>/ (rank 0)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on a validation metric."""
 
@@ -391,6 +395,12 @@ class TrainConfig:
             "train.max_consecutive_skips",
             self.max_consecutive_skips,
             "must be > 0",
+        )
+        _require(
+            self.evaluate_split in ("test", "val", "none"),
+            "train.evaluate_split",
+            self.evaluate_split,
+            "must be test, val or none",
         )
 
 

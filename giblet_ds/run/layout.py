@@ -136,6 +136,10 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS_NAME
 
+    def evaluation(self, split: str) -> Path:
+        """Where the end-of-training evaluation of ``best`` on ``split`` goes."""
+        return self.path / f"evaluation-{split}"
+
     def tag_dir(self, tag: str) -> Path:
         return self.checkpoints / tag
 
