@@ -22,21 +22,24 @@ from giblet_ds.run.layout import (
     TAG_CONFIG_NAME,
     CheckpointLocation,
     RunDir,
+    resolve_resume,
 )
 from giblet_ds.run.manifest import (
     METADATA_NAME,
     TagMetadata,
     manifest_entries,
     read_manifest,
+    read_metadata,
     verify_manifest,
     write_manifest,
     write_metadata,
 )
 from giblet_ds.run.scripts import write_converter_scripts
+from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "check_store_hash"]
 
 log = logging.getLogger("giblet_ds")
 
@@ -55,6 +58,36 @@ class Checkpointer:
                 if folder.is_dir():
                     shutil.rmtree(folder, ignore_errors=True)
         dist.barrier()
+
+    def resume_target(
+        self,
+        resume: str,
+        *,
+        store: StoreInfo,
+        sampler: ResumableDistributedSampler,
+        ds_config: dict[str, Any],
+        verify: bool,
+    ) -> CheckpointLocation | None:
+        """The tag ``checkpoint.resume`` names, checked (manifest, store, sampler) before anything
+        is converted; on a new world size its universal copy (and ``ds_config`` is switched to
+        universal loading). None: start fresh."""
+        location = resolve_resume(resume, self.run.path)
+        if location is None:
+            return None
+        if verify:
+            self.verify(location)
+        meta = read_metadata(location.path)
+        if meta is not None and meta.store_hash is not None:
+            check_store_hash(meta.store_hash, store)
+        if meta is not None and meta.sampler is not None:
+            try:
+                sampler.check_state(meta.sampler)
+            except ValueError as exc:
+                raise CheckpointError(f"cannot resume from {location.path}: {exc}") from None
+        if self.needs_universal(location, sampler.num_replicas):
+            location = self.to_universal(location)
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return location
 
     def needs_universal(self, location: CheckpointLocation, world_size: int) -> bool:
         """True when ``location`` was written by another number of ranks (its metadata says)."""
@@ -144,3 +177,13 @@ class Checkpointer:
         if path is None or state is None:
             raise CheckpointError(f"DeepSpeed could not load {location.path}")
         return dict(state)
+
+
+def check_store_hash(saved: str, store: StoreInfo) -> None:
+    """Refuse to resume a checkpoint trained on another store."""
+    if saved != store.build_hash:
+        raise CheckpointError(
+            f"the checkpoint was trained on a store with hash {saved}, but data.store="
+            f"{store.path} has {store.build_hash}; resume with the same store or start a new run "
+            "directory"
+        )

@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from giblet_ds.config import RunConfig, config_to_dict
-from giblet_ds.errors import CheckpointError, GibletError
+from giblet_ds.errors import GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.model import (
     GibletAutoencoder,
@@ -24,50 +23,28 @@ from giblet_ds.model import (
     train_flops_per_sample,
 )
 from giblet_ds.resolve import resolve
-from giblet_ds.run.layout import BEST_TAG, CheckpointLocation, RunDir, resolve_resume, step_tag
-from giblet_ds.run.manifest import read_metadata
-from giblet_ds.run.records import (
-    CheckpointRecord,
-    EndRecord,
-    SkipRecord,
-    StartRecord,
-    TrainRecord,
-    ValRecord,
-)
+from giblet_ds.run.layout import BEST_TAG, RunDir, step_tag
+from giblet_ds.run.records import CheckpointRecord, EndRecord, StartRecord, TrainRecord
 from giblet_ds.store import (
     ResumableDistributedSampler,
     StoreDataset,
     StoreInfo,
-    load_mask,
     load_target_stats,
 )
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
-from giblet_ds.train.checkpointer import Checkpointer
+from giblet_ds.train.checkpointer import Checkpointer, check_store_hash
 from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
-from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import build_engine
-from giblet_ds.train.evaluate import ValReference, evaluate, val_reference
 from giblet_ds.train.preemption import PreemptionWatch
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging, wandb_run_id
-from giblet_ds.train.val_images import frame_pair, r_map_mosaic
+from giblet_ds.train.steps import SkipCounter, StepResult, accumulation_groups, mfu
+from giblet_ds.train.validator import Validator
 
-__all__ = ["StepResult", "Trainer"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger("giblet_ds")
-
-
-@dataclass
-class StepResult:
-    """One optimizer step, averaged over its micro batches."""
-
-    loss: float
-    terms: dict[str, float]
-    applied: bool
-    lr: float
-    """The learning rate this step used (the schedule advances only on applied steps)."""
-    nonfinite_terms: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -87,7 +64,8 @@ class Trainer:
     sampler: ResumableDistributedSampler
     steps_per_epoch: int
     max_steps: int
-    early_stopping: EarlyStopping
+    validator: Validator
+    skips: SkipCounter
     checkpointer: Checkpointer
     run_log: RunLog
 
@@ -102,8 +80,15 @@ class Trainer:
         self._build_data()
         self.checkpointer = Checkpointer(self.run, keep_last=self.cfg.checkpoint.keep_last)
         self.checkpointer.clear_staging()
-        resume = self._resume_target(resolved.ds_config, verify=verify_checkpoint)
+        resume = self.checkpointer.resume_target(
+            self.cfg.checkpoint.resume,
+            store=self.store,
+            sampler=self.sampler,
+            ds_config=resolved.ds_config,
+            verify=verify_checkpoint,
+        )
         self._build_engine(resolved.ds_config)
+        self.validator = Validator(self.cfg, self.store, self.val_data, self.loss_fn)
         self._init_counters()
         self._build_logging(resuming=resume is not None)
         if resume is not None:
@@ -152,30 +137,6 @@ class Trainer:
             )
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-    def _resume_target(
-        self, ds_config: dict[str, Any], *, verify: bool
-    ) -> CheckpointLocation | None:
-        """The tag to resume from, checked (manifest, store, sampler) before anything is converted;
-        on a new world size its universal copy (and ``ds_config`` is switched to universal
-        loading)."""
-        resume = resolve_resume(self.cfg.checkpoint.resume, self.run.path)
-        if resume is None:
-            return None
-        if verify:
-            self.checkpointer.verify(resume)
-        meta = read_metadata(resume.path)
-        if meta is not None and meta.store_hash is not None:
-            self._check_store_hash(meta.store_hash)
-        if meta is not None and meta.sampler is not None:
-            try:
-                self.sampler.check_state(meta.sampler)
-            except ValueError as exc:
-                raise CheckpointError(f"cannot resume from {resume.path}: {exc}") from None
-        if self.checkpointer.needs_universal(resume, self.world_size):
-            resume = self.checkpointer.to_universal(resume)
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        return resume
-
     def _build_engine(self, ds_config: dict[str, Any]) -> None:
         cfg = self.cfg
         stats = load_target_stats(self.store.path, subject=cfg.data.subject, info=self.store)
@@ -193,18 +154,14 @@ class Trainer:
         self.input_dtype = next(iter(self.engine.module.parameters())).dtype
 
     def _init_counters(self) -> None:
-        es = self.cfg.train.early_stopping
-        self.early_stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
         self.step = 0
         self.epoch = 0
-        self.skipped_total = 0
-        self.consecutive_skips = 0
+        self.skips = SkipCounter()
         self._last_saved_step = -1
         self.preemption = PreemptionWatch()
         self.preempted_by: str | None = None
 
     def _build_logging(self, *, resuming: bool) -> None:
-        self.noise_ceiling = self._val_noise_ceiling()
         config = config_to_dict(self.cfg)
         self.run_log = RunLog(
             self.run.path,
@@ -233,7 +190,7 @@ class Trainer:
                 start_step=self.step,
                 store=str(self.store.path),
                 store_hash=self.store.build_hash,
-                fmri_noise_ceiling_r=self.noise_ceiling,
+                fmri_noise_ceiling_r=self.validator.noise_ceiling,
                 device=self.device_name,
                 peak_flops=self.peak_flops,
             )
@@ -317,7 +274,7 @@ class Trainer:
 
     def _stop_status(self) -> tuple[str, str]:
         if self.preempted_by is None:
-            return "early_stopped", self._early_stop_reason()
+            return "early_stopped", self.validator.stop_reason()
         return "preempted", (
             f"{self.preempted_by} received: stopped after step {self.step}, saved as "
             f"{step_tag(self.step)}; the same command resumes from it"
@@ -336,18 +293,8 @@ class Trainer:
             drop_last=True,
             num_workers=self.cfg.data.num_workers,
         )
-        group: list[dict[str, torch.Tensor]] = []
-        remaining = self._steps_left_in_epoch()
-        if remaining <= 0:
-            return
-        for batch in loader:
-            group.append(batch)
-            if len(group) == self.cfg.optim.grad_accum_steps:
-                yield group
-                group = []
-                remaining -= 1
-                if remaining == 0:
-                    return
+        steps = self._steps_left_in_epoch()
+        return accumulation_groups(loader, self.cfg.optim.grad_accum_steps, steps)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """Forward, normalized loss, backward and one optimizer step over the micro batches."""
@@ -382,40 +329,13 @@ class Trainer:
         )
 
     def _after_step(self, result: StepResult, seconds: float) -> None:
-        if not result.applied:
-            self.skipped_total += 1
-            self.consecutive_skips += 1
-            self.run_log.write(
-                SkipRecord(
-                    step=self.step,
-                    terms=result.nonfinite_terms or ["gradient"],
-                    consecutive=self.consecutive_skips,
-                )
-            )
-            log.warning(
-                "step %d skipped: non-finite %s (%d in a row)",
-                self.step,
-                ", ".join(result.nonfinite_terms or ["gradient"]),
-                self.consecutive_skips,
-            )
-            if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
-                raise GibletError(
-                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or "
-                    f"gradient, the last at step {self.step} (terms: "
-                    f"{', '.join(result.nonfinite_terms or ['gradient'])}); stopping. Lower "
-                    "optim.lr or check the store for bad values (tools/audit_weights.py on the "
-                    "last checkpoint)"
-                )
-        else:
-            self.consecutive_skips = 0
+        skipped = self.skips.update(result, self.step)
+        if skipped is not None:
+            self.run_log.write(skipped)
+            self.skips.check(skipped, self.cfg.train.max_consecutive_skips)
         if self.step % self.cfg.logging.log_every_steps:
             return
         samples = self._global_batch
-        mfu = (
-            (self.flops_per_sample * samples / seconds / (self.peak_flops * self.world_size))
-            if self.peak_flops
-            else None
-        )
         grad_norm = self.engine.get_global_grad_norm()
         self.run_log.write(
             TrainRecord(
@@ -425,10 +345,10 @@ class Trainer:
                 terms=result.terms,
                 lr=result.lr,
                 grad_norm=None if grad_norm is None else float(grad_norm),
-                skipped_steps=self.skipped_total,
+                skipped_steps=self.skips.total,
                 step_time_s=seconds,
                 samples_per_s=samples / seconds,
-                mfu=mfu,
+                mfu=mfu(self.flops_per_sample, samples, seconds, self.peak_flops, self.world_size),
                 memory=memory_snapshot(),
                 devices=read_devices(),
             )
@@ -440,61 +360,18 @@ class Trainer:
         """A periodic action (validate, save) every ``every`` steps, or at epoch ends when 0."""
         return end_of_epoch if every == 0 else (not end_of_epoch and self.step % every == 0)
 
-    def validate(self, keep: dict[str, Any] | None = None) -> dict[str, float]:
-        """Loss terms and fMRI scores over the whole validation split (see evaluate())."""
-        return evaluate(
-            self.engine,
-            self.val_data,
-            self.loss_fn,
-            micro_batch_size=self.cfg.optim.micro_batch_size,
-            to_device=self._to_device,
-            reference=self.val_ref,
-            keep=keep,
-        )
+    def validate(self) -> dict[str, float]:
+        """Loss terms and fMRI scores over the whole validation split (see train/evaluate.py)."""
+        return self.validator.scores(self.engine, self._to_device)
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate, save `best` on improvement, log; True when early stopping says stop."""
-        keep: dict[str, Any] = {}
-        metrics = self.validate(keep)
-        es = self.cfg.train.early_stopping
-        is_best = self.early_stopping.update(metrics[es.metric], self.step)
-        # All ranks computed identical reduced metrics; rank 0's decision is broadcast anyway so
-        # that no float quirk can split the ranks.
-        stop = bool(dist.broadcast_object(self.early_stopping.should_stop))
-        self.run_log.write(
-            ValRecord(
-                step=self.step,
-                epoch=self.epoch,
-                loss=metrics["loss"],
-                terms={k[5:]: v for k, v in metrics.items() if k.startswith("loss_")},
-                **{k: v for k, v in metrics.items() if k.startswith("fmri_")},
-                fmri_noise_ceiling_r=self.noise_ceiling,
-                fmri_n_reliable=self.val_ref.n_reliable,
-                fmri_constant_term=self.val_ref.constant_term,
-                is_best=is_best,
-                best_metric=self.early_stopping.best,
-                patience_left=self.early_stopping.patience_left,
-            )
+        is_best, stop = self.validator.run(
+            self.engine, self._to_device, self.run_log, step=self.step, epoch=self.epoch
         )
-        log.info(
-            "validation at step %d: loss %.4f, fMRI r %.4f (reliable voxels %.4f)%s",
-            self.step,
-            metrics["loss"],
-            metrics["fmri_r_mean"],
-            metrics["fmri_r_reliable"],
-            " (best)" if is_best else "",
-        )
-        self._log_val_images(keep)
         if is_best:
             self.save(BEST_TAG)
         return stop
-
-    def _early_stop_reason(self) -> str:
-        es = self.cfg.train.early_stopping
-        return (
-            f"{es.metric} did not improve by {es.min_delta} for {es.patience} validations; best "
-            f"{self.early_stopping.best:.6g} at step {self.early_stopping.best_step}"
-        )
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -523,29 +400,19 @@ class Trainer:
             "epoch": self.epoch,
             "sampler": self.sampler.state_dict(),
             "rng": dist.all_gather_object(capture_rng_state()),
-            "early_stopping": self.early_stopping.state_dict(),
-            "skipped_total": self.skipped_total,
-            "consecutive_skips": self.consecutive_skips,
+            "early_stopping": self.validator.early_stopping.state_dict(),
+            **self.skips.state_dict(),
             "config": config_to_dict(self.cfg),
             "store_hash": self.store.build_hash,
             "world_size": self.world_size,
         }
 
-    def _check_store_hash(self, saved: str) -> None:
-        if saved != self.store.build_hash:
-            raise CheckpointError(
-                f"the checkpoint was trained on a store with hash {saved}, but "
-                f"data.store={self.store.path} has {self.store.build_hash}; resume with the same "
-                "store or start a new run directory"
-            )
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; refuses a checkpoint of another store."""
-        self._check_store_hash(state["store_hash"])
+        check_store_hash(state["store_hash"], self.store)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.skipped_total = int(state["skipped_total"])
-        self.consecutive_skips = int(state["consecutive_skips"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.skips.load_state_dict(state)
+        self.validator.early_stopping.load_state_dict(state["early_stopping"])
         self.sampler.load_state_dict(state["sampler"])
         if self._steps_left_in_epoch() == 0:
             # Saved after the epoch's last step, its validation and its save: go on with the next
@@ -558,48 +425,6 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
 
     # ------------------------------------------------------------------------------- helpers
-
-    def _val_noise_ceiling(self) -> float | None:
-        """Build ``self.val_ref`` (rank 0 reads the subjects; every rank receives it, since early
-        stopping reads the reliable-voxel r everywhere) and return the ceiling logged beside the
-        validation r: the mean over the reliable voxels of sqrt(Spearman-Brown reliability of the
-        target) on the validation TRs; None with one subject. Never a whole-mask average: most
-        voxels there carry no signal and the average reads near 0."""
-        ref = None
-        if self.rank == 0:
-            subject = self.cfg.data.subject
-            index = None if subject is None else self.store.subject_index(subject)
-            stats = load_target_stats(self.store.path, subject=index, info=self.store)["fmri"]
-            ref = val_reference(
-                self.store,
-                subject=index,
-                threshold=self.cfg.data.reliable_isc_threshold,
-                train_mean=stats["mean"],
-                train_var=stats["var"],
-            )
-            log.info("validation reference: %s; the training-mean constant scores %.4f (fMRI "
-                     "term) on the validation TRs", ref.note, ref.constant_term)  # fmt: skip
-        self.val_ref: ValReference = dist.broadcast_object(ref)
-        if self.cfg.train.early_stopping.metric == "fmri_r_normalized" and (
-            self.val_ref.ceiling is None
-        ):
-            raise GibletError(
-                "train.early_stopping.metric=fmri_r_normalized needs a noise ceiling, but the "
-                f"store {self.store.path} holds one subject; use fmri_r_reliable"
-            )
-        return self.val_ref.ceiling_reliable
-
-    def _log_val_images(self, keep: dict[str, Any]) -> None:
-        """The brain r map and a few reconstructed frames, as images on the dashboard."""
-        if not self.run_log.wants_images:
-            return
-        mask, _ = load_mask(self.store.path)
-        images = {"val/r_map": r_map_mosaic(keep["per_voxel_r"], mask)}
-        for i, (true, predicted) in enumerate(keep.get("frames", [])):
-            images[f"val/reconstruction_{i}"] = frame_pair(
-                true, predicted, self.store.height, self.store.width
-            )
-        self.run_log.log_images(self.step, images)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.engine.device
