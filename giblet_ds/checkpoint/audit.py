@@ -36,12 +36,8 @@ from giblet_ds.checkpoint.mapped_file import MappedTorchFile
 from giblet_ds.checkpoint.safe_load import check_zip_file
 from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.errors import CheckpointError
-from giblet_ds.run.layout import (
-    BEST_TAG,
-    TENSOR_KINDS_NAME,
-    CheckpointLocation,
-    resolve_checkpoint,
-)
+from giblet_ds.run.layout import BEST_TAG, TENSOR_KINDS_NAME
+from giblet_ds.run.resolver import CheckpointLocation, resolve_checkpoint
 
 __all__ = [
     "AuditReport",

@@ -19,7 +19,7 @@ from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.config import RunConfig, load_config
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.run.layout import CheckpointLocation, find_run_config, resolve_checkpoint
+from giblet_ds.run.resolver import CheckpointLocation, find_run_config, resolve_checkpoint
 
 __all__ = ["iter_checkpoint_tensors", "load_model"]
 

@@ -28,7 +28,7 @@ import torch
 
 from giblet_ds.checkpoint.mapped_file import MappedTorchFile
 from giblet_ds.errors import CheckpointError
-from giblet_ds.run.layout import resolve_checkpoint
+from giblet_ds.run.resolver import resolve_checkpoint
 
 __all__ = ["ZeroCheckpoint", "ParamEntry", "Piece", "Source"]
 

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.tag is None:
-            from giblet_ds.run.layout import resolve_checkpoint
+            from giblet_ds.run.resolver import resolve_checkpoint
 
             picked = resolve_checkpoint(args.checkpoint_dir, verify=False)
             print(f"zero_to_fp32: using {picked.how} ({picked.path})")

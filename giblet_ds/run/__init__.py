@@ -3,17 +3,7 @@
 The lowest layer above ``errors``: the trainer writes through it and every tool reads through it.
 """
 
-from giblet_ds.run.layout import (
-    BEST_TAG,
-    COMPLETE_MARKER,
-    CheckpointLocation,
-    RunDir,
-    find_run_config,
-    is_zero_tag_dir,
-    resolve_checkpoint,
-    resolve_resume,
-    step_tag,
-)
+from giblet_ds.run.layout import BEST_TAG, COMPLETE_MARKER, RunDir, is_zero_tag_dir, step_tag
 from giblet_ds.run.records import (
     SCHEMA_VERSION,
     CheckpointRecord,
@@ -27,6 +17,12 @@ from giblet_ds.run.records import (
     as_float,
     read_metrics,
     record_to_json,
+)
+from giblet_ds.run.resolver import (
+    CheckpointLocation,
+    find_run_config,
+    resolve_checkpoint,
+    resolve_resume,
 )
 
 __all__ = [

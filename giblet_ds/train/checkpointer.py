@@ -17,13 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from giblet_ds.errors import CheckpointError
-from giblet_ds.run.layout import (
-    BEST_TAG,
-    TAG_CONFIG_NAME,
-    CheckpointLocation,
-    RunDir,
-    resolve_resume,
-)
+from giblet_ds.run.layout import BEST_TAG, TAG_CONFIG_NAME, RunDir
 from giblet_ds.run.manifest import (
     METADATA_NAME,
     TagMetadata,
@@ -34,6 +28,7 @@ from giblet_ds.run.manifest import (
     write_manifest,
     write_metadata,
 )
+from giblet_ds.run.resolver import CheckpointLocation, resolve_resume
 from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist

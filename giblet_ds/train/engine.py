@@ -19,7 +19,8 @@ from giblet_ds.config import RunConfig
 from giblet_ds.config.deepspeed_json import zero_stage
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.run.layout import COMPLETE_MARKER, UNIVERSAL_SUFFIX, tag_world_size
+from giblet_ds.run.layout import COMPLETE_MARKER, UNIVERSAL_SUFFIX
+from giblet_ds.run.resolver import tag_world_size
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.schedule import make_scheduler
 
