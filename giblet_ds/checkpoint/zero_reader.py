@@ -5,28 +5,22 @@ A tag holds, per data-parallel rank, a flat fp32 partition of every parameter gr
 buffers) in the ``*_model_states.pt`` files. Files are opened with ``torch.load(mmap=True,
 weights_only=True)`` so only their pickles are parsed; parameter bytes are then read with positional
 reads straight from the file into the output tensor, so neither the moments nor the other parameters
-are ever resident. Layout rules (the same DeepSpeed's ``zero_to_fp32.py`` relies on):
-
-* ZeRO-1/2: rank r holds slice r of each group's flat vector; the ranks' slices concatenated give
-  the group vector, in which parameters follow each other in ``param_shapes`` order (plus optional
-  per-parameter alignment padding).
-* ZeRO-3: every parameter is split in ``ceil(numel / world_size)`` pieces, rank r holding piece r at
-  the same offset of its own flat vector; the concatenated pieces are truncated to ``numel``.
+are ever resident. Where each parameter's bytes live is :mod:`zero_layout`'s job.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from giblet_ds.checkpoint.mapped_file import MappedTorchFile
+from giblet_ds.checkpoint.zero_layout import ParamEntry, Piece, zero2_entries, zero3_entries
 from giblet_ds.errors import CheckpointError
 from giblet_ds.run.resolver import resolve_checkpoint
 
@@ -35,46 +29,6 @@ __all__ = ["ZeroCheckpoint", "ParamEntry", "Piece", "Source"]
 Source = Literal["fp32", "exp_avg", "exp_avg_sq"]
 _RANK_RE = re.compile(r"^(?P<prefix>(?:bf16_|fp16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)"
                       r"_optim_states\.pt$")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-
-
-@dataclass(frozen=True)
-class Piece:
-    """``numel`` elements from ``start`` of group ``group``'s flat tensor on rank ``rank``."""
-
-    rank: int
-    group: int
-    start: int
-    numel: int
-
-
-@dataclass(eq=False)
-class ParamEntry:
-    """One tensor of the consolidated state dict and where its bytes live.
-
-    ``kind`` is ``param`` (fp32 partitions), ``buffer`` or ``frozen`` (read from the model-state
-    files). Tied names map to the same ParamEntry object.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: Literal["param", "buffer", "frozen"]
-    pieces: tuple[Piece, ...] = ()
-    group: int = 0
-    tensor: torch.Tensor | None = field(default=None, repr=False)
-    requires_grad: bool = False  # the flag of the saved source tensor (kept in .bin output)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _z3_partition(numel: int, world_size: int) -> int:
-    return math.ceil(numel / world_size)
 
 
 @dataclass
@@ -300,95 +254,9 @@ class ZeroCheckpoint:
                 f"{self.tag_dir}: {len(shapes)} parameter groups in the model states but "
                 f"{len(self._fp32[0])} in the optimizer states"
             )
-        return self._zero3_entries(shapes) if self.stage == 3 else self._zero2_entries(shapes)
-
-    def _zero2_entries(self, shapes: list[dict[str, Any]]) -> list[ParamEntry]:
-        ws = self.world_size
-        out = []
-        for g, group_shapes in enumerate(shapes):
-            sizes = [int(self._fp32[r][g].numel()) for r in range(ws)]
-            starts = [sum(sizes[:r]) for r in range(ws)]
-            avail = sum(sizes)
-            paddings = self._alignment[g] if self._alignment is not None else None
-            if paddings is not None and len(paddings) != len(group_shapes):
-                raise CheckpointError(
-                    f"{self.tag_dir}: group {g} has {len(group_shapes)} parameters but "
-                    f"{len(paddings)} alignment paddings"
-                )
-            offset = 0
-            for i, (name, shape) in enumerate(group_shapes.items()):
-                numel = math.prod(shape)
-                pieces = []
-                lo, hi = offset, offset + numel
-                for r in range(ws):
-                    a, b = max(lo, starts[r]), min(hi, starts[r] + sizes[r])
-                    if a < b:
-                        pieces.append(Piece(r, g, a - starts[r], b - a))
-                if sum(p.numel for p in pieces) != numel:
-                    raise CheckpointError(
-                        f"{self.tag_dir}: parameter {name} ({numel} elements at {offset}) runs past "
-                        f"the {avail} elements of group {g}'s partitions"
-                    )
-                grad = any(self._fp32[p.rank][g].requires_grad for p in pieces)
-                out.append(ParamEntry(name, tuple(shape), torch.float32, "param", tuple(pieces), g,
-                                      requires_grad=grad))  # fmt: skip
-                offset = hi + (int(paddings[i]) if paddings is not None else 0)
-            # DeepSpeed pads each group to a multiple of 2 x world size; both counts must agree
-            # after that rounding, as its own script checks.
-            align = 2 * ws
-            if align * math.ceil(offset / align) != align * math.ceil(avail / align):
-                raise CheckpointError(
-                    f"{self.tag_dir}: consumed {offset} of {avail} elements in group {g}; the "
-                    "parameter shapes do not match the optimizer partitions"
-                )
-        return out
-
-    def _zero3_entries(self, shapes: list[dict[str, Any]]) -> list[ParamEntry]:
-        ws = self.world_size
-        group_sizes = [int(t.numel()) for t in self._fp32[0]]
-        for r in range(ws):
-            if [int(t.numel()) for t in self._fp32[r]] != group_sizes:
-                raise CheckpointError(
-                    f"{self.optim_files[r]}: partition sizes differ from rank 0's"
-                )
-        bounds = [0]
-        for n in group_sizes:
-            bounds.append(bounds[-1] + n)
-        merged: dict[str, Any] = {}
-        for group_shapes in shapes:
-            merged.update(group_shapes)
-        out = []
-        offset = 0
-        for name, shape in merged.items():
-            numel = math.prod(shape)
-            part = _z3_partition(numel, ws)
-            pieces = []
-            remaining = numel
-            for r in range(ws):
-                lo, hi = offset, offset + min(part, remaining)
-                for g in range(len(group_sizes)):
-                    a, b = max(lo, bounds[g]), min(hi, bounds[g + 1])
-                    if a < b:
-                        pieces.append(Piece(r, g, a - bounds[g], b - a))
-                remaining -= hi - lo
-                if remaining <= 0:
-                    break
-            if offset + part > bounds[-1]:
-                raise CheckpointError(
-                    f"{self.tag_dir}: parameter {name} runs past the {bounds[-1]} elements of the "
-                    "flat partitions; the parameter shapes do not match the optimizer files"
-                )
-            group = next(g for g in range(len(group_sizes)) if bounds[g] <= offset < bounds[g + 1])
-            grad = any(self._fp32[p.rank][p.group].requires_grad for p in pieces)
-            out.append(ParamEntry(name, tuple(shape), torch.float32, "param", tuple(pieces), group,
-                                  requires_grad=grad))  # fmt: skip
-            offset += part
-        if offset * ws != bounds[-1] * ws:
-            raise CheckpointError(
-                f"{self.tag_dir}: consumed {offset * ws} of {bounds[-1] * ws} elements; the "
-                "parameter shapes do not match the optimizer partitions"
-            )
-        return out
+        if self.stage == 3:
+            return zero3_entries(self.tag_dir, shapes, self._fp32, self.optim_files)
+        return zero2_entries(self.tag_dir, shapes, self._fp32, self._alignment)
 
     def read(
         self, entry: ParamEntry, source: Source = "fp32", out: torch.Tensor | None = None
