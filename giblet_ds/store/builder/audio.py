@@ -91,7 +91,7 @@ def decode_audio(
         report["format_changes"] = max(0, changes - 1)
     if not chunks:
         raise StoreError(path, "audio stream decoded to no samples", dataset="--video")
-    wave = np.concatenate(chunks).astype(np.float32)
+    wave = np.concatenate(chunks).astype(np.float32, copy=False)  # no second full-length copy
     offset = round((start or 0.0) * rate)
     if offset > 0:
         wave = np.concatenate([np.zeros(offset, np.float32), wave])

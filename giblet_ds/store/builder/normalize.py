@@ -33,7 +33,7 @@ def zscore_train(
         std[first : first + block] = rows.std(axis=0)
     std = np.where(std < _MIN_STD, 1.0, std)
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
-    for first in range(0, data.shape[0], 256):  # in place, in row blocks: no full temporaries
-        part = data[first : first + 256].astype(np.float64)
-        data[first : first + 256] = (part - mean) / std
+    for first in range(0, data.shape[0], 64):  # in place, in row blocks: no full temporaries
+        part = data[first : first + 64].astype(np.float64)
+        data[first : first + 64] = (part - mean) / std
     return data, mean32, std32
