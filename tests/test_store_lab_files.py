@@ -19,7 +19,7 @@ import pytest
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import StoreDataset, open_store, write_synthetic_store
-from giblet_ds.store import reader as store_reader
+from giblet_ds.store import locking as store_locking
 from giblet_ds.store.builder import fmri
 from giblet_ds.store.builder.audio import decode_audio
 from giblet_ds.store.builder.pipeline import _report_rows
@@ -237,8 +237,8 @@ def _no_locks(monkeypatch: pytest.MonkeyPatch, unlocked_fails: bool = False) -> 
             )
         return real_file(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_reader.h5py, "File", file)
-    monkeypatch.setattr(store_reader, "_UNLOCKED", set())
+    monkeypatch.setattr(store_locking.h5py, "File", file)
+    monkeypatch.setattr(store_locking, "_UNLOCKED", set())
     return calls
 
 
@@ -276,9 +276,9 @@ def test_lock_problem_classifies_h5py_messages() -> None:
     text = (
         "Unable to synchronously open file (unable to lock file, errno = {}, error message = 'x')"
     )
-    assert store_reader.lock_problem(err(text.format(37))) == "unavailable"
-    assert store_reader.lock_problem(err(text.format(38))) == "unavailable"
-    assert store_reader.lock_problem(err(text.format(11))) == "held"
+    assert store_locking.lock_problem(err(text.format(37))) == "unavailable"
+    assert store_locking.lock_problem(err(text.format(38))) == "unavailable"
+    assert store_locking.lock_problem(err(text.format(11))) == "held"
     mismatch = "Unable to synchronously open file (file locking flag values don't match)"
-    assert store_reader.lock_problem(err(mismatch)) == "mismatch"
-    assert store_reader.lock_problem(err("file signature not found")) is None
+    assert store_locking.lock_problem(err(mismatch)) == "mismatch"
+    assert store_locking.lock_problem(err("file signature not found")) is None
