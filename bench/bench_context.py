@@ -1,14 +1,17 @@
-"""Temporal context on the demo: k = 1 against the default k, side by side in one run.
+"""Temporal context on the demo: window settings side by side in one run.
 
-Trains the `small` preset twice on the same demo store (one process, ZeRO-2 fp32, micro-batch
-16 = the demo's global batch of 2 ranks x 8, so no second multi-rank job competes with others on
-the shared cores), identical but for model.context_trs, then scores each run's best tag on the test split
-with tools/evaluate.py (same TRs, same voxel sets, the same cached ridge baseline, the planted
-oracle). Cost: median s/step over the logged steps after the first few, peak rank-0 RSS, and the
-3.5B dry run's activation memory per GPU at each k (giblet_ds.memory_estimate).
+Trains the `small` preset once per setting on the same demo store (one process, ZeRO-2 fp32,
+micro-batch 16 = the demo's global batch of 2 ranks x 8, so no second multi-rank job competes with
+others on the shared cores), identical but for model.context_trs (k) and model.context_end, then
+scores each run's best tag on the test split with tools/evaluate.py (same TRs, same voxel sets,
+the same cached ridge baseline, the planted oracle). Cost: median s/step over the logged steps
+after the first few, peak rank-0 RSS, and the 3.5B dry run's activation memory per GPU at each k
+(giblet_ds.memory_estimate). A setting is ``K`` or ``K:END`` (END: stimulus or volume; ``K``
+alone: stimulus, the window ending at TR t).
 
     .venv/bin/python bench/bench_context.py --store demo_out/store.h5 \
-        --truth demo_out/raw/ground_truth.json --out bench_out/context [--ks 1 8]
+        --truth demo_out/raw/ground_truth.json --out bench_out/context \
+        [--runs 1 8:stimulus 8:volume]
 
 Writes OUT/bench_context.json and prints a markdown table for BENCHMARKS.md.
 """
@@ -31,26 +34,41 @@ PY = Path(sys.executable)
 SETS = ("reliable", "all")
 
 
-def train(store: Path, run_dir: Path, k: int, extra: list[str]) -> float:
-    """One training run of the small preset with context_trs = k; returns its wall seconds."""
+def parse_setting(text: str) -> tuple[int, str]:
+    """``"8:volume"`` -> (8, "volume"); ``"8"`` -> (8, "stimulus")."""
+    k, _, end = text.partition(":")
+    end = end or "stimulus"
+    if not k.isdigit() or int(k) < 1 or end not in ("stimulus", "volume"):
+        raise argparse.ArgumentTypeError(f"a setting is K or K:stimulus|volume, got {text!r}")
+    return int(k), end
+
+
+def label(k: int, end: str) -> str:
+    return f"k{k}" if end == "stimulus" else f"k{k}_{end}"
+
+
+def train(store: Path, run_dir: Path, k: int, end: str, extra: list[str]) -> float:
+    """One training run of the small preset with context_trs = k, context_end = end; returns its
+    wall seconds."""
     cmd = [
         str(PY), str(REPO / "launch" / "train.py"),
         "--config", str(REPO / "launch" / "configs" / "small.yaml"),
         "--set", "optim.micro_batch_size=16",
         "--deepspeed_config", str(REPO / "ds_configs" / "zero2_fp32_cpu.json"),
         "--set", f"data.store={store}", "--set", f"checkpoint.run_dir={run_dir}",
-        "--set", f"model.context_trs={k}", "--set", "logging.wandb_mode=disabled",
+        "--set", f"model.context_trs={k}", "--set", f"model.context_end={end}",
+        "--set", "logging.wandb_mode=disabled",
     ]  # fmt: skip
     for item in extra:
         cmd += ["--set", item]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     clock = time.perf_counter()
-    log = run_dir.parent / f"train_k{k}.log"
+    log = run_dir.parent / f"train_{label(k, end)}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise SystemExit(f"training k={k} failed ({done.returncode}); see {log}")
+        raise SystemExit(f"training {label(k, end)} failed ({done.returncode}); see {log}")
     return time.perf_counter() - clock
 
 
@@ -92,9 +110,11 @@ def run_cost(run_dir: Path, skip: int = 3) -> dict[str, Any]:
     }
 
 
-def step_times(store: Path, ks: list[int], steps: int = 6, rounds: int = 3) -> dict[str, Any]:
-    """s/step of the small preset at each k, one process, torch AdamW, batch 16, interleaved
-    round by round (k = 1, k = 8, k = 1, ...) so machine noise hits every k alike; plus the small
+def step_times(
+    store: Path, settings: list[tuple[int, str]], steps: int = 6, rounds: int = 3
+) -> dict[str, Any]:
+    """s/step of the small preset at each setting, one process, torch AdamW, batch 16, interleaved
+    round by round (k = 1, k = 8, k = 1, ...) so machine noise hits every setting alike; plus the small
     preset's saved-for-backward bytes per step from memory_estimate (fp32 on CPU: x2 the bf16
     figure)."""
     import torch
@@ -110,22 +130,27 @@ def step_times(store: Path, ks: list[int], steps: int = 6, rounds: int = 3) -> d
     info = open_store(store)
     stats = load_target_stats(info.path, info=info)
     setups = {}
-    for k in ks:
-        cfg = load_config(REPO / "launch" / "configs" / "small.yaml", [f"model.context_trs={k}"])
+    for k, end in settings:
+        cfg = load_config(
+            REPO / "launch" / "configs" / "small.yaml",
+            [f"model.context_trs={k}", f"model.context_end={end}"],
+        )
         model_cfg = cfg.model.with_input_sizes(info.model_input_sizes())
         torch.manual_seed(0)
         model = GibletAutoencoder(model_cfg)
         model.init_weights()
         loader = DataLoader(
-            StoreDataset(info.path, "train", info=info, context_trs=k), batch_size=16, shuffle=True
+            StoreDataset(info.path, "train", info=info, context_trs=k, context_end=end),
+            batch_size=16,
+            shuffle=True,
         )
         loss_fn = NormalizedLoss(TargetVariances.from_stats(stats), cfg.loss.weights())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        setups[k] = (model, loader, loss_fn, opt, activation_bytes(model, 16))
-    times: dict[int, list[float]] = {k: [] for k in ks}
+        setups[label(k, end)] = (model, loader, loss_fn, opt, activation_bytes(model, 16))
+    times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(rounds):
-        for k in ks:
-            model, loader, loss_fn, opt, _ = setups[k]
+        for name in setups:
+            model, loader, loss_fn, opt, _ = setups[name]
             batches = iter(loader)
             for _ in range(steps):
                 clock = time.perf_counter()
@@ -135,13 +160,13 @@ def step_times(store: Path, ks: list[int], steps: int = 6, rounds: int = 3) -> d
                 loss_fn(out, batch).total.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                times[k].append(time.perf_counter() - clock)
+                times[name].append(time.perf_counter() - clock)
     return {
-        str(k): {
-            "s_per_step_median": statistics.median(times[k]),
-            "activations_mb_small_fp32": 2 * setups[k][4].without_checkpointing / 1024**2,
+        name: {
+            "s_per_step_median": statistics.median(times[name]),
+            "activations_mb_small_fp32": 2 * setups[name][4].without_checkpointing / 1024**2,
         }
-        for k in ks
+        for name in setups
     }
 
 
@@ -174,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--truth", type=Path, help="the demo's ground_truth.json (oracle r)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--runs",
+        type=parse_setting,
+        nargs="+",
+        default=[(1, "stimulus"), (8, "stimulus"), (8, "volume")],
+        help="settings K or K:stimulus|volume (default: 1 8:stimulus 8:volume)",
+    )
+    p.add_argument("--no-interleaved", action="store_true", help="skip the interleaved timing")
     p.add_argument("--set", action="append", default=[], help="extra run-config overrides")
     args = p.parse_args(argv)
     results: dict[str, Any] = {
@@ -187,14 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     saved = args.out / "bench_context.json"
     if saved.is_file():  # a rerun keeps the runs it already has
         results["runs"] = json.loads(saved.read_text())["runs"]
-    for k in args.ks:
-        run_dir = args.out / f"run_k{k}"
+    for k, end in args.runs:
+        name = label(k, end)
+        run_dir = args.out / f"run_{name}"
         if _finished(run_dir):  # trained by an earlier invocation with the same settings
-            print(f"k={k}: reusing the finished run {run_dir}")
-            wall = float(results["runs"].get(str(k), {}).get("train_wall_s", float("nan")))
+            print(f"{name}: reusing the finished run {run_dir}")
+            old = results["runs"].get(name, {})
+            wall = float(old.get("train_and_launch_wall_s", float("nan")))
         else:
-            wall = train(args.store, run_dir, k, args.set)
-        evaluation = evaluate(run_dir, args.store, args.truth, args.out / f"eval_k{k}")
+            wall = train(args.store, run_dir, k, end, args.set)
+        evaluation = evaluate(run_dir, args.store, args.truth, args.out / f"eval_{name}")
         entry: dict[str, Any] = {**run_cost(run_dir), "dry_run_3p5b": dry_run_memory(k)}
         entry["train_and_launch_wall_s"] = wall
         for name in SETS:
@@ -205,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             entry[name] = {key: s.get(key) for key in ("n_voxels", "model_r", "ridge_r",
                                                       "oracle_r", "ceiling_r")}  # fmt: skip
         entry["n_trs"] = evaluation.get("n_trs")
-        results["runs"][str(k)] = entry
+        entry["context_trs"], entry["context_end"] = k, end
+        results["runs"][name] = entry
         (args.out / "bench_context.json").write_text(json.dumps(results, indent=2))
-    results["interleaved"] = step_times(args.store, args.ks)
+    if not args.no_interleaved:
+        results["interleaved"] = step_times(args.store, args.runs)
     saved.write_text(json.dumps(results, indent=2))
     print(table(results))
     return 0
@@ -218,14 +254,14 @@ def table(results: dict[str, Any]) -> str:
         f"{results['date']}, {results['machine']}; store {results['store']}; test split, "
         "reliable voxels",
         "",
-        "| k | model r | ridge r | oracle r | model/oracle | s/step (run) | s/step (interleaved) | "
+        "| setting | model r | ridge r | oracle r | model/oracle | s/step (run) | s/step (interleaved) | "
         "act. MB (small, fp32, batch 16) | peak RSS GB | 3.5B act./GPU (ckpt) | "
         "3.5B ZeRO-2 total/GPU | 3.5B TFLOP/sample |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for k, run in results["runs"].items():
+    for name, run in results["runs"].items():
         rel = run.get("reliable", {})
-        inter = results.get("interleaved", {}).get(k, {})
+        inter = results.get("interleaved", {}).get(name, {})
         nan = float("nan")
         dry = run["dry_run_3p5b"]
         oracle = rel.get("oracle_r")
@@ -236,7 +272,7 @@ def table(results: dict[str, Any]) -> str:
             return "n/a" if value is None else f"{value:.3f}"
 
         lines.append(
-            f"| {k} | {r('model_r')} | {r('ridge_r')} | {r('oracle_r')} | {ratio} | "
+            f"| {name} | {r('model_r')} | {r('ridge_r')} | {r('oracle_r')} | {ratio} | "
             f"{run['s_per_step_median']:.3f} | {inter.get('s_per_step_median', nan):.3f} | "
             f"{inter.get('activations_mb_small_fp32', nan):.1f} | "
             f"{run['peak_rss_gb_rank0']:.2f} | "

@@ -78,9 +78,15 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
     context_trs: int = 8
-    """TRs the encoder sees per sample (k): store rows t-k+1..t, each embedded by the same
-    modality encoders, then mixed over time before the bottleneck (docs/design.md, "Temporal
-    context"). 1: one TR, the model as it was. A BOLD volume sums ~8-10 TRs of stimulus (HRF)."""
+    """TRs the encoder sees per sample (k): k store rows holding TR t (where the window ends:
+    model.context_end), each embedded by the same modality encoders, then mixed over time before
+    the bottleneck (docs/design.md, "Temporal context"). 1: one TR, the model as it was. A BOLD
+    volume sums ~8-10 TRs of stimulus (HRF)."""
+    context_end: str = "stimulus"
+    """Where the window ends. "stimulus": at TR t (rows t-k+1..t, lag..lag+k-1 TRs before the
+    paired volume t + lag). "volume": at the paired volume's own stimulus row t + lag (rows
+    t-k+1+L..t+L with L = min(lag, k-1)), so the window also holds the 0..lag-1 TR delays of the
+    HRF's rise; TR t stays in the window (docs/design.md, "Temporal context")."""
 
     def __post_init__(self) -> None:
         for key in MODEL_INPUT_KEYS:
@@ -127,6 +133,12 @@ class ModelConfig:
             "model.context_trs",
             self.context_trs,
             "must be an integer >= 1",
+        )
+        require(
+            self.context_end in ("stimulus", "volume"),
+            "model.context_end",
+            self.context_end,
+            'must be "stimulus" or "volume"',
         )
         require(
             not (self.seed_compat and self.context_trs != 1),

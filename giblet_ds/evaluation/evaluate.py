@@ -72,7 +72,12 @@ def predict_split(
     model config has one), so any checkpoint is scored on exactly what it was trained to predict.
     """
     context = int(getattr(cfg.model, "context_trs", 1))
-    extra: dict[str, Any] = {"context_trs": context} if context > 1 else {}
+    extra: dict[str, Any] = {}
+    if context > 1:
+        extra = {
+            "context_trs": context,
+            "context_end": getattr(cfg.model, "context_end", "stimulus"),
+        }
     ds = StoreDataset(info.path, split, info=info, subject=cfg.data.subject, **extra)
     n = len(ds)
     pred = np.empty((n, info.n_voxels), np.float32)

@@ -73,7 +73,12 @@ def render_reconstructions(
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
     ds = StoreDataset(
-        info.path, split, info=info, subject=cfg.data.subject, context_trs=cfg.model.context_trs
+        info.path,
+        split,
+        info=info,
+        subject=cfg.data.subject,
+        context_trs=cfg.model.context_trs,
+        context_end=cfg.model.context_end,
     )
     if len(ds) < 2:
         raise CheckpointError(f"{store}: split {split!r} has {len(ds)} TR(s); need at least 2")

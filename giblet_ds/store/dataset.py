@@ -15,11 +15,24 @@ from torch.utils.data import Dataset
 from giblet_ds.store import schema
 from giblet_ds.store.reader import StoreInfo, open_read_only, open_store
 
-__all__ = ["CONTEXT_MASK", "StoreDataset"]
+__all__ = ["CONTEXT_ENDS", "CONTEXT_MASK", "StoreDataset", "window_lead"]
 
 CONTEXT_MASK = "context_mask"
 """Key of the window's (k,) bool mask; the model layer reads it under the same name
 (giblet_ds.model.context.CONTEXT_MASK; the store may not import the model, a test ties the two)."""
+CONTEXT_ENDS = ("stimulus", "volume")
+"""Where a window ends (``model.context_end``): at TR t's own row, or at the row of the stimulus
+heard while the paired fMRI volume (t + lag) was acquired; see :func:`window_lead`."""
+
+
+def window_lead(context_trs: int, context_end: str, lag: int) -> int:
+    """Store rows after TR t that a k-TR window holds: 0 for ``"stimulus"``; for ``"volume"``
+    min(lag, k - 1): up to the paired volume's own stimulus row t + lag (never later: the volume
+    cannot depend on later stimulus), and never so far that TR t, which the decoder reconstructs,
+    falls out of the window (k = 1 is TR t alone at either end)."""
+    if context_end not in CONTEXT_ENDS:
+        raise ValueError(f"context_end must be one of {CONTEXT_ENDS}, got {context_end!r}")
+    return 0 if context_end == "stimulus" else min(lag, context_trs - 1)
 
 
 class StoreDataset(Dataset[dict[str, torch.Tensor]]):
@@ -30,13 +43,18 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
     never be pickled into a worker; ``__getstate__`` drops it and a pid check reopens after fork).
     ``subject`` (index or id) returns that subject's fMRI instead of the subject mean.
 
-    ``context_trs`` = k > 1: the stimulus keys (``video, audio_codes, text, text_mask``) hold the
-    window of store rows t-k+1..t, oldest first, with a window axis of length k in front, and
-    ``context_mask`` (k,) bool says which rows are real. Rows before the start of the movie or
-    outside the split's contiguous run of TRs (never across a split boundary into the gap or
-    another split) are zeros with mask False, always at the front. ``fmri`` and ``index`` stay
-    those of TR t. Each stimulus key is one slice read of contiguous rows (one chunk per TR, stored
-    in TR order: docs/store.md). k = 1: the sample has no window axis and no mask, as before.
+    ``context_trs`` = k > 1: the stimulus keys (``video, audio_codes, text, text_mask``) hold a
+    window of k store rows with a window axis of length k in front, and ``context_mask`` (k,) bool
+    says which slots are real. With L = :func:`window_lead` (0 for ``context_end="stimulus"``,
+    min(lag, k-1) for ``"volume"``) the window is rows t-k+1+L..t+L. TR t, the row the decoder
+    reconstructs, is always the LAST slot (k-1), so every reader of TR t (losses, figures, the
+    mixer's start) is the same at either end; slots 0..k-2 hold the other rows in time order:
+    t-k+1+L..t-1, then t+1..t+L. With L = 0 that is plain time order, oldest first. Rows before
+    the start of the movie or outside the split's contiguous run of TRs (never across a split
+    boundary into the gap or another split, at either end of the split) are zeros with mask False.
+    ``fmri`` and ``index`` stay those of TR t. Each stimulus key is one slice read of contiguous
+    rows (one chunk per TR, stored in TR order: docs/store.md). k = 1: the sample has no window
+    axis and no mask, as before.
     """
 
     def __init__(
@@ -47,6 +65,7 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         subject: int | str | None = None,
         info: StoreInfo | None = None,
         context_trs: int = 1,
+        context_end: str = "stimulus",
     ) -> None:
         if split not in schema.SPLITS:
             raise ValueError(f"split must be one of {schema.SPLITS}, got {split!r}")
@@ -58,8 +77,13 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         self.subject = None if subject is None else self.info.subject_index(subject)
         self.indices = np.asarray(self.info.splits[split], dtype=np.int64)
         self.context_trs = context_trs
+        self.context_end = context_end
+        self.lead = window_lead(context_trs, context_end, self.info.lag)
+        """Store rows after TR t in each window (0: the window ends at t)."""
         self.run_start = _run_starts(self.indices)
         """First store row of the contiguous run of split TRs holding each item's TR."""
+        self.run_end = _run_ends(self.indices)
+        """Last store row of that run."""
         self._handle: h5py.File | None = None
         self._pid: int | None = None
 
@@ -78,27 +102,38 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
             raise IndexError(f"index {item} out of range for split {self.split} of {len(self)} TRs")
         t = int(self.indices[item])
         handle = self._file()
+        slots: np.ndarray | None = None
         if self.context_trs == 1:
             rows: int | slice = t
         else:
-            first = max(t - self.context_trs + 1, int(self.run_start[item]))
-            rows = slice(first, t + 1)
-        # numpy, not torch, for the uint8 -> [0, 1] conversion: torch's intra-op thread pool costs
-        # ~10 ms per sample on a busy 2-core machine for this 0.1 ms of work.
-        video = np.divide(handle[schema.VIDEO][rows], 255.0, dtype=np.float32)
+            k, lead = self.context_trs, self.lead
+            first = max(t - (k - 1 - lead), int(self.run_start[item]))
+            last = min(t + lead, int(self.run_end[item]))
+            rows = slice(first, last + 1)
+            slots = window_slots(np.arange(first, last + 1) - t, k, lead)
         stimulus = {
-            "video": video,
+            "video": handle[schema.VIDEO][rows],
             "audio_codes": handle[schema.AUDIO_CODES][rows].astype(np.int64),
             "text": handle[schema.TEXT][rows],
             "text_mask": handle[schema.TEXT_MASK][rows],
         }
+        mask = None
+        if slots is not None:
+            stimulus = {
+                key: _place(value, slots, self.context_trs) for key, value in stimulus.items()
+            }
+            mask = np.zeros(self.context_trs, dtype=bool)
+            mask[slots] = True
+        # numpy, not torch, for the uint8 -> [0, 1] conversion: torch's intra-op thread pool costs
+        # ~10 ms per sample on a busy 2-core machine for this 0.1 ms of work.
+        stimulus["video"] = np.divide(stimulus["video"], 255.0, dtype=np.float32)
         if self.subject is None:
             fmri_row = handle[schema.FMRI_MEAN][t]
         else:
             fmri_row = handle[schema.FMRI_SUBJECTS][self.subject, t]
         sample = {key: torch.from_numpy(value) for key, value in stimulus.items()}
-        if isinstance(rows, slice):
-            sample = _pad_front(sample, self.context_trs)
+        if mask is not None:
+            sample[CONTEXT_MASK] = torch.from_numpy(mask)
         sample["fmri"] = torch.from_numpy(fmri_row.astype(np.float32))
         sample["index"] = torch.tensor(t, dtype=torch.int64)
         return sample
@@ -131,14 +166,29 @@ def _run_starts(indices: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _pad_front(window: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Zero rows in front of each (n, ...) window up to k rows, plus ``context_mask`` (k,)."""
-    n = next(iter(window.values())).shape[0]
-    out = {}
-    for key, value in window.items():
-        pad = torch.zeros((k - n, *value.shape[1:]), dtype=value.dtype)
-        out[key] = torch.cat([pad, value]) if n < k else value
-    mask = torch.zeros(k, dtype=torch.bool)
-    mask[k - n :] = True
-    out[CONTEXT_MASK] = mask
+def _run_ends(indices: np.ndarray) -> np.ndarray:
+    """For each TR of a split, the last TR of its contiguous run (no window reaches past it)."""
+    ends = np.empty_like(indices)
+    for i in range(len(indices) - 1, -1, -1):
+        t = indices[i]
+        last = i == len(indices) - 1 or indices[i + 1] != t + 1
+        ends[i] = t if last else ends[i + 1]
+    return ends
+
+
+def window_slots(offsets: np.ndarray, k: int, lead: int) -> np.ndarray:
+    """Window slot of each row at ``offsets`` (row - t, in -(k-1-lead)..lead) from TR t: TR t in
+    slot k-1, earlier rows from slot k-2-lead backwards, later rows in slots k-1-lead..k-2."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.size and (offsets.min() < -(k - 1 - lead) or offsets.max() > lead):
+        raise ValueError(f"offsets {offsets.tolist()} outside a window of {k} with lead {lead}")
+    return np.where(
+        offsets == 0, k - 1, np.where(offsets < 0, k - 1 - lead + offsets, k - 2 - lead + offsets)
+    )
+
+
+def _place(rows: np.ndarray, slots: np.ndarray, k: int) -> np.ndarray:
+    """(n, ...) rows into a zeroed (k, ...) window at ``slots`` (the rest is padding)."""
+    out = np.zeros((k, *rows.shape[1:]), dtype=rows.dtype)
+    out[slots] = rows
     return out

@@ -116,6 +116,7 @@ class Trainer:
                 subject=cfg.data.subject,
                 info=store,
                 context_trs=cfg.model.context_trs,
+                context_end=cfg.model.context_end,
             )
             for split in ("train", "val")
         )
