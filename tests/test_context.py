@@ -75,6 +75,14 @@ def test_seed_compat_refuses_a_window_naming_the_fix() -> None:
     assert seed.seed_compat and seed.context_trs == 1
 
 
+def test_context_end_is_stimulus_or_volume() -> None:
+    with pytest.raises(
+        ConfigError, match=r'^model.context_end must be "stimulus" or "volume", got \'fmri\'$'
+    ):
+        ModelConfig(context_end="fmri")
+    assert load_config(TINY, ["model.context_end=volume"]).model.context_end == "volume"
+
+
 def test_shipped_defaults() -> None:
     assert ModelConfig().context_trs == 8
     assert load_config(ROOT / "launch" / "configs" / "small.yaml").model.context_trs == 8
@@ -170,8 +178,102 @@ def test_one_tr_samples_are_unchanged(store: Path) -> None:
 
 
 def test_a_hole_in_a_split_starts_a_new_run() -> None:
-    starts = store_dataset._run_starts(np.array([3, 4, 5, 9, 10, 12], dtype=np.int64))
-    assert starts.tolist() == [3, 3, 3, 9, 9, 12]
+    indices = np.array([3, 4, 5, 9, 10, 12], dtype=np.int64)
+    assert store_dataset._run_starts(indices).tolist() == [3, 3, 3, 9, 9, 12]
+    assert store_dataset._run_ends(indices).tolist() == [5, 5, 5, 10, 10, 12]
+
+
+# A window ending at the volume: the fixture's lag is 3, so k = 5 holds rows t-1..t+3, laid out
+# [t-1, t+1, t+2, t+3, t] (TR t always last). None: a padded slot.
+@pytest.mark.parametrize(
+    ("split", "item", "slots"),
+    [
+        ("train", 0, [None, 1, 2, 3, 0]),  # the movie's first TR: nothing before it
+        ("train", 1, [0, 2, 3, 4, 1]),  # a full window
+        ("train", 20, [19, 21, None, None, 20]),  # the split's end: 22..23 are the gap
+        ("train", 21, [20, None, None, None, 21]),
+        ("val", 0, [None, 26, 27, 28, 25]),  # not back over the gap into train
+        ("val", 6, [30, 32, 33, None, 31]),  # not forward into the gap (34..36)
+        ("val", 8, [32, None, None, None, 33]),
+        ("test", 0, [None, 38, 39, 40, 37]),
+        ("test", 5, [41, None, None, None, 42]),  # the movie's last TR
+    ],
+)
+def test_volume_end_windows_and_padding_at_both_split_edges(
+    store: Path, split: str, item: int, slots: list[int | None]
+) -> None:
+    k = 5
+    ds = StoreDataset(store, split, context_trs=k, context_end="volume")
+    assert ds.info.lag == 3 and ds.lead == 3
+    sample = ds[item]
+    real = [i for i, row in enumerate(slots) if row is not None]
+    rows = [row for row in slots if row is not None]
+    assert sample[CONTEXT_MASK].tolist() == [row is not None for row in slots]
+    assert int(sample["index"]) == slots[-1]
+    expected = {
+        "video": _rows(store, "video", rows).astype(np.float32) / np.float32(255.0),
+        "audio_codes": _rows(store, "audio_codes", rows).astype(np.int64),
+        "text": _rows(store, "text", rows),
+        "text_mask": _rows(store, "text_mask", rows),
+    }
+    padded = [i for i in range(k) if i not in real]
+    for key, value in expected.items():
+        assert sample[key].shape[0] == k
+        np.testing.assert_array_equal(sample[key][real].numpy(), value)
+        assert not sample[key][padded].any(), f"padding of {key} is not zero"
+    np.testing.assert_array_equal(
+        sample["fmri"].numpy(), _rows(store, "fmri/mean", [slots[-1]])[0].astype(np.float32)
+    )
+
+
+def test_window_lead_reaches_the_volume_but_keeps_tr_t() -> None:
+    lead = store_dataset.window_lead
+    assert [lead(k, "volume", 3) for k in (1, 2, 3, 4, 8, 12)] == [0, 1, 2, 3, 3, 3]
+    assert [lead(k, "stimulus", 3) for k in (1, 8)] == [0, 0]
+    assert lead(8, "volume", 0) == 0  # a store without lag: the two ends agree
+    with pytest.raises(
+        ValueError, match=r"^context_end must be one of \('stimulus', 'volume'\), got 'fmri'$"
+    ):
+        lead(8, "fmri", 3)
+    slots = store_dataset.window_slots(np.arange(-4, 4), 8, 3)
+    assert slots.tolist() == [0, 1, 2, 3, 7, 4, 5, 6]  # k = 8, lead 3: t-4..t-1, t+1..t+3, t
+    with pytest.raises(ValueError, match=r"outside a window of 8 with lead 3"):
+        store_dataset.window_slots(np.array([4]), 8, 3)
+
+
+def test_volume_end_keeps_tr_t_and_a_short_window_never_drops_it(store: Path) -> None:
+    one = StoreDataset(store, "val")[4]
+    for k in (1, 2, 3, 7):
+        sample = StoreDataset(store, "val", context_trs=k, context_end="volume")[4]
+        last = current_tr(sample, batched=False)
+        assert set(last) == set(one)
+        for key in one:
+            assert torch.equal(last[key], one[key]), (k, key)
+    # k = 2 at the volume end: TR t and the next row (t + 1), TR t last
+    two = StoreDataset(store, "val", context_trs=2, context_end="volume")[4]
+    np.testing.assert_array_equal(two["text"].numpy(), _rows(store, "text", [30, 29]))
+
+
+def test_a_volume_window_longer_than_the_split(store: Path) -> None:
+    ds = StoreDataset(store, "test", context_trs=7, context_end="volume")  # 6 test TRs, lead 3
+    masks = [[int(m) for m in ds[i][CONTEXT_MASK].tolist()] for i in range(len(ds))]
+    # slots: t-3, t-2, t-1, t+1, t+2, t+3, t
+    assert masks == [
+        [0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 0, 1],
+        [1, 1, 1, 1, 0, 0, 1],
+        [1, 1, 1, 0, 0, 0, 1],
+    ]
+
+
+def test_stimulus_end_is_the_default_of_the_dataset(store: Path) -> None:
+    a = StoreDataset(store, "train", context_trs=4)[5]
+    b = StoreDataset(store, "train", context_trs=4, context_end="stimulus")[5]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(ValueError, match=r"^context_end must be one of"):
+        StoreDataset(store, "train", context_trs=4, context_end="fmri")
 
 
 def test_windows_batch_with_the_default_collate(store: Path) -> None:
@@ -322,8 +424,9 @@ def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
 ) -> None:
     from giblet_ds.checkpoint.loading import load_model
 
-    sets = (
+    sets = (  # a window ending at the volume (rows t..t+2, TR t last): the trainer passes the end
         "model.context_trs=3",
+        "model.context_end=volume",
         "train.max_steps=6",
         "checkpoint.save_every_steps=2",
         "checkpoint.keep_last=5",
@@ -345,6 +448,7 @@ def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
     assert losses_by_step(run_dir) == losses_by_step(reference)
     assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")
     model, cfg, _ = load_model(run_dir / "checkpoints" / "step-00000006", verify=False)
-    assert cfg.model.context_trs == 3 and model.encoder.temporal is not None
+    assert cfg.model.context_trs == 3 and cfg.model.context_end == "volume"
+    assert model.encoder.temporal is not None
     trained = model.encoder.temporal.weight
     assert trained.shape == (3, 24) and bool((trained[:2] != 0).any())  # older TRs are used
