@@ -17,7 +17,8 @@ from torch import nn
 __all__ = ["CONTEXT_MASK", "WINDOW_KEYS", "TemporalMixer", "current_tr"]
 
 WINDOW_KEYS = ("video", "audio_codes", "text", "text_mask")
-"""Sample keys that carry a window axis (length k, oldest TR first) when ``context_trs > 1``."""
+"""Sample keys that carry a window axis (length k, TR t in the last slot, the other rows in time
+order: giblet_ds.store.dataset.window_slots) when ``context_trs > 1``."""
 CONTEXT_MASK = "context_mask"
 """Sample key of the (k,) bool mask of real TRs in the window (False: padding); only for k > 1."""
 
@@ -43,7 +44,7 @@ def current_tr(
 class TemporalMixer(nn.Module):
     """(B, k, D) per-TR features -> (B, D): ``sum_j mask[b, j] * w[j, d] * x[b, j, d]``.
 
-    ``w = k * weight``, (k, D), oldest delay first: k*D parameters, a few thousand next to the
+    ``w = k * weight``, (k, D), one row per window slot (TR t last): k*D parameters, a few thousand next to the
     model's billions, so the parameter count does not grow with k beyond it. Padded TRs (mask
     False) add nothing. Starts as TR t alone (w = 1 for the last TR, 0 for the others): the
     model starts as the one-TR model and learns what the older TRs add. Stored divided by k
