@@ -13,14 +13,13 @@ JSON and a world size into what a run uses.
 from giblet_ds.config.checks import cross_check, zero_engine_problems
 from giblet_ds.config.deepspeed_json import build_ds_config, load_ds_json, zero_stage
 from giblet_ds.config.loading import apply_overrides, config_to_dict, load_config
+from giblet_ds.config.model_section import MODEL_INPUT_KEYS, ModelConfig
 from giblet_ds.config.sections import (
-    MODEL_INPUT_KEYS,
     CheckpointConfig,
     DataConfig,
     EarlyStoppingConfig,
     LoggingConfig,
     LossConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from giblet_ds.config.sections import MODEL_INPUT_KEYS, RunConfig
+from giblet_ds.config.model_section import MODEL_INPUT_KEYS
+from giblet_ds.config.sections import RunConfig
 from giblet_ds.errors import ConfigError
 
 __all__ = ["cross_check", "zero_engine_problems"]

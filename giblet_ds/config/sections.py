@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from giblet_ds.config.model_section import MODEL_INPUT_KEYS, ModelConfig
+from giblet_ds.config.model_section import ModelConfig
 from giblet_ds.config.rules import require
 
 __all__ = [
-    "MODEL_INPUT_KEYS",
     "CheckpointConfig",
     "DataConfig",
     "EarlyStoppingConfig",
     "LoggingConfig",
     "LossConfig",
-    "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "ScheduleConfig",
