@@ -231,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = evaluate(run_dir, args.store, args.truth, args.out / f"eval_{name}")
         entry: dict[str, Any] = {**run_cost(run_dir), "dry_run_3p5b": dry_run_memory(k)}
         entry["train_and_launch_wall_s"] = wall
-        for name in SETS:
+        for voxels in SETS:
             try:
-                s = voxel_set(evaluation, name)
+                s = voxel_set(evaluation, voxels)
             except (KeyError, StopIteration):
                 continue
-            entry[name] = {key: s.get(key) for key in ("n_voxels", "model_r", "ridge_r",
+            entry[voxels] = {key: s.get(key) for key in ("n_voxels", "model_r", "ridge_r",
                                                       "oracle_r", "ceiling_r")}  # fmt: skip
         entry["n_trs"] = evaluation.get("n_trs")
         entry["context_trs"], entry["context_end"] = k, end
