@@ -19,7 +19,12 @@ from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.config import RunConfig, load_config
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.run.resolver import CheckpointLocation, find_run_config, resolve_checkpoint
+from giblet_ds.run.resolver import (
+    CheckpointLocation,
+    Prefer,
+    find_run_config,
+    resolve_checkpoint,
+)
 
 __all__ = ["iter_checkpoint_tensors", "load_model"]
 
@@ -67,7 +72,7 @@ def load_model(
     *,
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
-    prefer: str = "best",
+    prefer: Prefer = "best",
     verify: bool = True,
 ) -> tuple[GibletAutoencoder, RunConfig, CheckpointLocation]:
     """The model of a checkpoint, weights loaded, in eval mode; with its config and location.
@@ -76,9 +81,7 @@ def load_model(
     stands for its ``best`` tag when there is one (``prefer``), else its newest complete tag.
     Incomplete tags are refused; a tag is checked against its manifest unless ``verify=False``.
     """
-    location = resolve_checkpoint(
-        checkpoint, prefer="best" if prefer == "best" else "latest", verify=verify
-    )
+    location = resolve_checkpoint(checkpoint, prefer=prefer, verify=verify)
     config_path = Path(config) if config is not None else find_run_config(location.path)
     cfg = load_config(config_path)
     with torch.device("meta"):

@@ -33,6 +33,7 @@ from giblet_ds.run.manifest import METADATA_NAME, read_metadata, verify_manifest
 
 __all__ = [
     "CheckpointLocation",
+    "Prefer",
     "find_run_config",
     "resolve_checkpoint",
     "resolve_resume",
