@@ -32,13 +32,7 @@ def _read_only(path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as fh:
-        while n := fh.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
+    return checksum_file(path, CHUNK, hashlib.sha256)
 
 
 def main() -> None:
