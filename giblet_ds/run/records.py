@@ -174,8 +174,15 @@ def record_to_json(record: Record) -> str:
     return json.dumps(_jsonable({"kind": record.kind, **dataclasses.asdict(record)}))
 
 
-def _float_fields(cls: type[Record]) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
+def _field_names(cls: type[Record]) -> tuple[frozenset[str], frozenset[str]]:
+    """(every field, the float-typed ones) of a record class."""
+    fields = dataclasses.fields(cls)
+    names = frozenset(f.name for f in fields)
+    return names, frozenset(f.name for f in fields if "float" in str(f.type))
+
+
+# Computed once per kind at import, not once per line read.
+_FIELDS = {kind: _field_names(cls) for kind, cls in KINDS.items()}
 
 
 def record_from_json(data: dict[str, Any]) -> Record | None:
@@ -183,8 +190,7 @@ def record_from_json(data: dict[str, Any]) -> Record | None:
     cls = KINDS.get(str(data.get("kind")))
     if cls is None:
         return None
-    names = {f.name for f in dataclasses.fields(cls)}
-    floats = _float_fields(cls)
+    names, floats = _FIELDS[cls.kind]
     values = {}
     for key, value in data.items():
         if key not in names:
