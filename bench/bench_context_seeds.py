@@ -91,9 +91,7 @@ def train_and_score(
     scheduler = make_scheduler(optimizer, peak_lr=cfg.optim.lr, warmup_steps=s.warmup_steps,
                                warmup_start_lr=s.warmup_start_lr, min_lr=s.min_lr,
                                total_steps=steps)  # fmt: skip
-    k = model_cfg.context_trs
-    window = {"context_trs": k, "context_end": model_cfg.context_end} if k > 1 else {}
-    train = StoreDataset(info.path, "train", info=info, **window)
+    train = StoreDataset.for_run(info, "train", cfg)
     loss_fn = NormalizedLoss(TargetVariances.from_stats(stats), cfg.loss.weights())
     device = torch.device("cpu")
 

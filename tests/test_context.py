@@ -16,7 +16,7 @@ from giblet_ds.errors import ConfigError
 from giblet_ds.losses import reconstruction_targets
 from giblet_ds.model import GibletAutoencoder, parameter_counts, train_flops_per_sample
 from giblet_ds.model.context import CONTEXT_MASK, WINDOW_KEYS, current_tr
-from giblet_ds.store import StoreDataset, write_synthetic_store
+from giblet_ds.store import StoreDataset, open_store, write_synthetic_store
 from giblet_ds.store import dataset as store_dataset
 from tests.tiny_sizes import TINY_SIZES
 from tests.train_harness import losses_by_step, records, run_training
@@ -276,6 +276,22 @@ def test_stimulus_end_is_the_default_of_the_dataset(store: Path) -> None:
     assert all(torch.equal(a[key], b[key]) for key in a)
     with pytest.raises(ValueError, match=r"^context_end must be one of"):
         StoreDataset(store, "train", context_trs=4, context_end="fmri")
+
+
+def test_runs_read_their_configs_window_and_subject(store: Path) -> None:
+    info = open_store(store)
+    cfg = load_config(TINY, ["model.context_trs=3", "model.context_end=volume"])
+    ds = StoreDataset.for_run(info, "val", cfg)
+    assert (ds.context_trs, ds.context_end, ds.lead, ds.subject) == (3, "volume", 2, None)
+    direct = StoreDataset(store, "val", context_trs=3, context_end="volume")[4]
+    assert all(torch.equal(ds[4][key], direct[key]) for key in direct)
+    np.testing.assert_array_equal(ds[4]["text"].numpy(), _rows(store, "text", [30, 31, 29]))
+    one = StoreDataset.for_run(info, "train", load_config(TINY, ["data.subject=1"]))
+    assert CONTEXT_MASK not in one[0] and one.subject == 1
+    # the trainer, the evaluation and the figures build their data there and nowhere else
+    for module in ("train/trainer.py", "evaluation/evaluate.py", "report/reconstructions.py"):
+        source = (ROOT / "giblet_ds" / module).read_text()
+        assert "StoreDataset.for_run(" in source and "StoreDataset(" not in source, module
 
 
 def test_windows_batch_with_the_default_collate(store: Path) -> None:

@@ -68,17 +68,10 @@ def predict_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's fMRI prediction and the target over a split, float32 (T_split, V) each.
 
-    The dataset is built as the trainer builds it (same subject, same context window when the
-    model config has one), so any checkpoint is scored on exactly what it was trained to predict.
+    The dataset is the trainer's (:meth:`StoreDataset.for_run`: same subject, same context
+    window), so any checkpoint is scored on exactly what it was trained to predict.
     """
-    context = int(getattr(cfg.model, "context_trs", 1))
-    extra: dict[str, Any] = {}
-    if context > 1:
-        extra = {
-            "context_trs": context,
-            "context_end": getattr(cfg.model, "context_end", "stimulus"),
-        }
-    ds = StoreDataset(info.path, split, info=info, subject=cfg.data.subject, **extra)
+    ds = StoreDataset.for_run(info, split, cfg)
     n = len(ds)
     pred = np.empty((n, info.n_voxels), np.float32)
     target = np.empty((n, info.n_voxels), np.float32)

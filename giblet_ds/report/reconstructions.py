@@ -72,14 +72,7 @@ def render_reconstructions(
     model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
-    ds = StoreDataset(
-        info.path,
-        split,
-        info=info,
-        subject=cfg.data.subject,
-        context_trs=cfg.model.context_trs,
-        context_end=cfg.model.context_end,
-    )
+    ds = StoreDataset.for_run(info, split, cfg)
     if len(ds) < 2:
         raise CheckpointError(f"{store}: split {split!r} has {len(ds)} TR(s); need at least 2")
     out = Path(out_dir)

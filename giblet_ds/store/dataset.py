@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from giblet_ds.config import RunConfig
 from giblet_ds.store import schema
 from giblet_ds.store.reader import StoreInfo, open_read_only, open_store
 
@@ -86,6 +87,21 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         """Last store row of that run."""
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+
+    @classmethod
+    def for_run(cls, info: StoreInfo, split: str, cfg: RunConfig) -> StoreDataset:
+        """``split`` as the run ``cfg`` reads it: its subject (``data.subject``, None: the subject
+        mean) and its model's window (``model.context_trs``, ``model.context_end``). The trainer,
+        the evaluation and the reconstruction figures all build their data here, so a checkpoint
+        is scored on exactly the samples it was trained on. Raises ValueError as ``__init__``."""
+        return cls(
+            info.path,
+            split,
+            info=info,
+            subject=cfg.data.subject,
+            context_trs=cfg.model.context_trs,
+            context_end=cfg.model.context_end,
+        )
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -110,15 +110,7 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, store = self.cfg, self.store
         self.train_data, self.val_data = (
-            StoreDataset(
-                store.path,
-                split,
-                subject=cfg.data.subject,
-                info=store,
-                context_trs=cfg.model.context_trs,
-                context_end=cfg.model.context_end,
-            )
-            for split in ("train", "val")
+            StoreDataset.for_run(store, split, cfg) for split in ("train", "val")
         )
         self.sampler = ResumableDistributedSampler(
             len(self.train_data),
