@@ -117,7 +117,7 @@ def test_layout(built: BuildResult) -> None:
         "text_dim": 256,  # ViT-S-32-alt
         "n_voxels": 4 * 6 * 7 - 1,
     }
-    assert info.subjects == ["sub-1", "sub-2", "sub-3"]
+    assert info.subjects == ("sub-1", "sub-2", "sub-3")
     assert (info.tr, info.lag, info.fps, info.frame_skip, info.split_gap) == (0.5, 1, 25.0, 4, 11)
     assert info.attrs["trs_available"] == {"video": 32, "audio": 32, "fmri": 33, "n_trs": 32}
     assert info.attrs["fmri_volumes"] == [1, 33]

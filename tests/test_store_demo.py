@@ -97,7 +97,7 @@ def test_demo_store_keeps_the_planted_answer(
     out = build_store(inputs, tmp_path / "demo.h5", settings, progress=False).path
     info = open_store(out)
     assert (info.n_trs, info.n_frames, info.height, info.width) == (40, 10, 45, 80)
-    assert info.subjects == ["demo_movie_s1", "demo_movie_s2"]
+    assert info.subjects == ("demo_movie_s1", "demo_movie_s2")
     # 40 TRs, gaps of 13: 14 TRs split 0.65 / 0.15 / 0.2 (the demo keeps >= 50 test TRs at 450 s)
     assert info.split_sizes == {"train": 9, "val": 2, "test": 3}
     with np.load(demo.truth_npz) as truth:

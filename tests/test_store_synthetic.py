@@ -32,12 +32,20 @@ def test_sizes_and_splits(store: Path) -> None:
     assert info.schema_version == SCHEMA_VERSION
     assert (info.n_trs, info.n_voxels, info.n_frames, info.height, info.width) == (37, 23, 2, 6, 10)
     assert (info.n_q, info.code_frames, info.text_slots, info.text_dim) == (2, 5, 2, 7)
-    assert info.subjects == ["sub-01", "sub-02"]
+    assert info.subjects == ("sub-01", "sub-02")
     assert info.mask_shape == (2, 3, 4)
     assert (info.tr, info.lag, info.split_gap) == (1.5, 3, 2)
     assert info.split_sizes == {"train": 23, "val": 5, "test": 5}
     np.testing.assert_array_equal(info.splits["val"], np.arange(25, 30))
     np.testing.assert_array_equal(info.splits["test"], np.arange(32, 37))
+
+
+def test_the_layout_table_is_what_the_file_holds(store: Path) -> None:
+    info = open_store(store)  # a StoreInfo is the store's StoreLayout: one table, written and read
+    expected = {**info.shapes(), **info.stats_shapes()}
+    assert expected["stats/video/mean"] == (6 * 10 * 3,) and expected["fmri/subjects"] == (2, 37, 23)
+    with h5py.File(store, "r") as handle:
+        assert {name: tuple(handle[name].shape) for name in expected} == expected
     assert info.model_input_sizes() == TINY_SIZES
     assert info.pretrained == {"encodec": False, "clip": False}
     assert len(info.build_hash) == 64 and info.build_hash != info.settings_hash

@@ -16,6 +16,7 @@ import numpy as np
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
+from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.locking import LOCKING_HINT, lock_problem, open_read_only
 from giblet_ds.store.stats import read_rows
 
@@ -35,22 +36,12 @@ below; a voxel constant over training TRs and ~1,000 later reads ~1,000 / 1e-6 c
 
 
 @dataclass(frozen=True, eq=False)
-class StoreInfo:
-    """What a validated store holds: sizes, split indices and the file attributes."""
+class StoreInfo(StoreLayout):
+    """What a validated store holds: its sizes (the :class:`StoreLayout` fields), split indices
+    and the file attributes."""
 
     path: Path
     schema_version: int
-    n_trs: int
-    n_frames: int
-    height: int
-    width: int
-    n_q: int
-    code_frames: int
-    text_slots: int
-    text_dim: int
-    n_voxels: int
-    subjects: list[str]
-    mask_shape: tuple[int, int, int]
     tr: float
     fps: float
     frame_skip: int
@@ -58,10 +49,6 @@ class StoreInfo:
     split_gap: int
     splits: dict[str, np.ndarray] = field(repr=False)
     attrs: dict[str, Any] = field(repr=False)
-
-    @property
-    def n_subjects(self) -> int:
-        return len(self.subjects)
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -107,7 +94,7 @@ class StoreInfo:
                     self.path,
                     "unknown subject",
                     dataset=schema.FMRI_SUBJECTS,
-                    expected=f"one of {self.subjects}",
+                    expected=f"one of {list(self.subjects)}",
                     actual=subject,
                 )
             return self.subjects.index(subject)
@@ -278,22 +265,13 @@ class _Checker:
         subjects_ds = self.dataset(schema.FMRI_SUBJECTS, 3)
         s, _, v = (int(x) for x in subjects_ds.shape)
         mask_ds = self.dataset(schema.MASK, 3)
-        expected = {
-            schema.AUDIO_CODES: (t, n_q, n_c),
-            schema.TEXT: (t, k, d),
-            schema.TEXT_MASK: (t, k),
-            schema.FMRI_SUBJECTS: (s, t, v),
-            schema.FMRI_MEAN: (t, v),
-            schema.FMRI_STATS_MEAN: (s, v),
-            schema.FMRI_STATS_STD: (s, v),
-            "stats/video/mean": (h * w * 3,),
-            "stats/video/var": (h * w * 3,),
-            "stats/text/mean": (k * d,),
-            "stats/text/var": (k * d,),
-            "stats/fmri/mean": (v,),
-            "stats/fmri/var": (v,),
-            "stats/audio/counts": (n_q, schema.N_CODES),
-        }
+        # the sizes read from the four datasets above; every other shape must follow from them
+        sizes = dict(n_trs=t, n_frames=f, height=h, width=w, n_q=n_q, code_frames=n_c,
+                     text_slots=k, text_dim=d, n_voxels=v)  # fmt: skip
+        layout = StoreLayout(**sizes, subjects=("",) * s, mask_shape=(0, 0, 0))
+        expected = {**layout.shapes(), **layout.stats_shapes()}
+        for name in (schema.VIDEO, schema.MASK):  # checked above (mask: against V below)
+            del expected[name]
         dsets = {name: self.shape(name, shape) for name, shape in expected.items()}
 
         self.current = schema.MASK
@@ -340,18 +318,10 @@ class _Checker:
                 )
         self.current = None
         return StoreInfo(
+            **sizes,
             path=self.path,
             schema_version=int(attrs["schema_version"]),
-            n_trs=t,
-            n_frames=f,
-            height=h,
-            width=w,
-            n_q=n_q,
-            code_frames=n_c,
-            text_slots=k,
-            text_dim=d,
-            n_voxels=v,
-            subjects=[str(x) for x in subjects],
+            subjects=tuple(str(x) for x in subjects),
             mask_shape=(int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])),
             tr=float(attrs["tr"]),
             fps=float(attrs["fps"]),

@@ -15,7 +15,8 @@ from giblet_ds.store import schema
 from giblet_ds.store.builder.hashing import build_sha256, settings_sha256
 from giblet_ds.store.builder.normalize import zscore_train
 from giblet_ds.store.builder.splits import make_splits
-from giblet_ds.store.builder.writer import StoreLayout, StoreWriter
+from giblet_ds.store.builder.writer import StoreWriter
+from giblet_ds.store.layout import StoreLayout
 
 __all__ = ["write_synthetic_store", "synthetic_mask_shape"]
 

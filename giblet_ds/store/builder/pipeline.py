@@ -28,7 +28,8 @@ from giblet_ds.store.builder.normalize import zscore_train
 from giblet_ds.store.builder.settings import BuildSettings
 from giblet_ds.store.builder.splits import make_splits
 from giblet_ds.store.builder.weights import ENCODEC_CHECKPOINT
-from giblet_ds.store.builder.writer import StoreLayout, StoreWriter, remove_stale_temps
+from giblet_ds.store.builder.writer import StoreWriter, remove_stale_temps
+from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.reader import open_store
 
 __all__ = ["BuildInputs", "BuildResult", "build_store", "hash_inputs"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,43 +18,12 @@ import numpy as np
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
+from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.stats import compute_target_stats
 
-__all__ = ["StoreLayout", "StoreWriter", "temp_path_for", "remove_stale_temps"]
+__all__ = ["StoreWriter", "temp_path_for", "remove_stale_temps"]
 
 _WRITE_BLOCK_TRS = 128
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Shapes of one store; every dataset's shape follows from these."""
-
-    n_trs: int
-    n_frames: int
-    height: int
-    width: int
-    n_q: int
-    code_frames: int
-    text_slots: int
-    text_dim: int
-    subjects: tuple[str, ...]
-    n_voxels: int
-    mask_shape: tuple[int, int, int]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Expected shape of every required dataset (the reader checks the same table)."""
-        t, s, v = self.n_trs, len(self.subjects), self.n_voxels
-        return {
-            schema.VIDEO: (t, self.n_frames, self.height, self.width, 3),
-            schema.AUDIO_CODES: (t, self.n_q, self.code_frames),
-            schema.TEXT: (t, self.text_slots, self.text_dim),
-            schema.TEXT_MASK: (t, self.text_slots),
-            schema.FMRI_SUBJECTS: (s, t, v),
-            schema.FMRI_MEAN: (t, v),
-            schema.FMRI_STATS_MEAN: (s, v),
-            schema.FMRI_STATS_STD: (s, v),
-            schema.MASK: self.mask_shape,
-        }
 
 
 def temp_path_for(path: Path) -> Path:
