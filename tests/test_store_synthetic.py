@@ -43,7 +43,8 @@ def test_sizes_and_splits(store: Path) -> None:
 def test_the_layout_table_is_what_the_file_holds(store: Path) -> None:
     info = open_store(store)  # a StoreInfo is the store's StoreLayout: one table, written and read
     expected = {**info.shapes(), **info.stats_shapes()}
-    assert expected["stats/video/mean"] == (6 * 10 * 3,) and expected["fmri/subjects"] == (2, 37, 23)
+    assert expected["stats/video/mean"] == (6 * 10 * 3,)
+    assert expected["fmri/subjects"] == (2, 37, 23)
     with h5py.File(store, "r") as handle:
         assert {name: tuple(handle[name].shape) for name in expected} == expected
     assert info.model_input_sizes() == TINY_SIZES
