@@ -2,17 +2,23 @@
 """Settings x seeds on the demo, in one process each: is a difference in test r larger than a reseed?
 
 `make demo` trains once (2 ranks x micro-batch 8, 44 steps) and one seed moves the test r by about
-0.01, the size of the differences issue 12 looks for. This script replays that training in-process
-(the trainer's model, init, loss, AdamW groups, warmup + cosine schedule, gradient clipping,
-validation after each epoch choosing the best state on the reliable-voxel r; no DeepSpeed, no
-checkpoint files, so a run takes about 45 s here) for each setting and seed, then scores the best
-state on the test split's reliable voxels (training-TR ISC > 0.1, the subject-mean target, as
-tools/evaluate.py) and on the voxels each planted feature drives most (weight > 0.3).
+0.01, the size of the differences issue 12 looks for. This script replays that training in-process:
+the trainer's model, init, loss, AdamW groups, warmup + cosine schedule, gradient clipping, the
+sampler's per-epoch order (seed + epoch; the 2 ranks' shards of one step are the same 16 TRs),
+validation after each epoch and the trainer's early stopping (min_delta, patience) choosing the
+best state on the reliable-voxel r. No DeepSpeed, no checkpoint files, one dropout stream instead
+of one per rank: a run takes about 45 s here and matches a 2-rank run up to the dropout masks.
+Each best state is scored on the test split's reliable voxels (training-TR ISC > 0.1, the
+subject-mean target, as tools/evaluate.py), on the voxels each planted feature drives most (weight
+> 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``) linearly decode
+each planted feature (ridge, training TRs -> test TRs).
 
     .venv/bin/python bench/bench_context_seeds.py --store demo_out/store.h5 \
-        --setting k8: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--steps 44] [--json F]
+        --setting k8: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--json F]
 
-A setting is NAME:OVERRIDE[,OVERRIDE...] over launch/configs/small.yaml (the demo's preset).
+A setting is NAME:[OVERRIDE,...]: `--set` overrides over launch/configs/small.yaml and make demo's
+own (train.max_steps=44); batch and steps come from the resolved config (x 2 ranks). Demo stores
+only (the ground truth must lie beside the store). Exit 2 on a bad store, setting or override.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,10 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from giblet_ds.config import load_config
+from giblet_ds.config import RunConfig, load_config
 from giblet_ds.demo_data.brain import weight_maps
 from giblet_ds.demo_data.features import FEATURES
+from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.evaluate import predict_split
+from giblet_ds.evaluation.truth import find_ground_truth
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import pairwise_isc, voxel_r
 from giblet_ds.model import GibletAutoencoder
@@ -42,22 +51,41 @@ from giblet_ds.store import (
     open_store,
     read_split_subjects,
 )
+from giblet_ds.store.reader import StoreInfo
+from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import weight_decay_groups
 from giblet_ds.train.schedule import make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
-BATCH = 16  # make demo: 2 ranks x micro-batch 8
+PRESET = REPO / "launch" / "configs" / "small.yaml"
+DEMO_OVERRIDES = ["train.max_steps=44"]  # launch/demo.sh's --set
+RANKS = 2  # launch/demo.sh: deepspeed --num_gpus 2
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
-    name, _, overrides = text.partition(":")
+    """``"k1:model.context_trs=1,optim.lr=2e-3"`` -> ("k1", [...]); ``"k8:"`` -> ("k8", [])."""
+    name, colon, overrides = text.partition(":")
+    if not colon or not name:
+        raise argparse.ArgumentTypeError(
+            f"a setting is NAME:[OVERRIDE,...] (e.g. k8: or k1:model.context_trs=1), got {text!r}"
+        )
     return name, [o for o in overrides.split(",") if o]
+
+
+def run_config(overrides: list[str], seed: int) -> RunConfig:
+    """The small preset with make demo's overrides, the setting's, and the seed."""
+    return load_config(PRESET, [*DEMO_OVERRIDES, *overrides, f"train.seed={seed}"])
 
 
 def voxel_groups(store: Path) -> dict[str, np.ndarray]:
     """Reliable voxels (training-TR ISC > 0.1) and, within them, those each planted feature drives
     most with weight > 0.3 (``weak``: the reliable voxels below that)."""
     info = open_store(store)
+    if find_ground_truth(info) is None:
+        raise GibletError(
+            f"{store}: no ground_truth.json of this store beside it; this benchmark scores the "
+            "planted features of a demo store (tools/make_demo_data.py, then tools/build_store.py)"
+        )
     subjects = torch.from_numpy(read_split_subjects(info.path, "train", info=info))
     reliable = (pairwise_isc(subjects) > 0.1).numpy()
     mask, _ = load_mask(info.path)
@@ -69,15 +97,47 @@ def voxel_groups(store: Path) -> dict[str, np.ndarray]:
     return groups
 
 
+def feature_decoding(model: GibletAutoencoder, info: StoreInfo) -> dict[str, float]:
+    """r of each planted feature against its linear decoding from the model's per-TR features
+    (sklearn RidgeCV on standardized features, fit on the training TRs, scored on the test TRs)."""
+    from sklearn.linear_model import RidgeCV
+
+    truth = find_ground_truth(info)
+    assert truth is not None
+    with np.load(truth.npz_path) as saved:
+        planted = np.asarray(saved["features"], np.float64)  # (stimulus TRs, 5)
+    rows = {split: np.asarray(info.splits[split]) for split in ("train", "test")}
+    per_tr = {}
+    model.eval()
+    with torch.no_grad():
+        for split in rows:
+            data = StoreDataset(info.path, split, info=info)  # one TR per sample
+            batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("video",
+                     "audio_codes", "text")}  # fmt: skip
+            per_tr[split] = model.encoder.per_tr_features(
+                batch["video"], batch["audio_codes"], batch["text"]
+            ).numpy()
+    model.train()
+    mean, std = per_tr["train"].mean(0), per_tr["train"].std(0) + 1e-6
+    x = {split: (per_tr[split] - mean) / std for split in rows}
+    out = {}
+    for index, name in enumerate(FEATURES):
+        ridge = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(
+            x["train"], planted[rows["train"], index]
+        )
+        out[name] = float(np.corrcoef(ridge.predict(x["test"]), planted[rows["test"], index])[0, 1])
+    return out
+
+
 def train_and_score(
-    store: Path, overrides: list[str], seed: int, steps: int, groups: dict[str, np.ndarray]
+    info: StoreInfo, cfg: RunConfig, groups: dict[str, np.ndarray]
 ) -> dict[str, Any]:
+    """Train as make demo does for ``cfg`` (its ``train.seed``), keep the best validation state,
+    score it on the test split."""
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "launch" / "configs" / "small.yaml", overrides)
-    info = open_store(store)
     stats = load_target_stats(info.path, info=info)
     model_cfg = cfg.model.with_input_sizes(info.model_input_sizes())
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.train.seed)
     model = GibletAutoencoder(model_cfg)
     means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
     model.init_weights(output_means=means)
@@ -87,12 +147,19 @@ def train_and_score(
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
     )
+    train = StoreDataset.for_run(info, "train", cfg)
+    batch_size = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * RANKS
+    steps_per_epoch = len(train) // batch_size
+    steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     s = cfg.schedule
     scheduler = make_scheduler(optimizer, peak_lr=cfg.optim.lr, warmup_steps=s.warmup_steps,
                                warmup_start_lr=s.warmup_start_lr, min_lr=s.min_lr,
                                total_steps=steps)  # fmt: skip
-    train = StoreDataset.for_run(info, "train", cfg)
-    loss_fn = NormalizedLoss(TargetVariances.from_stats(stats), cfg.loss.weights())
+    loss_fn = NormalizedLoss(
+        TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
+    )
+    es = cfg.train.early_stopping
+    stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
     device = torch.device("cpu")
 
     def scores(split: str) -> dict[str, float]:
@@ -102,16 +169,18 @@ def train_and_score(
         r = voxel_r(torch.from_numpy(prediction), torch.from_numpy(target)).numpy()
         return {name: float(r[voxels].mean()) for name, voxels in groups.items()}
 
-    order_rng = torch.Generator().manual_seed(seed)
-    step, best_val, best_step, best_state = 0, -np.inf, 0, None
+    step, epoch, best_state = 0, 0, None
     clock = time.perf_counter()
     model.train()
     while step < steps:
-        order = torch.randperm(len(train), generator=order_rng)
-        for first in range(0, len(train) - BATCH + 1, BATCH):  # drop_last, as the trainer
+        # the sampler's order (ResumableDistributedSampler: seed + epoch); rank r of 2 takes
+        # order[r::2], so step j's two micro-batches together are order[16 j : 16 (j + 1)]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            cfg.train.seed + epoch))  # fmt: skip
+        for first in range(0, steps_per_epoch * batch_size, batch_size):
             if step >= steps:
                 break
-            samples = [train[int(i)] for i in order[first : first + BATCH]]
+            samples = [train[int(i)] for i in order[first : first + batch_size]]
             batch = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}
             output = model(batch["video"], batch["audio_codes"], batch["text"],
                            batch.get("context_mask"))  # fmt: skip
@@ -121,14 +190,16 @@ def train_and_score(
             optimizer.step()
             scheduler.step()
             step += 1
-        val = scores("val")["reliable"]
-        if val > best_val:
-            best_val, best_step = val, step
+        epoch += 1
+        if stopping.update(scores("val")["reliable"], step):
             best_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        if stopping.patience and stopping.bad_validations >= stopping.patience:
+            break
     assert best_state is not None
     model.load_state_dict(best_state)
-    return {"seed": seed, "best_val_r": best_val, "best_step": best_step,
-            "test_r": scores("test"), "seconds": time.perf_counter() - clock}  # fmt: skip
+    return {"seed": cfg.train.seed, "best_val_r": stopping.best, "best_step": stopping.best_step,
+            "test_r": scores("test"), "decoding_r": feature_decoding(model, info),
+            "seconds": time.perf_counter() - clock}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,24 +207,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--setting", type=parse_setting, action="append", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
-    p.add_argument("--steps", type=int, default=44)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    groups = voxel_groups(args.store)
+    try:  # every store and config problem before the first minute of training
+        info = open_store(args.store)
+        groups = voxel_groups(args.store)
+        configs = {name: [run_config(overrides, seed) for seed in args.seeds]
+                   for name, overrides in args.setting}  # fmt: skip
+    except GibletError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-                               "store": str(args.store), "steps": args.steps, "runs": {}}  # fmt: skip
+                               "store": str(args.store), "runs": {}}  # fmt: skip
     print("| setting | test r (reliable) per seed | mean | sd | "
-          + " | ".join(groups) + " |")  # fmt: skip
+          + " | ".join(groups) + " | decoding r: " + " / ".join(FEATURES) + " |")  # fmt: skip
     for name, overrides in args.setting:
-        runs = [train_and_score(args.store, overrides, seed, args.steps, groups)
-                for seed in args.seeds]  # fmt: skip
+        runs = [train_and_score(info, cfg, groups) for cfg in configs[name]]
         results["runs"][name] = {"overrides": overrides, "seeds": runs}
         test = [run["test_r"]["reliable"] for run in runs]
         sd = statistics.stdev(test) if len(test) > 1 else float("nan")
         per_group = [statistics.mean(run["test_r"][g] for run in runs) for g in groups]
+        decoding = [statistics.mean(run["decoding_r"][f] for run in runs) for f in FEATURES]
         print(
             f"| {name} | {' / '.join(f'{r:.4f}' for r in test)} | {statistics.mean(test):.4f} "
-            f"| {sd:.4f} | " + " | ".join(f"{v:.3f}" for v in per_group) + " |",
+            f"| {sd:.4f} | "
+            + " | ".join(f"{v:.3f}" for v in per_group)
+            + " | "
+            + " / ".join(f"{v:.2f}" for v in decoding)
+            + " |",
             flush=True,
         )
         if args.json:

@@ -121,14 +121,19 @@ class GibletEncoder(nn.Module):
                     f"{name} must be (B, {k}, ...) for model.context_trs={k} (the dataset's "
                     f"window), got shape {tuple(tensor.shape)}"
                 )
-        per_tr = self._features(video.flatten(0, 1), audio_codes.flatten(0, 1), text.flatten(0, 1))
+        per_tr = self.per_tr_features(
+            video.flatten(0, 1), audio_codes.flatten(0, 1), text.flatten(0, 1)
+        )
         bottleneck = self.trunk(self.temporal(per_tr.view(batch, k, -1), context_mask))
         return bottleneck, self.fmri_head(bottleneck)
 
-    def _features(
+    def per_tr_features(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
     ) -> torch.Tensor:
-        """One row per TR: (N, F, H, W, 3), (N, n_q, C), (N, K, D) -> (N, fused)."""
+        """The three encoders on single TRs, concatenated: (N, F, H, W, 3), (N, n_q, C),
+        (N, K, D) -> (N, fused) (fused = the encoders' last widths summed; 1,536 at 3.5B). This is
+        what the temporal mixer reads per window slot, and what probes of the learned features
+        read (bench/bench_context_seeds.py)."""
         return torch.cat(
             [self.video(video.flatten(1)), self.audio(audio_codes), self.text(text.flatten(1))],
             dim=1,
@@ -137,5 +142,5 @@ class GibletEncoder(nn.Module):
     def _encode_one_tr(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        bottleneck = self.trunk(self._features(video, audio_codes, text))
+        bottleneck = self.trunk(self.per_tr_features(video, audio_codes, text))
         return bottleneck, self.fmri_head(bottleneck)

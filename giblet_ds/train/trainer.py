@@ -134,8 +134,10 @@ class Trainer:
         cfg = self.cfg
         stats = load_target_stats(self.store.path, subject=cfg.data.subject, info=self.store)
         means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
-        seed_everything(cfg.train.seed + self.rank)
+        # build_engine seeds every rank alike (identical initial weights); each rank's own stream
+        # (dropout masks) starts after it, or all ranks would drop the same units
         self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means)
+        seed_everything(cfg.train.seed + self.rank)
         self.loss_fn = NormalizedLoss(
             TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )

@@ -1,0 +1,41 @@
+"""bench/bench_context_seeds.py: settings parse strictly and runs read make demo's configuration."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench() -> ModuleType:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module("bench_context_seeds")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
+    parse = _bench().parse_setting
+    assert parse("k8:") == ("k8", [])
+    assert parse("k1:model.context_trs=1,optim.lr=2e-3") == (
+        "k1",
+        ["model.context_trs=1", "optim.lr=2e-3"],
+    )
+    for bad in ("k12", ":model.context_trs=1"):  # a bare name would train the default silently
+        with pytest.raises(argparse.ArgumentTypeError, match=r"a setting is NAME:\[OVERRIDE"):
+            parse(bad)
+
+
+def test_runs_take_make_demos_steps_and_the_seed_and_the_settings_last() -> None:
+    bench = _bench()
+    cfg = bench.run_config(["model.context_trs=12"], seed=7)
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.model.context_trs) == (44, 7, 12)
+    assert cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * bench.RANKS == 16
+    assert bench.run_config(["train.max_steps=88"], seed=1).train.max_steps == 88
