@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _bench() -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module("bench_context_limits")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+from tests.bench_modules import load_bench
 
 
 def test_window_design_reads_the_stimulus_behind_each_volume_and_pads_outside_the_split() -> None:
     features = np.arange(20, dtype=np.float64)[:, None] * [1.0, 10.0]  # TR i -> (i, 10 i)
     rows = np.array([5, 6, 7, 8])  # a split's TRs; volume row + 3 pairs with stimulus TR row
-    design = _bench().window_design(features, rows, lag=3, delays=[0, 3, 6])
+    design = load_bench("bench_context_limits").window_design(
+        features, rows, lag=3, delays=[0, 3, 6]
+    )
     # delay 0: TR row + 3 (inside the split only for row 5: TR 8); delay 3: TR row itself;
     # delay 6: TR row - 3 (inside only for row 8: TR 5); outside -> zeros, as the dataset pads
     expected = np.array(
@@ -37,5 +26,5 @@ def test_ridge_test_r_recovers_a_noise_free_linear_map() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 3))
     y = x @ rng.standard_normal((3, 4))
-    r = _bench().ridge_test_r(x[:40], y[:40], x[40:], y[40:])
+    r = load_bench("bench_context_limits").ridge_test_r(x[:40], y[:40], x[40:], y[40:])
     assert r > 0.999

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _bench() -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module("bench_context_seeds")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+from tests.bench_modules import load_bench
 
 
 def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
-    parse = _bench().parse_setting
+    parse = load_bench("bench_context_seeds").parse_setting
     assert parse("k8:") == ("k8", [])
     assert parse("k1:model.context_trs=1,optim.lr=2e-3") == (
         "k1",
@@ -34,7 +22,7 @@ def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
 
 
 def test_runs_take_make_demos_steps_and_the_seed_and_the_settings_last() -> None:
-    bench = _bench()
+    bench = load_bench("bench_context_seeds")
     cfg = bench.run_config(["model.context_trs=12"], seed=7)
     assert (cfg.train.max_steps, cfg.train.seed, cfg.model.context_trs) == (44, 7, 12)
     assert cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * bench.RANKS == 16

@@ -4,7 +4,6 @@ GPU session runs in one call never rots. Values are read back from its JSON and 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -12,12 +11,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from safetensors import safe_open
 
+from tests.bench_modules import load_bench
 from tests.tiny_sizes import TINY_SIZES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,14 +39,6 @@ STAGES = [
     "consolidate",
     "audit",
 ]
-
-
-def _bench(name: str) -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +182,7 @@ def test_table_written_and_printed(cpu_check: dict[str, Any]) -> None:
 
 
 def test_a_failed_stage_is_reported_and_later_stages_still_run(tmp_path: Path) -> None:
-    gpu_check = _bench("gpu_check")
+    gpu_check = load_bench("gpu_check")
     args = argparse.Namespace(
         cpu=True, out=tmp_path / "out", work_dir=tmp_path, budget_s=60.0, ckpt_dir=None
     )
@@ -215,7 +206,7 @@ def test_a_failed_stage_is_reported_and_later_stages_still_run(tmp_path: Path) -
 
 
 def test_gpu_plan_is_the_3p5b_preset_in_bf16() -> None:
-    gpu_check, gpu_runs = _bench("gpu_check"), _bench("gpu_runs")
+    gpu_check, gpu_runs = load_bench("gpu_check"), load_bench("gpu_runs")
     config, runs, weight_bytes = gpu_check.plan(cpu=False)
     assert config == REPO / "launch" / "configs" / "giblet_3p5b.yaml" and weight_bytes == 2
     assert [(r.name, r.zero_stage, r.activation_checkpointing, r.steps) for r in runs] == [
@@ -232,7 +223,7 @@ def test_gpu_plan_is_the_3p5b_preset_in_bf16() -> None:
 
 
 def test_a_failed_fused_adam_build_falls_back_to_torch_adamw(tmp_path: Path) -> None:
-    gpu_check = _bench("gpu_check")
+    gpu_check = load_bench("gpu_check")
     args = argparse.Namespace(
         cpu=False, out=tmp_path / "out", work_dir=tmp_path, budget_s=60.0, ckpt_dir=None
     )
@@ -255,7 +246,7 @@ def test_a_failed_fused_adam_build_falls_back_to_torch_adamw(tmp_path: Path) -> 
 
 
 def test_a_failed_stage_line_quotes_the_exception_not_the_launcher_noise() -> None:
-    gpu_report = _bench("gpu_report")
+    gpu_report = load_bench("gpu_report")
     stage = {
         "name": "train_zero2_ac",
         "status": "failed",
