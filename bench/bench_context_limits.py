@@ -35,6 +35,7 @@ import torch
 
 from giblet_ds.demo_data.features import FEATURES
 from giblet_ds.demo_data.hrf import convolve_causal, glover_hrf
+from giblet_ds.evaluation.evaluate import DEFAULT_RELIABLE_ISC
 from giblet_ds.evaluation.ridge import ALPHAS, CV_FOLDS
 from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
 from giblet_ds.metrics import pairwise_isc, voxel_r
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(truth.npz_path) as saved:
         features = np.asarray(saved["features"], np.float64)  # (stimulus TRs, 5), standardized
     reliable = (
-        pairwise_isc(torch.from_numpy(read_split_subjects(info.path, "train", info=info))) > 0.1
+        pairwise_isc(torch.from_numpy(read_split_subjects(info.path, "train", info=info)))
+        > DEFAULT_RELIABLE_ISC
     ).numpy()
     rows = {s: np.asarray(info.splits[s]) for s in ("train", "test")}
     target = {s: read_split_subjects(info.path, s, info=info).mean(0)[:, reliable] for s in rows}

@@ -39,7 +39,7 @@ from giblet_ds.config import RunConfig, load_config
 from giblet_ds.demo_data.brain import weight_maps
 from giblet_ds.demo_data.features import FEATURES
 from giblet_ds.errors import GibletError
-from giblet_ds.evaluation.evaluate import predict_split
+from giblet_ds.evaluation.evaluate import DEFAULT_RELIABLE_ISC, predict_split
 from giblet_ds.evaluation.truth import find_ground_truth
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import pairwise_isc, voxel_r
@@ -78,7 +78,7 @@ def run_config(overrides: list[str], seed: int) -> RunConfig:
 
 
 def voxel_groups(store: Path) -> dict[str, np.ndarray]:
-    """Reliable voxels (training-TR ISC > 0.1) and, within them, those each planted feature drives
+    """Reliable voxels (training-TR ISC > the evaluation's default threshold, 0.1) and, within them, those each planted feature drives
     most with weight > 0.3 (``weak``: the reliable voxels below that)."""
     info = open_store(store)
     if find_ground_truth(info) is None:
@@ -87,7 +87,7 @@ def voxel_groups(store: Path) -> dict[str, np.ndarray]:
             "planted features of a demo store (tools/make_demo_data.py, then tools/build_store.py)"
         )
     subjects = torch.from_numpy(read_split_subjects(info.path, "train", info=info))
-    reliable = (pairwise_isc(subjects) > 0.1).numpy()
+    reliable = (pairwise_isc(subjects) > DEFAULT_RELIABLE_ISC).numpy()
     mask, _ = load_mask(info.path)
     weights = weight_maps(mask, FEATURES)
     strong, dominant = weights.max(0) > 0.3, weights.argmax(0)
@@ -112,8 +112,9 @@ def feature_decoding(model: GibletAutoencoder, info: StoreInfo) -> dict[str, flo
     with torch.no_grad():
         for split in rows:
             data = StoreDataset(info.path, split, info=info)  # one TR per sample
-            batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("video",
-                     "audio_codes", "text")}  # fmt: skip
+            samples = [data[i] for i in range(len(data))]  # each TR read once
+            batch = {k: torch.stack([x[k] for x in samples]) for k in ("video", "audio_codes",
+                     "text")}  # fmt: skip
             per_tr[split] = model.encoder.per_tr_features(
                 batch["video"], batch["audio_codes"], batch["text"]
             ).numpy()
