@@ -265,13 +265,14 @@ class _Checker:
         subjects_ds = self.dataset(schema.FMRI_SUBJECTS, 3)
         s, _, v = (int(x) for x in subjects_ds.shape)
         mask_ds = self.dataset(schema.MASK, 3)
-        # the sizes read from the four datasets above; every other shape must follow from them
+        # the sizes read from the datasets above; every other shape must follow from them
+        # (subject ids are checked against S below, with the other attributes)
+        mask_shape = (int(mask_ds.shape[0]), int(mask_ds.shape[1]), int(mask_ds.shape[2]))
         sizes = dict(n_trs=t, n_frames=f, height=h, width=w, n_q=n_q, code_frames=n_c,
                      text_slots=k, text_dim=d, n_voxels=v)  # fmt: skip
-        layout = StoreLayout(**sizes, subjects=("",) * s, mask_shape=(0, 0, 0))
+        layout = StoreLayout(**sizes, mask_shape=mask_shape, subjects=("",) * s)
         expected = {**layout.shapes(), **layout.stats_shapes()}
-        for name in (schema.VIDEO, schema.MASK):  # checked above (mask: against V below)
-            del expected[name]
+        del expected[schema.VIDEO], expected[schema.MASK]  # the shapes these sizes came from
         dsets = {name: self.shape(name, shape) for name, shape in expected.items()}
 
         self.current = schema.MASK
@@ -322,7 +323,7 @@ class _Checker:
             path=self.path,
             schema_version=int(attrs["schema_version"]),
             subjects=tuple(str(x) for x in subjects),
-            mask_shape=(int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])),
+            mask_shape=mask_shape,
             tr=float(attrs["tr"]),
             fps=float(attrs["fps"]),
             frame_skip=int(attrs["frame_skip"]),
