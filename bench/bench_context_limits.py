@@ -59,6 +59,17 @@ def window_design(
     return np.concatenate(columns, axis=1)
 
 
+def hrf_design(features: np.ndarray, rows: np.ndarray, lag: int, hrf: np.ndarray) -> np.ndarray:
+    """(len(rows), n_features): the features convolved with ``hrf`` over the whole past, read at
+    each row's volume (row + lag). The features end with the movie but later volumes still see
+    its tail through the HRF, so the convolution runs over zeros after the movie, as
+    giblet_ds.demo_data.brain plants the response (never a clipped index)."""
+    volumes = int(rows.max()) + lag + 1
+    padded = np.zeros((max(volumes, len(features)), features.shape[1]))
+    padded[: len(features)] = features
+    return convolve_causal(padded, hrf)[rows + lag]
+
+
 def ridge_test_r(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
 ) -> float:
@@ -115,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         kernel = np.repeat(hrf[delays], features.shape[1])  # one HRF weight per delay x feature
         fit(f"HRF over the {k}-TR window",
             {s: (x * kernel).reshape(len(x), k, -1).sum(1) for s, x in windows.items()})  # fmt: skip
-    # the features end with the movie; later volumes still see its tail through the HRF, so
-    # convolve over every volume the store pairs (as giblet_ds.demo_data.brain plants them)
-    volumes = max(int(r.max()) for r in rows.values()) + lag + 1
-    padded = np.zeros((max(volumes, len(features)), features.shape[1]))
-    padded[: len(features)] = features
-    convolved = convolve_causal(padded, hrf)
-    fit("planted HRF (5 weights per voxel)", {s: convolved[r + lag] for s, r in rows.items()})
+    fit("planted HRF (5 weights per voxel)",
+        {s: hrf_design(features, r, lag, hrf) for s, r in rows.items()})  # fmt: skip
     oracle = oracle_series(truth, info, rows["test"])[:, reliable]
     results["oracle"] = float(
         voxel_r(torch.from_numpy(oracle), torch.from_numpy(target["test"])).mean()

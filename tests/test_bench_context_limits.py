@@ -28,3 +28,13 @@ def test_ridge_test_r_recovers_a_noise_free_linear_map() -> None:
     y = x @ rng.standard_normal((3, 4))
     r = load_bench("bench_context_limits").ridge_test_r(x[:40], y[:40], x[40:], y[40:])
     assert r > 0.999
+
+
+def test_hrf_design_sees_the_movies_tail_in_volumes_after_it() -> None:
+    features = np.zeros((6, 1))
+    features[5] = 1.0  # an impulse at the movie's last TR
+    hrf = np.array([0.0, 0.5, 0.3, 0.2])
+    design = load_bench("bench_context_limits").hrf_design(features, np.array([4, 5, 6]), 2, hrf)
+    # rows 4, 5, 6 read volumes 6, 7, 8: one, two and three TRs after the impulse (volume 8 lies
+    # past the features' end, where a clipped index would read volume 5 instead)
+    np.testing.assert_allclose(design[:, 0], [0.5, 0.3, 0.2])
