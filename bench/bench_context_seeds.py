@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Settings x seeds on the demo, in one process each: is a difference in test r larger than a reseed?
 
-`make demo` trains once (2 ranks x micro-batch 8, 44 steps) and one seed moves the test r by about
+`make demo` trains once (2 ranks x micro-batch 8, 10 epochs) and one seed moves the test r by about
 0.01, the size of the differences issue 12 looks for. This script replays that training in-process:
-the trainer's model, init, loss, AdamW groups, warmup + cosine schedule, gradient clipping, the
-sampler's per-epoch order (seed + epoch; the 2 ranks' shards of one step are the same 16 TRs),
-validation after each epoch and the trainer's early stopping (min_delta, patience) choosing the
-best state on the reliable-voxel r. No DeepSpeed, no checkpoint files, one dropout stream instead
-of one per rank: a run takes about 45 s here and matches a 2-rank run up to the dropout masks.
+the trainer's model, init (the temporal mixer's HRF start included), loss, AdamW groups, warmup +
+cosine schedule, gradient clipping, the sampler's per-epoch order (seed + epoch; the 2 ranks'
+shards of one step are the same 16 TRs), validation after each epoch and the trainer's early
+stopping (min_delta, patience) choosing the best state on the reliable-voxel r. No DeepSpeed, no checkpoint files, one dropout stream instead
+of one per rank: a run takes about 2 minutes here and matches a 2-rank run up to the dropout masks.
 Each best state is scored on the test split's reliable voxels (training-TR ISC > 0.1, the
 subject-mean target, as tools/evaluate.py), on the voxels each planted feature drives most (weight
 > 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``) linearly decode
@@ -17,7 +17,7 @@ each planted feature (ridge, training TRs -> test TRs).
         --setting k8: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--json F]
 
 A setting is NAME:[OVERRIDE,...]: `--set` overrides over launch/configs/small.yaml and make demo's
-own (train.max_steps=44); batch and steps come from the resolved config (x 2 ranks). Demo stores
+own (none today); batch and steps come from the resolved config (x 2 ranks). Demo stores
 only (the ground truth must lie beside the store). Exit 2 on a bad store, setting or override.
 """
 
@@ -54,11 +54,12 @@ from giblet_ds.store import (
 from giblet_ds.store.reader import StoreInfo
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import weight_decay_groups
+from giblet_ds.train.hrf_start import mixer_start
 from giblet_ds.train.schedule import make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "launch" / "configs" / "small.yaml"
-DEMO_OVERRIDES = ["train.max_steps=44"]  # launch/demo.sh's --set
+DEMO_OVERRIDES: list[str] = []  # launch/demo.sh's --set beyond paths: none, the preset as it is
 RANKS = 2  # launch/demo.sh: deepspeed --num_gpus 2
 
 
@@ -141,7 +142,7 @@ def train_and_score(
     torch.manual_seed(cfg.train.seed)
     model = GibletAutoencoder(model_cfg)
     means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
-    model.init_weights(output_means=means)
+    model.init_weights(output_means=means, mixer_start=mixer_start(model_cfg, info.lag, info.tr))
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,

@@ -165,8 +165,9 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
       (8*n_q*C), float32 text (4*K*D), float32 fMRI (4*V);
     - with ``context_trs`` = k > 1: the per-TR encoders (video, audio, text stacks) run on k rows
       per sample, so everything they save, the code embedding indices and the batch's stimulus
-      keys count k times (plus the k-byte window mask); the temporal mixer saves its masked
-      input (A*k*D, D the fused feature width) and the mask cast to the activation dtype (A*k).
+      keys count k times (plus the k-byte window mask); so does the trunk, which makes one
+      bottleneck code per TR; the temporal mixer saves its masked input (A*k*D, D the bottleneck
+      width) and the mask cast to the activation dtype (A*k).
 
     With activation checkpointing every DenseBlock keeps only its input (A*i); in backward one
     block at a time is recomputed, so the largest block's saved set other than its input (which
@@ -185,7 +186,12 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
     k = cfg.context_trs
     per_tr_stacks = {
         id(m)
-        for encoder in (model.encoder.video, model.encoder.audio, model.encoder.text)
+        for encoder in (
+            model.encoder.video,
+            model.encoder.audio,
+            model.encoder.text,
+            model.encoder.trunk,
+        )
         for m in encoder.modules()
         if isinstance(m, DenseStack)
     }
@@ -230,8 +236,8 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
         outside += INT64 * codes * k + ACT_BYTES * codes * cfg.audio_embed_dim
         outside += FP32 * codes * cfg.codebook_size
     if model.encoder.temporal is not None:
-        fused = int(model.encoder.temporal.weight.shape[1])
-        outside += ACT_BYTES * k * (fused + 1)
+        width = int(model.encoder.temporal.weight.shape[1])  # the bottleneck
+        outside += ACT_BYTES * k * (width + 1)
     outside += batch_bytes(cfg)
 
     return ActivationEstimate(

@@ -29,11 +29,11 @@ step "3/6 feature store -> $STORE (a rebuild with the same inputs is a no-op)"
 $PY tools/build_store.py --video "$RAW/stimuli_demo.m4v" --annotations "$RAW/annotations.xlsx" \
   --fmri "$RAW"/demo_nii/*.nii.gz --config "$RAW/demo_build.yaml" --out "$STORE" --no-pretrained
 
-step "4/6 train the small preset for 4 epochs: deepspeed --num_gpus 2, CPU, ZeRO-2 fp32 -> $RUN"
+step "4/6 train the small preset (10 epochs, early stopping): deepspeed --num_gpus 2, CPU, ZeRO-2 fp32 -> $RUN"
 rm -rf "$RUN"
 .venv/bin/deepspeed --num_gpus 2 launch/train.py --config launch/configs/small.yaml \
   --deepspeed_config ds_configs/zero2_fp32_cpu.json \
-  --set data.store="$STORE" --set checkpoint.run_dir="$RUN" --set train.max_steps=44 2>&1 \
+  --set data.store="$STORE" --set checkpoint.run_dir="$RUN" 2>&1 \
   | grep -v -E "FutureWarning|return func|^\[20..-..-.. ..:..:..,...\] \[INFO\]"
 
 step "5/6 tools on the run: evaluation of best on the test split, consolidation, audit, plots, health"

@@ -18,6 +18,8 @@ from giblet_ds.model import GibletAutoencoder, parameter_counts, train_flops_per
 from giblet_ds.model.context import CONTEXT_MASK, WINDOW_KEYS, current_tr
 from giblet_ds.store import StoreDataset, open_store, write_synthetic_store
 from giblet_ds.store import dataset as store_dataset
+from giblet_ds.store.dataset import window_delays
+from giblet_ds.train.hrf_start import mixer_start
 from tests.tiny_sizes import TINY_SIZES
 from tests.train_harness import losses_by_step, records, run_training
 
@@ -360,15 +362,25 @@ def test_a_window_model_that_reads_only_tr_t_is_the_one_tr_model() -> None:
     want = one(last["video"], last["audio_codes"], last["text"])
     for name, a, b in zip(want._fields, got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    # and the mixer itself passes TR t through exactly
+    # and the mixer itself passes TR t's code through exactly
     assert window.encoder.temporal is not None
-    features = torch.randn(3, 4, 24)
-    assert torch.equal(window.encoder.temporal(features), features[:, -1])
+    codes = torch.randn(3, 4, 6)  # (B, k, bottleneck)
+    assert torch.equal(window.encoder.temporal(codes), codes[:, -1])
+
+
+def with_fmri_readout(model: GibletAutoencoder) -> GibletAutoencoder:
+    """The model with random fMRI output weights (they start at zero, so every fMRI prediction
+    starts equal and no gradient reaches the mixer before the first step)."""
+    out = model.encoder.fmri_head.out
+    assert out is not None
+    with torch.no_grad():
+        out.weight.copy_(torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(3)))
+    return model
 
 
 def test_padded_rows_never_reach_the_output() -> None:
     cfg = tiny_model_config("model.context_trs=3")
-    model = built(cfg)
+    model = with_fmri_readout(built(cfg))
     assert model.encoder.temporal is not None
     with torch.no_grad():  # a mixer that reads every delay (the initial one reads TR t alone)
         model.encoder.temporal.weight.copy_(torch.linspace(0.1, 0.5, 3).unsqueeze(1))
@@ -380,28 +392,78 @@ def test_padded_rows_never_reach_the_output() -> None:
     other["audio_codes"][0, :2] = 7
     a = model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
     b = model(other["video"], other["audio_codes"], other["text"], other[CONTEXT_MASK])
-    # (the bottleneck: the output layers start at zero, so every prediction starts equal)
-    assert torch.equal(a.bottleneck, b.bottleneck)
-    # ... while an unmasked change does reach it
+    assert torch.equal(a.fmri, b.fmri)
+    # ... while an unmasked change does reach the fMRI prediction (the mix of the k codes) ...
     c = model(other["video"], other["audio_codes"], other["text"], None)
-    assert not torch.equal(a.bottleneck[0], c.bottleneck[0])
-    assert torch.equal(a.bottleneck[1], c.bottleneck[1])  # all real: None means all real
+    assert not torch.equal(a.fmri[0], c.fmri[0])
+    assert torch.equal(a.fmri[1], c.fmri[1])  # all real: None means all real
+    # ... but never TR t's own code, which the decoder reconstructs from
+    assert torch.equal(a.bottleneck, c.bottleneck) and torch.equal(a.video, c.video)
 
 
 def test_mixer_starts_as_tr_t_alone_and_every_delay_learns() -> None:
     cfg = tiny_model_config("model.context_trs=5")
-    model = built(cfg).train()
+    model = with_fmri_readout(built(cfg).train())
     assert model.encoder.temporal is not None
-    start = torch.zeros(5, 24)
+    start = torch.zeros(5, 6)  # (k, bottleneck)
     start[-1] = 0.2  # stored divided by k = 5: an effective weight of 1 on TR t
     assert torch.equal(model.encoder.temporal.weight, start)
-    features = torch.randn(2, 5, 24)
-    assert torch.equal(model.encoder.temporal(features), features[:, -1])
+    codes = torch.randn(2, 5, 6)
+    assert torch.equal(model.encoder.temporal(codes), codes[:, -1])
     batch = window_batch(cfg, 3)
     out = model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
-    out.bottleneck.square().sum().backward()
+    out.fmri.square().sum().backward()
     grad = model.encoder.temporal.weight.grad
     assert grad is not None and bool((grad.abs().sum(dim=1) > 0).all())  # every delay learns
+
+
+def test_mixer_start_sets_every_code_dimension_to_the_kernel() -> None:
+    cfg = tiny_model_config("model.context_trs=3")
+    torch.manual_seed(0)
+    model = GibletAutoencoder(cfg)
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    model.init_weights(mixer_start=kernel)
+    mixer = model.encoder.temporal
+    assert mixer is not None
+    assert torch.equal(mixer.weight * 3, kernel.unsqueeze(1).expand(3, 6))  # stored / k
+    codes = torch.randn(2, 3, 6)
+    torch.testing.assert_close(
+        mixer(codes), 0.25 * codes[:, 0] + 0.5 * codes[:, 1] + 0.25 * codes[:, 2]
+    )
+    with pytest.raises(ValueError, match=r"start kernel for 3 window slots must have shape \(3,\)"):
+        mixer.set_kernel(torch.ones(4))
+
+
+def test_window_delays_place_each_row_behind_its_volume() -> None:
+    # lag 3, k = 8 ending at the volume: rows t-4..t+3 in slots (t-4..t-1, t+1..t+3, t)
+    assert window_delays(8, "volume", 3).tolist() == [7, 6, 5, 4, 2, 1, 0, 3]
+    assert window_delays(8, "stimulus", 3).tolist() == [10, 9, 8, 7, 6, 5, 4, 3]
+    assert window_delays(3, "volume", 3).tolist() == [2, 1, 3]  # the lead stops at k - 1
+    assert window_delays(1, "volume", 3).tolist() == [3]
+
+
+def test_mixer_start_is_nilearns_glover_hrf_at_the_window_delays() -> None:
+    from nilearn.glm.first_level import glover_hrf
+
+    tr = 1.5
+    curve = glover_hrf(tr, oversampling=50, time_length=32.0)
+    times = np.linspace(0.0, 32.0, len(curve))
+    by_hand = np.interp(np.array([7, 6, 5, 4, 2, 1, 0, 3]) * tr, times, curve)
+    start = mixer_start(tiny_model_config("model.context_trs=8"), lag=3, tr=tr)
+    assert start is not None and start.dtype == torch.float32
+    np.testing.assert_allclose(start.numpy(), by_hand / by_hand.sum(), rtol=1e-6)
+    assert float(start.sum()) == pytest.approx(1.0, abs=1e-6)
+    # the peak (~5 s after the stimulus) falls on TR t, 3 TRs = 4.5 s behind the volume
+    assert int(start.argmax()) == 7 and float(start[6]) == 0.0  # the volume's own row: no response
+    assert mixer_start(tiny_model_config("model.context_trs=1"), lag=3, tr=tr) is None
+    current = tiny_model_config("model.context_trs=8", "model.context_init=current_tr")
+    assert mixer_start(current, lag=3, tr=tr) is None
+
+
+def test_a_window_past_the_response_starts_at_tr_t(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_model_config("model.context_trs=2", "model.context_end=stimulus")
+    assert mixer_start(cfg, lag=40, tr=1.5) is None  # 60-61.5 s behind the volume: no response
+    assert "miss the HRF's peak; the temporal mixer starts at TR t alone" in caplog.text
 
 
 def test_a_window_of_the_wrong_length_is_named() -> None:
@@ -412,13 +474,14 @@ def test_a_window_of_the_wrong_length_is_named() -> None:
         model(batch["video"], batch["audio_codes"], batch["text"], batch[CONTEXT_MASK])
 
 
-def test_flops_count_the_per_tr_encoders_k_times() -> None:
+def test_flops_count_the_per_tr_encoders_and_trunk_k_times() -> None:
     cfg = tiny_model_config("model.context_trs=3")
     with torch.device("meta"):
         counts = parameter_counts(GibletAutoencoder(cfg))
-    per_tr = 5_936 + 6_280 + 128  # encoder video, audio, text of the tiny model (test_model)
-    assert counts["total"] == 16_701 + 3 * 24
-    assert train_flops_per_sample(counts, 3) == 6 * (16_701 + 72 + 2 * per_tr) == 248_766
+    per_tr = 5_936 + 6_280 + 128 + 396  # encoder video, audio, text, trunk (tiny: test_model)
+    assert counts["encoder.temporal"] == 3 * 6  # k x bottleneck
+    assert counts["total"] == 16_701 + 18
+    assert train_flops_per_sample(counts, 3) == 6 * (16_701 + 18 + 2 * per_tr) == 253_194
     assert train_flops_per_sample(counts) == 6 * counts["total"]
 
 
@@ -462,11 +525,11 @@ def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
     resumed = run_training(run_dir, store, world=1, sets=sets)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert records(run_dir, "start")[-1]["start_step"] == 2
-    assert records(run_dir, "start")[-1]["param_counts"]["encoder.temporal"] == 72
+    assert records(run_dir, "start")[-1]["param_counts"]["encoder.temporal"] == 18
     assert losses_by_step(run_dir) == losses_by_step(reference)
     assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")
     model, cfg, _ = load_model(run_dir / "checkpoints" / "step-00000006", verify=False)
     assert cfg.model.context_trs == 3 and cfg.model.context_end == "volume"
     assert model.encoder.temporal is not None
     trained = model.encoder.temporal.weight
-    assert trained.shape == (3, 24) and bool((trained[:2] != 0).any())  # older TRs are used
+    assert trained.shape == (3, 6) and bool((trained[:2] != 0).any())  # older TRs are used

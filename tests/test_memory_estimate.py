@@ -30,7 +30,7 @@ from tests.tiny_sizes import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
-P_DEFAULT = 3_513_048_706  # the default 3.5B preset (context_trs 8: a 12,288-weight mixer)
+P_DEFAULT = 3_513_052_802  # the default 3.5B preset (context_trs 8: a 16,384-weight mixer)
 P_SEED = 3_500_188_290
 VIDEO_IN = 10 * 90 * 160 * 3
 LARGEST = VIDEO_IN * 4096  # encoder.video.blocks.0.linear, no bias
@@ -77,7 +77,7 @@ def test_zero_figures_match_the_hand_formulas_on_8_gpus() -> None:
     got = [(z.label, z.gpu_bytes, z.cpu_bytes) for z in est.zero]
     assert got == zero_by_hand(P_DEFAULT, LARGEST, 8, 1)
     # The headline figure: ZeRO-2 on 8 GPUs needs 2 x 3.513e9 + 18 x 3.513e9 / 8 bytes per GPU.
-    assert est.zero[0].gpu_bytes == 7_026_097_412 + 7_904_359_588 == 14_930_457_000
+    assert est.zero[0].gpu_bytes == 7_026_105_604 + 7_904_368_804 == 14_930_474_408
     # No offload holds more per GPU than the ZeRO paper's lower bound 2 + 14 / N bytes per param.
     assert est.zero[0].gpu_bytes > 2 * P_DEFAULT + 14 * P_DEFAULT // 8
 
@@ -148,24 +148,26 @@ def test_activations_of_tiny_by_hand() -> None:
 
 
 def test_activations_of_tiny_with_a_context_window_by_hand() -> None:
-    # k = 3: the per-TR stacks (video, audio, text) run on 3 rows per sample, the code indices and
-    # the stimulus part of the batch count 3 times, the mixer saves its masked (3, 24) input and
-    # the mask cast (3), all bf16. Everything after the mixer is as at k = 1.
+    # k = 3: the per-TR stacks (video, audio, text and the trunk, one code per TR) run on 3 rows
+    # per sample, the code indices and the stimulus part of the batch count 3 times, the mixer
+    # saves its masked (3, 6) input of codes and the mask cast (3), all bf16. Everything after
+    # the mixer (fMRI head, decoder) is as at k = 1.
     est = estimate(tiny("model.context_trs=3"), num_gpus=1)
-    per_tr_blocks = (720 + 72 + 40) + (30 + 40) + (28 + 40)  # 970, from the k = 1 case
+    trunk = (24 + 8 + 24 + 2 * 24) + (12 + 8)  # 24->12 with its input, ReLU, stats; 12->6: 124
+    per_tr_blocks = (720 + 72 + 40) + (30 + 40) + (28 + 40) + trunk  # 1,094, from the k = 1 case
     blocks = 1_438 + 2 * per_tr_blocks
-    assert blocks == 3_378
+    assert blocks == 3_626
     audio = 8 * 10 * 3 + 2 * 10 * 3 + 4 * 10 * 1024
-    mixer = 2 * 3 * (24 + 1)
+    mixer = 2 * 3 * (6 + 1)
     batch = 3 * (4 * 360 + 4 * 14 + 8 * 10) + 4 * 23 + 3  # + the 3-byte window mask
     assert batch == batch_bytes(tiny("model.context_trs=3").model) == 4_823
     outside = 4 * (23 + 180 + 14) + audio + mixer + batch
-    assert outside == 47_101
-    ckpt = 2 * (3 * (360 + 16 + 15 + 14) + 24 + 12 + 6 + 6 + 12 + 12 + 12)
+    assert outside == 46_993
+    ckpt = 2 * (3 * (360 + 16 + 15 + 14 + 24 + 12) + 6 + 6 + 12 + 12 + 12)
     recompute = 3 * 72  # the first video block, recomputed for 3 rows at once
     heads = 2 * (10 + 14 + 9 + 7)
-    assert est.activations.without_checkpointing == 2 * (blocks + outside) == 100_958
-    assert est.activations.with_checkpointing == 2 * (ckpt + recompute + heads + outside) == 99_990
+    assert est.activations.without_checkpointing == 2 * (blocks + outside) == 101_238
+    assert est.activations.with_checkpointing == 2 * (ckpt + recompute + heads + outside) == 100_062
 
 
 def test_activations_with_dropout_and_a_larger_batch() -> None:
@@ -318,10 +320,10 @@ def test_format_estimate_table() -> None:
     est = estimate(config("giblet_3p5b.yaml"), num_gpus=8)
     text = format_estimate(est)
     lines = text.splitlines()
-    assert lines[0] == "giblet model, default architecture: 3,513,048,706 parameters"
+    assert lines[0] == "giblet model, default architecture: 3,513,052,802 parameters"
     assert "  encoder.video        1,779,972,096" in lines
-    assert "  encoder.temporal            12,288" in lines
-    assert "  total                3,513,048,706" in lines
+    assert "  encoder.temporal            16,384" in lines
+    assert "  total                3,513,052,802" in lines
     assert "largest layer: encoder.video.blocks.0.linear, 1,769,472,000 parameters" in lines
     assert "memory on 1 node x 8 GPUs per node = 8 GPUs" in lines
     row = next(line for line in lines if line.startswith("  ZeRO-2 "))

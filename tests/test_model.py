@@ -111,8 +111,8 @@ def hand_counts(cfg: ModelConfig) -> dict[str, int]:
         "decoder.text": hidden(width, cfg.text_decoder_hidden)
         + out(cfg.text_decoder_hidden[-1], text),
     }
-    if cfg.context_trs > 1:  # the temporal mixer: one weight per delay and fused feature
-        counts["encoder.temporal"] = cfg.context_trs * fused
+    if cfg.context_trs > 1:  # the temporal mixer: one weight per delay and bottleneck dimension
+        counts["encoder.temporal"] = cfg.context_trs * cfg.bottleneck
     counts["encoder"] = sum(v for k, v in counts.items() if k.startswith("encoder."))
     counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
     counts["total"] = counts["encoder"] + counts["decoder"]
@@ -153,16 +153,16 @@ def test_default_3p5b_counts() -> None:
         "encoder.video": 1_779_972_096,
         "encoder.audio": 656_896,
         "encoder.text": 1_705_472,
-        "encoder.temporal": 8 * 1_536,  # 12,288: one weight per delay and fused feature
         "encoder.trunk": 57_834_112,
+        "encoder.temporal": 8 * 2_048,  # 16,384: one weight per delay and bottleneck dimension
         "encoder.fmri_head": 1_395_803_330,
         "decoder.trunk": 60_717_696,
         "decoder.video": 188_537_024,
         "decoder.audio": 22_035_456,
         "decoder.text": 5_774_336,
-        "encoder": 3_235_984_194,
+        "encoder": 3_235_988_290,
         "decoder": 277_064_512,
-        "total": 3_513_048_706,
+        "total": 3_513_052_802,
     }
     assert counts == hand_counts(cfg)
 
@@ -181,8 +181,8 @@ def test_one_tr_3p5b_counts_are_the_model_before_context() -> None:
 def test_counts_grow_with_k_only_by_the_mixer(k: int) -> None:
     base = parameter_counts(meta_model(tiny_config()))
     counts = parameter_counts(meta_model(tiny_config(f"model.context_trs={k}")))
-    assert counts["encoder.temporal"] == k * 24  # fused 8 + 8 + 8 features per TR
-    assert counts["total"] == base["total"] + k * 24
+    assert counts["encoder.temporal"] == k * 6  # the tiny bottleneck: 6 dimensions per TR
+    assert counts["total"] == base["total"] + k * 6
     assert counts == hand_counts(tiny_config(f"model.context_trs={k}"))
 
 

@@ -88,6 +88,10 @@ class ModelConfig:
     t-k+1+L..t+L with L = min(lag, k-1)), so the window also holds the 0..lag-1 TR delays of the
     HRF's rise; TR t stays in the window. Default "volume": test r 0.473 against 0.465 at k = 8
     on the demo (docs/design.md and BENCHMARKS.md, "Temporal context")."""
+    context_init: str = "hrf"
+    """Where the temporal mixer starts (k > 1). "hrf": nilearn's canonical (Glover) HRF at each
+    window slot's delay behind the paired volume, scaled to sum to 1 (giblet_ds.train.hrf_start);
+    "current_tr": TR t alone, the one-TR model. Training adapts either."""
 
     def __post_init__(self) -> None:
         for key in MODEL_INPUT_KEYS:
@@ -140,6 +144,12 @@ class ModelConfig:
             "model.context_end",
             self.context_end,
             'must be "stimulus" or "volume"',
+        )
+        require(
+            self.context_init in ("hrf", "current_tr"),
+            "model.context_init",
+            self.context_init,
+            'must be "hrf" or "current_tr"',
         )
         require(
             not (self.seed_compat and self.context_trs != 1),

@@ -83,6 +83,7 @@ class GibletAutoencoder(nn.Module):
         self,
         gather: GatherFn | None = None,
         output_means: Mapping[str, torch.Tensor] | None = None,
+        mixer_start: torch.Tensor | None = None,
     ) -> None:
         """Set every parameter and buffer. Rules, per tensor:
 
@@ -95,8 +96,9 @@ class GibletAutoencoder(nn.Module):
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
         - audio code embeddings: normal, std 1;
-        - temporal mixer (context_trs > 1): TR t alone (effective weight 1 on the last TR, 0 on
-          the others), so the model starts as the one-TR model;
+        - temporal mixer (context_trs > 1): ``mixer_start``, (k,) per window slot, for every
+          code dimension (the trainer passes a canonical HRF: giblet_ds.train.hrf_start); without
+          it TR t alone (effective weight 1 on the last TR, 0 on the others), the one-TR model;
         - with ``output_means`` (training means of the targets, keys ``fmri``, ``video``,
           ``text``): those output biases start at the mean, so every normalized MSE term starts
           near 1.0 (predicting the mean) instead of mean^2 / var above it.
@@ -121,6 +123,10 @@ class GibletAutoencoder(nn.Module):
             assert out is not None and out.bias is not None
             with gather([out.bias]):
                 out.bias.copy_(mean.reshape(out.bias.shape))
+        mixer = self.encoder.temporal
+        if mixer_start is not None and mixer is not None:
+            with gather([mixer.weight]):
+                mixer.set_kernel(mixer_start)
 
     def _init_module(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

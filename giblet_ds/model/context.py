@@ -1,10 +1,12 @@
 """Temporal context: the window of k TRs a sample carries, and the mixer that folds it into one.
 
 A BOLD volume is the stimulus of the previous ~8-10 TRs convolved with the haemodynamic response,
-so the encoder embeds each TR of the window with the same weights and :class:`TemporalMixer` sums
-the k embeddings with learned per-delay, per-feature weights (a causal depthwise convolution whose
-kernel spans the window: a finite impulse response per feature, as voxelwise encoding models fit
-with FIR delays). docs/design.md, "Temporal context", says why this mixer and not another.
+so the encoder turns each TR of the window into its own bottleneck code with the same weights and
+:class:`TemporalMixer` sums the k codes with learned per-delay, per-dimension weights (a causal
+depthwise convolution whose kernel spans the window: a finite impulse response per code
+dimension, as voxelwise encoding models fit with FIR delays) for the fMRI head; the decoder reads
+TR t's own code. docs/design.md, "Temporal context", says why this mixer, why after the
+bottleneck, and why it starts at a canonical HRF.
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ def current_tr(
 
 
 class TemporalMixer(nn.Module):
-    """(B, k, D) per-TR features -> (B, D): ``sum_j mask[b, j] * w[j, d] * x[b, j, d]``.
+    """(B, k, D) per-TR codes -> (B, D): ``sum_j mask[b, j] * w[j, d] * x[b, j, d]``.
 
-    ``w = k * weight``, (k, D), one row per window slot (TR t last): k*D parameters, a few thousand next to the
-    model's billions, so the parameter count does not grow with k beyond it. Padded TRs (mask
-    False) add nothing. Starts as TR t alone (w = 1 for the last TR, 0 for the others): the
-    model starts as the one-TR model and learns what the older TRs add. Stored divided by k
-    because Adam moves every parameter by about lr per step whatever its gradient: the kernel
-    needs moves of order 1 (an HRF's shape) and would take ~1/lr steps to get them; at k x lr per
-    step it takes k times fewer (measured on the demo: BENCHMARKS.md, "Temporal context").
+    ``w = k * weight``, (k, D), one row per window slot (TR t last): k*D parameters, a few
+    thousand next to the model's billions, so the parameter count does not grow with k beyond it.
+    Padded TRs (mask False) add nothing. :meth:`reset_parameters` starts it as TR t alone (w = 1
+    for the last TR, 0 for the others: the one-TR model); :meth:`set_kernel` starts every
+    dimension at one given kernel over the slots (the trainer's canonical HRF). Stored divided by
+    k because Adam moves every parameter by about lr per step whatever its gradient: reshaping
+    the kernel takes moves of order 0.1-1 (an HRF's samples), ~1/lr steps; at k x lr per step it
+    takes k times fewer (BENCHMARKS.md, "Temporal context").
     """
 
     def __init__(self, context_trs: int, features: int) -> None:
@@ -74,3 +77,13 @@ class TemporalMixer(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
         self.weight[-1] = 1.0 / self.gain
+
+    @torch.no_grad()
+    def set_kernel(self, kernel: torch.Tensor) -> None:
+        """Every dimension's effective weights (w) become ``kernel``, (k,) in slot order."""
+        if kernel.shape != (self.context_trs,):
+            raise ValueError(
+                f"a start kernel for {self.context_trs} window slots must have shape "
+                f"({self.context_trs},), got {tuple(kernel.shape)}"
+            )
+        self.weight.copy_((kernel.to(self.weight) / self.gain).unsqueeze(1).expand_as(self.weight))

@@ -18,13 +18,13 @@ __all__ = [
 # counts otherwise, so a one-TR model reports exactly the groups it always did.
 OPTIONAL_GROUPS = ("encoder.temporal",)
 # Groups whose weights run once per TR of the context window (k times per sample).
-PER_TR_GROUPS = ("encoder.video", "encoder.audio", "encoder.text")
+PER_TR_GROUPS = ("encoder.video", "encoder.audio", "encoder.text", "encoder.trunk")
 PARAMETER_GROUPS = (
     "encoder.video",
     "encoder.audio",
     "encoder.text",
-    "encoder.temporal",
     "encoder.trunk",
+    "encoder.temporal",
     "encoder.fmri_head",
     "decoder.trunk",
     "decoder.video",
@@ -75,8 +75,8 @@ def train_flops_per_sample(counts: dict[str, int], context_trs: int = 1) -> int:
     Every weight of a dense layer does one multiply-add (2 FLOPs) per sample forward and two
     backward (input and weight gradients), the 6N rule of Kaplan et al. (2020), eq. 2.1. The model
     is almost all dense matrices (REFERENCE.md), so norms, embeddings lookups and losses are noise.
-    With ``context_trs`` = k the per-TR encoders (video, audio, text) run on each of the k TRs of
-    the window, so their parameters count k times: 6 * (k * N_per_TR + N_rest). The audio code
+    With ``context_trs`` = k the per-TR encoders (video, audio, text) and the trunk run on each of
+    the k TRs of the window, so their parameters count k times: 6 * (k * N_per_TR + N_rest). The audio code
     table is inside ``encoder.audio`` and counted k times too, though a lookup does no arithmetic.
     """
     per_tr = sum(counts.get(group, 0) for group in PER_TR_GROUPS)

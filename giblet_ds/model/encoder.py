@@ -72,7 +72,8 @@ class AudioEncoder(nn.Module):
 
 
 class GibletEncoder(nn.Module):
-    """Video, audio and text encoders -> concatenation -> trunk -> bottleneck -> fMRI head."""
+    """Video, audio and text encoders -> concatenation -> trunk -> bottleneck -> fMRI head
+    (k > 1: one bottleneck code per TR of the window, mixed over time for the fMRI head)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -89,14 +90,15 @@ class GibletEncoder(nn.Module):
         fused = cfg.video_hidden[-1] + cfg.audio_hidden[-1] + cfg.text_hidden[-1]
         # The bottleneck is normalized but not activated: it is the code the decoder and the fMRI
         # head read, and a ReLU there would zero half of it.
-        # k > 1: the three encoders above embed each TR of the window with the same weights;
-        # the mixer folds the k embeddings into one before the trunk. k = 1 builds no mixer, so
-        # the model (parameters, names, arithmetic) is exactly the one-TR model.
+        self.trunk = stack(fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False)
+        # k > 1: the encoders and the trunk turn each TR of the window into its own code with the
+        # same weights; the mixer folds the k codes into the one the fMRI head reads, while the
+        # decoder reconstructs TR t from TR t's code (docs/design.md, "Temporal context"). k = 1
+        # builds no mixer, so the model (parameters, names, arithmetic) is the one-TR model.
         self.context_trs = cfg.context_trs
         self.temporal: TemporalMixer | None = (
-            TemporalMixer(cfg.context_trs, fused) if cfg.context_trs > 1 else None
+            TemporalMixer(cfg.context_trs, cfg.bottleneck) if cfg.context_trs > 1 else None
         )
-        self.trunk = stack(fused, [*cfg.trunk_hidden, cfg.bottleneck], last_activation=False)
         self.fmri_head = stack(cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels)
 
     def forward(
@@ -106,11 +108,13 @@ class GibletEncoder(nn.Module):
         text: torch.Tensor,
         context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (bottleneck (B, bottleneck), fMRI prediction (B, n_voxels)).
+        """Returns (bottleneck of TR t (B, bottleneck), fMRI prediction (B, n_voxels)).
 
         k = 1: video (B, F, H, W, 3), audio_codes (B, n_q, C), text (B, K, D). k > 1: each with
-        a window axis after the batch, (B, k, ...), oldest TR first, and ``context_mask`` (B, k)
-        bool marking real TRs (None: all real). Raises ValueError on a window of another length.
+        a window axis after the batch, (B, k, ...), in the dataset's slot order (TR t last), and
+        ``context_mask`` (B, k) bool marking real TRs (None: all real); the fMRI prediction reads
+        the mix of the k codes, the returned bottleneck is TR t's own. Raises ValueError on a
+        window of another length.
         """
         if self.temporal is None:
             return self._encode_one_tr(video, audio_codes, text)
@@ -124,16 +128,16 @@ class GibletEncoder(nn.Module):
         per_tr = self.per_tr_features(
             video.flatten(0, 1), audio_codes.flatten(0, 1), text.flatten(0, 1)
         )
-        bottleneck = self.trunk(self.temporal(per_tr.view(batch, k, -1), context_mask))
-        return bottleneck, self.fmri_head(bottleneck)
+        codes = self.trunk(per_tr).view(batch, k, -1)  # (B, k, bottleneck): one code per TR
+        return codes[:, -1], self.fmri_head(self.temporal(codes, context_mask))
 
     def per_tr_features(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
     ) -> torch.Tensor:
         """The three encoders on single TRs, concatenated: (N, F, H, W, 3), (N, n_q, C),
-        (N, K, D) -> (N, fused) (fused = the encoders' last widths summed; 1,536 at 3.5B). This is
-        what the temporal mixer reads per window slot, and what probes of the learned features
-        read (bench/bench_context_seeds.py)."""
+        (N, K, D) -> (N, fused) (fused = the encoders' last widths summed; 1,536 at 3.5B): what
+        the trunk reads per TR, and what probes of the learned features read
+        (bench/bench_context_seeds.py)."""
         return torch.cat(
             [self.video(video.flatten(1)), self.audio(audio_codes), self.text(text.flatten(1))],
             dim=1,

@@ -16,7 +16,7 @@ from giblet_ds.config import RunConfig
 from giblet_ds.store import schema
 from giblet_ds.store.reader import StoreInfo, open_read_only, open_store
 
-__all__ = ["CONTEXT_ENDS", "CONTEXT_MASK", "StoreDataset", "window_lead"]
+__all__ = ["CONTEXT_ENDS", "CONTEXT_MASK", "StoreDataset", "window_delays", "window_lead"]
 
 CONTEXT_MASK = "context_mask"
 """Key of the window's (k,) bool mask; the model layer reads it under the same name
@@ -34,6 +34,18 @@ def window_lead(context_trs: int, context_end: str, lag: int) -> int:
     if context_end not in CONTEXT_ENDS:
         raise ValueError(f"context_end must be one of {CONTEXT_ENDS}, got {context_end!r}")
     return 0 if context_end == "stimulus" else min(lag, context_trs - 1)
+
+
+def window_delays(context_trs: int, context_end: str, lag: int) -> np.ndarray:
+    """(k,) int: per window slot, how many TRs its stimulus row lies before the paired fMRI volume
+    (row t + lag): ``lag - (row - t)``. Slot k-1 (TR t) is ``lag``; with ``context_end="volume"``
+    the slots of rows t+1..t+L hold the delays lag-1..lag-L (0 for the volume's own row). What a
+    haemodynamic kernel over the window is sampled at (giblet_ds.train.hrf_start)."""
+    lead = window_lead(context_trs, context_end, lag)
+    offsets = np.arange(-(context_trs - 1 - lead), lead + 1)
+    delays = np.empty(context_trs, dtype=np.int64)
+    delays[window_slots(offsets, context_trs, lead)] = lag - offsets
+    return delays
 
 
 class StoreDataset(Dataset[dict[str, torch.Tensor]]):

@@ -47,8 +47,10 @@ def build_engine(
     ds_config: dict[str, Any],
     total_steps: int,
     output_means: dict[str, torch.Tensor] | None = None,
+    mixer_start: torch.Tensor | None = None,
 ) -> tuple[Any, GibletAutoencoder]:
-    """Model -> init_weights -> deepspeed.initialize with our warmup + cosine schedule."""
+    """Model -> init_weights (output biases at ``output_means``, the temporal mixer at
+    ``mixer_start``) -> deepspeed.initialize with our warmup + cosine schedule."""
     stage = zero_stage(ds_config)
     # Every rank builds the same initial weights (ZeRO-3 additionally takes rank 0's on gather).
     torch.manual_seed(cfg.train.seed)
@@ -56,10 +58,12 @@ def build_engine(
         model = GibletAutoencoder(cfg.model)
     if stage == 3:
         model.init_weights(
-            lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0), output_means
+            lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0),
+            output_means,
+            mixer_start,
         )
     else:
-        model.init_weights(output_means=output_means)
+        model.init_weights(output_means=output_means, mixer_start=mixer_start)
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the reentrant variant
         # silently drops the graph when the first block's input does not).

@@ -36,6 +36,7 @@ from giblet_ds.train import faults
 from giblet_ds.train.checkpointer import Checkpointer, check_store_hash
 from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
 from giblet_ds.train.engine import build_engine
+from giblet_ds.train.hrf_start import mixer_start
 from giblet_ds.train.preemption import PreemptionWatch
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging, wandb_run_id
@@ -141,7 +142,8 @@ class Trainer:
         # came from) scored 0.377 on make demo's test split against 0.392 with the shared stream,
         # one run each (BENCHMARKS.md, "Settings x seeds"): not shown to help, so it stays shared.
         seed_everything(cfg.train.seed + self.rank)
-        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means)
+        start = mixer_start(cfg.model, self.store.lag, self.store.tr)
+        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means, start)
         self.loss_fn = NormalizedLoss(
             TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )
