@@ -6,8 +6,9 @@
 the trainer's model, init (the temporal mixer's HRF start included), loss, AdamW groups, warmup +
 cosine schedule, gradient clipping, the sampler's per-epoch order (seed + epoch; the 2 ranks'
 shards of one step are the same 16 TRs), validation after each epoch and the trainer's early
-stopping (min_delta, patience) choosing the best state on the reliable-voxel r. No DeepSpeed, no checkpoint files, one dropout stream instead
-of one per rank: a run takes about 2 minutes here and matches a 2-rank run up to the dropout masks.
+stopping (min_delta, patience) choosing the best state on the reliable-voxel r. No DeepSpeed, no
+checkpoint files, one dropout stream instead of one per rank: a run takes about 2 minutes here and
+matches a 2-rank run up to the dropout masks.
 Each best state is scored on the test split's reliable voxels (training-TR ISC > 0.1, the
 subject-mean target, as tools/evaluate.py), on the voxels each planted feature drives most (weight
 > 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``) linearly decode

@@ -147,22 +147,22 @@ def test_seed_compat_3p5b_counts_exactly_the_seed() -> None:
 
 def test_default_3p5b_counts() -> None:
     cfg = load_config(CONFIGS / "giblet_3p5b.yaml").model
-    assert cfg.context_trs == 8
+    assert cfg.context_trs == 12
     counts = parameter_counts(meta_model(cfg))
     assert counts == {
         "encoder.video": 1_779_972_096,
         "encoder.audio": 656_896,
         "encoder.text": 1_705_472,
         "encoder.trunk": 57_834_112,
-        "encoder.temporal": 8 * 2_048,  # 16,384: one weight per delay and bottleneck dimension
+        "encoder.temporal": 12 * 2_048,  # 24,576: one weight per delay and bottleneck dimension
         "encoder.fmri_head": 1_395_803_330,
         "decoder.trunk": 60_717_696,
         "decoder.video": 188_537_024,
         "decoder.audio": 22_035_456,
         "decoder.text": 5_774_336,
-        "encoder": 3_235_988_290,
+        "encoder": 3_235_996_482,
         "decoder": 277_064_512,
-        "total": 3_513_052_802,
+        "total": 3_513_060_994,
     }
     assert counts == hand_counts(cfg)
 

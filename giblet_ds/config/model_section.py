@@ -77,11 +77,13 @@ class ModelConfig:
     """Dropout after every hidden activation."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
-    context_trs: int = 8
+    context_trs: int = 12
     """TRs the encoder sees per sample (k): k store rows holding TR t (where the window ends:
-    model.context_end), each embedded by the same modality encoders, then mixed over time before
-    the bottleneck (docs/design.md, "Temporal context"). 1: one TR, the model as it was. A BOLD
-    volume sums ~8-10 TRs of stimulus (HRF)."""
+    model.context_end), each turned into its own bottleneck code by the same encoders and trunk;
+    the fMRI head reads the codes mixed over time, the decoder TR t's code (docs/design.md,
+    "Temporal context"). 1: one TR, the model as it was. A BOLD volume sums ~8-10 TRs of
+    stimulus (the HRF) and its undershoot reaches ~16 s; 12 (18 s at TR 1.5 s) scored 0.411
+    against 0.402 for 8 on the demo (BENCHMARKS.md, "Codes, then the HRF")."""
     context_end: str = "volume"
     """Where the window ends. "stimulus": at TR t (rows t-k+1..t, lag..lag+k-1 TRs before the
     paired volume t + lag). "volume": at the paired volume's own stimulus row t + lag (rows
