@@ -460,10 +460,60 @@ def test_mixer_start_is_nilearns_glover_hrf_at_the_window_delays() -> None:
     assert mixer_start(current, lag=3, tr=tr) is None
 
 
-def test_a_window_past_the_response_starts_at_tr_t(caplog: pytest.LogCaptureFixture) -> None:
-    cfg = tiny_model_config("model.context_trs=2", "model.context_end=stimulus")
-    assert mixer_start(cfg, lag=40, tr=1.5) is None  # 60-61.5 s behind the volume: no response
-    assert "miss the HRF's peak; the temporal mixer starts at TR t alone" in caplog.text
+def test_the_default_window_start_is_pinned() -> None:
+    # k = 12 ending at the volume, lag 3, TR 1.5 s: delays 11..4, 2, 1, 0, 3 TRs. Pinned values,
+    # so a nilearn with another Glover (before 0.11: undershoot ratio 0.35) fails here.
+    start = mixer_start(tiny_model_config("model.context_trs=12"), lag=3, tr=1.5)
+    assert start is not None
+    want = [-0.0532, -0.0850, -0.1167, -0.1275, -0.0850, 0.0400, 0.2419, 0.4401, 0.2484, 0.0245,
+            0.0, 0.4726]  # fmt: skip
+    np.testing.assert_allclose(start.numpy(), want, atol=6e-5)
+
+
+@pytest.mark.parametrize(
+    ("k", "end", "lag", "tr", "held"),
+    [
+        (2, "stimulus", 40, 1.5, "hold 0% of the HRF's positive lobe and 0% of its sum"),
+        (8, "stimulus", 7, 1.0, "hold 24% of the HRF's positive lobe and 0% of its sum"),
+        (5, "stimulus", 10, 0.8, "hold 8% of the HRF's positive lobe and 1% of its sum"),
+    ],
+)
+def test_a_window_that_misses_the_response_starts_at_tr_t(
+    caplog: pytest.LogCaptureFixture, k: int, end: str, lag: int, tr: float, held: str
+) -> None:
+    # Scaling a sliver of the response to sum 1 would start the mixer at weights in the thousands
+    # (k 8, lag 7, TR 1 s: 2,346 before this check).
+    cfg = tiny_model_config(f"model.context_trs={k}", f"model.context_end={end}")
+    assert mixer_start(cfg, lag=lag, tr=tr) is None
+    assert held in caplog.text and "the temporal mixer starts at TR t alone" in caplog.text
+
+
+def test_init_weights_gathers_the_mixer_for_its_start() -> None:
+    # ZeRO-3: the start is written inside the gather of the mixer's own weight (modifier rank 0).
+    cfg = tiny_model_config("model.context_trs=3")
+    torch.manual_seed(0)
+    model = GibletAutoencoder(cfg)
+    mixer = model.encoder.temporal
+    assert mixer is not None
+    seen: list[list[torch.nn.Parameter]] = []
+    inside: list[torch.Tensor] = []
+
+    class Gather:
+        def __init__(self, params: list[torch.nn.Parameter]) -> None:
+            seen.append(params)
+            self.params = params
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            if len(self.params) == 1 and self.params[0] is mixer.weight:
+                inside.append(mixer.weight.detach().clone())
+
+    kernel = torch.tensor([0.3, 0.1, 0.6])
+    model.init_weights(gather=Gather, mixer_start=kernel)
+    assert any(len(params) == 1 and params[0] is mixer.weight for params in seen)
+    torch.testing.assert_close(inside[-1] * 3, kernel.unsqueeze(1).expand(3, 6))  # while gathered
 
 
 def test_a_window_of_the_wrong_length_is_named() -> None:
@@ -531,5 +581,8 @@ def test_window_run_resumes_bit_for_bit_and_loads_for_evaluation(
     model, cfg, _ = load_model(run_dir / "checkpoints" / "step-00000006", verify=False)
     assert cfg.model.context_trs == 3 and cfg.model.context_end == "volume"
     assert model.encoder.temporal is not None
-    trained = model.encoder.temporal.weight
-    assert trained.shape == (3, 6) and bool((trained[:2] != 0).any())  # older TRs are used
+    trained = model.encoder.temporal.weight * 3  # stored divided by k
+    start = mixer_start(cfg.model, lag=3, tr=1.5)  # the synthetic store's lag and TR
+    assert start is not None and trained.shape == (3, 6)
+    assert records(run_dir, "start")[-1]["mixer_start"] == start.tolist()  # the trainer passed it
+    assert not torch.equal(trained, start.unsqueeze(1).expand(3, 6))  # and training moved it

@@ -89,7 +89,7 @@ class ModelConfig:
     paired volume t + lag). "volume": at the paired volume's own stimulus row t + lag (rows
     t-k+1+L..t+L with L = min(lag, k-1)), so the window also holds the 0..lag-1 TR delays of the
     HRF's rise; TR t stays in the window. Default "volume": test r 0.473 against 0.465 at k = 8
-    on the demo (docs/design.md and BENCHMARKS.md, "Temporal context")."""
+    on the 600 s demo, first design (docs/design.md and BENCHMARKS.md, "Temporal context")."""
     context_init: str = "hrf"
     """Where the temporal mixer starts (k > 1). "hrf": nilearn's canonical (Glover) HRF at each
     window slot's delay behind the paired volume, scaled to sum to 1 (giblet_ds.train.hrf_start);

@@ -38,7 +38,8 @@ class GibletOutput(NamedTuple):
     text: torch.Tensor
     """(B, K*D) annotation embeddings."""
     bottleneck: torch.Tensor
-    """(B, bottleneck) the shared code."""
+    """(B, bottleneck) TR t's code: what the decoder reads (and, at k = 1, the fMRI head; at
+    k > 1 the fMRI head reads the window's codes mixed over time)."""
 
 
 class GibletAutoencoder(nn.Module):

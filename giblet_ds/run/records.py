@@ -75,6 +75,9 @@ class StartRecord(Record):
     fmri_noise_ceiling_r: float | None = None
     device: str = ""
     peak_flops: float | None = None
+    mixer_start: list[float] | None = None
+    """The temporal mixer's start kernel per window slot (model.context_init=hrf), None when it
+    starts at TR t alone or there is no mixer (k = 1)."""
 
 
 @dataclass

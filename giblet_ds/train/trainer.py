@@ -142,8 +142,10 @@ class Trainer:
         # came from) scored 0.377 on make demo's test split against 0.392 with the shared stream,
         # one run each (BENCHMARKS.md, "Settings x seeds"): not shown to help, so it stays shared.
         seed_everything(cfg.train.seed + self.rank)
-        start = mixer_start(cfg.model, self.store.lag, self.store.tr)
-        self.engine, self.model = build_engine(cfg, ds_config, self.max_steps, means, start)
+        self.mixer_start = mixer_start(cfg.model, self.store.lag, self.store.tr)
+        self.engine, self.model = build_engine(
+            cfg, ds_config, self.max_steps, means, self.mixer_start
+        )
         self.loss_fn = NormalizedLoss(
             TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
         )
@@ -194,6 +196,7 @@ class Trainer:
                 fmri_noise_ceiling_r=self.validator.noise_ceiling,
                 device=self.device_name,
                 peak_flops=self.peak_flops,
+                mixer_start=None if self.mixer_start is None else self.mixer_start.tolist(),
             )
         )
         try:
