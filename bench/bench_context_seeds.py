@@ -15,7 +15,7 @@ subject-mean target, as tools/evaluate.py), on the voxels each planted feature d
 each planted feature (ridge, training TRs -> test TRs).
 
     .venv/bin/python bench/bench_context_seeds.py --store demo_out/store.h5 \
-        --setting k8: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--json F]
+        --setting k12: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--json F]
 
 A setting is NAME:[OVERRIDE,...]: `--set` overrides over launch/configs/small.yaml and make demo's
 own (none today); batch and steps come from the resolved config (x 2 ranks). Demo stores
@@ -65,11 +65,11 @@ RANKS = 2  # launch/demo.sh: deepspeed --num_gpus 2
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
-    """``"k1:model.context_trs=1,optim.lr=2e-3"`` -> ("k1", [...]); ``"k8:"`` -> ("k8", [])."""
+    """``"k1:model.context_trs=1,optim.lr=2e-3"`` -> ("k1", [...]); ``"k12:"`` -> ("k12", [])."""
     name, colon, overrides = text.partition(":")
     if not colon or not name:
         raise argparse.ArgumentTypeError(
-            f"a setting is NAME:[OVERRIDE,...] (e.g. k8: or k1:model.context_trs=1), got {text!r}"
+            f"a setting is NAME:[OVERRIDE,...] (e.g. k12: or k1:model.context_trs=1), got {text!r}"
         )
     return name, [o for o in overrides.split(",") if o]
 

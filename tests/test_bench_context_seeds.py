@@ -11,7 +11,7 @@ from tests.bench_modules import load_bench
 
 def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
     parse = load_bench("bench_context_seeds").parse_setting
-    assert parse("k8:") == ("k8", [])
+    assert parse("k12:") == ("k12", [])
     assert parse("k1:model.context_trs=1,optim.lr=2e-3") == (
         "k1",
         ["model.context_trs=1", "optim.lr=2e-3"],

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from giblet_ds.checkpoint.formats import read_shard_index
+from giblet_ds.checkpoint.model_design import check_saved_design
 from giblet_ds.checkpoint.safe_load import load_torch_file
 from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.config import RunConfig, load_config
@@ -83,6 +84,7 @@ def load_model(
     """
     location = resolve_checkpoint(checkpoint, prefer=prefer, verify=verify)
     config_path = Path(config) if config is not None else find_run_config(location.path)
+    check_saved_design(config_path)
     cfg = load_config(config_path)
     with torch.device("meta"):
         model = GibletAutoencoder(cfg.model)

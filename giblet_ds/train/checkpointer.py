@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from giblet_ds.checkpoint.model_design import check_same_model
+from giblet_ds.config import ModelConfig
 from giblet_ds.errors import CheckpointError
 from giblet_ds.run.layout import BEST_TAG, TAG_CONFIG_NAME, RunDir
 from giblet_ds.run.manifest import (
@@ -28,7 +30,7 @@ from giblet_ds.run.manifest import (
     write_manifest,
     write_metadata,
 )
-from giblet_ds.run.resolver import CheckpointLocation, resolve_resume
+from giblet_ds.run.resolver import CheckpointLocation, find_run_config, resolve_resume
 from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
@@ -62,15 +64,17 @@ class Checkpointer:
         sampler: ResumableDistributedSampler,
         ds_config: dict[str, Any],
         verify: bool,
+        model: ModelConfig,
     ) -> CheckpointLocation | None:
-        """The tag ``checkpoint.resume`` names, checked (manifest, store, sampler) before anything
-        is converted; on a new world size its universal copy (and ``ds_config`` is switched to
-        universal loading). None: start fresh."""
+        """The tag ``checkpoint.resume`` names, checked (manifest, model settings, store,
+        sampler) before anything is converted; on a new world size its universal copy (and
+        ``ds_config`` is switched to universal loading). None: start fresh."""
         location = resolve_resume(resume, self.run.path)
         if location is None:
             return None
         if verify:
             self.verify(location)
+        check_same_model(find_run_config(location.path), model)
         meta = read_metadata(location.path)
         if meta is not None and meta.store_hash is not None:
             check_store_hash(meta.store_hash, store)

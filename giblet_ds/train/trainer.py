@@ -87,6 +87,7 @@ class Trainer:
             sampler=self.sampler,
             ds_config=resolved.ds_config,
             verify=verify_checkpoint,
+            model=self.cfg.model,
         )
         self._build_engine(resolved.ds_config)
         self.validator = Validator(self.cfg, self.store, self.val_data, self.loss_fn)
