@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from giblet_ds.checkpoint.formats import read_shard_index
-from giblet_ds.checkpoint.model_design import check_saved_design
 from giblet_ds.checkpoint.safe_load import load_torch_file
 from giblet_ds.checkpoint.zero_reader import ZeroCheckpoint
 from giblet_ds.config import RunConfig, load_config
+from giblet_ds.config.saved_model import check_saved_design
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.run.resolver import (

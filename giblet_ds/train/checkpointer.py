@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from giblet_ds.checkpoint.model_design import check_same_model
 from giblet_ds.config import ModelConfig
+from giblet_ds.config.saved_model import check_same_model
 from giblet_ds.errors import CheckpointError
 from giblet_ds.run.layout import BEST_TAG, TAG_CONFIG_NAME, RunDir
 from giblet_ds.run.manifest import (

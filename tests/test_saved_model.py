@@ -1,5 +1,5 @@
 """A saved run's model against this code and config: the old window design and changed settings
-are named before any tensor is read (giblet_ds.checkpoint.model_design)."""
+are named before any tensor is read (giblet_ds.config.saved_model)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from giblet_ds.checkpoint.model_design import check_same_model, check_saved_design
 from giblet_ds.config import config_to_dict, load_config
+from giblet_ds.config.saved_model import check_same_model, check_saved_design
 from giblet_ds.errors import CheckpointError
 
 TINY = Path(__file__).resolve().parents[1] / "launch" / "configs" / "tiny.yaml"

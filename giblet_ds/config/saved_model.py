@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from giblet_ds.config import MODEL_INPUT_KEYS, ModelConfig
+from giblet_ds.config.loading import load_config
+from giblet_ds.config.model_section import MODEL_INPUT_KEYS, ModelConfig
 from giblet_ds.errors import CheckpointError
 
 __all__ = ["check_same_model", "check_saved_design"]
@@ -47,8 +48,6 @@ def check_same_model(config_path: Path, model: ModelConfig) -> None:
     """CheckpointError naming every architecture setting in which ``model`` differs from the
     run config at ``config_path`` (input sizes come from the store and are checked with it;
     dropout, activation checkpointing and the mixer's start may change on resume)."""
-    from giblet_ds.config import load_config
-
     check_saved_design(config_path)
     saved = load_config(config_path).model
     differ = [
