@@ -21,6 +21,7 @@ from giblet_ds.config import ModelConfig, RunConfig
 from giblet_ds.errors import ConfigError
 from giblet_ds.model import GibletAutoencoder, format_counts, numel, parameter_counts
 from giblet_ds.model.blocks import DenseBlock, DenseStack
+from giblet_ds.model.counting import PER_TR_GROUPS
 
 __all__ = [
     "ActivationEstimate",
@@ -184,15 +185,10 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
     assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width and cfg.n_codebooks
     assert cfg.code_frames and cfg.text_slots and cfg.text_dim and cfg.n_voxels
     k = cfg.context_trs
-    per_tr_stacks = {
+    per_tr_stacks = {  # the modules that run once per TR of the window, as FLOPs count them
         id(m)
-        for encoder in (
-            model.encoder.video,
-            model.encoder.audio,
-            model.encoder.text,
-            model.encoder.trunk,
-        )
-        for m in encoder.modules()
+        for group in PER_TR_GROUPS
+        for m in model.get_submodule(group).modules()
         if isinstance(m, DenseStack)
     }
     block_inputs = 0  # what checkpointing keeps per block

@@ -17,7 +17,8 @@ __all__ = [
 # (the mixer of the context window) exists only when model.context_trs > 1 and is left out of the
 # counts otherwise, so a one-TR model reports exactly the groups it always did.
 OPTIONAL_GROUPS = ("encoder.temporal",)
-# Groups whose weights run once per TR of the context window (k times per sample).
+# Groups whose weights run once per TR of the context window (k times per sample): FLOPs here and
+# the activation estimate (giblet_ds.memory_estimate) both read this tuple.
 PER_TR_GROUPS = ("encoder.video", "encoder.audio", "encoder.text", "encoder.trunk")
 PARAMETER_GROUPS = (
     "encoder.video",
@@ -76,8 +77,9 @@ def train_flops_per_sample(counts: dict[str, int], context_trs: int = 1) -> int:
     backward (input and weight gradients), the 6N rule of Kaplan et al. (2020), eq. 2.1. The model
     is almost all dense matrices (REFERENCE.md), so norms, embeddings lookups and losses are noise.
     With ``context_trs`` = k the per-TR encoders (video, audio, text) and the trunk run on each of
-    the k TRs of the window, so their parameters count k times: 6 * (k * N_per_TR + N_rest). The audio code
-    table is inside ``encoder.audio`` and counted k times too, though a lookup does no arithmetic.
+    the k TRs of the window, so their parameters count k times: 6 * (k * N_per_TR + N_rest). The
+    audio code table is inside ``encoder.audio`` and counted k times too, though a lookup does no
+    arithmetic.
     """
     per_tr = sum(counts.get(group, 0) for group in PER_TR_GROUPS)
     return 6 * (counts["total"] + (context_trs - 1) * per_tr)
