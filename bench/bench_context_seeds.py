@@ -80,8 +80,9 @@ def run_config(overrides: list[str], seed: int) -> RunConfig:
 
 
 def voxel_groups(store: Path) -> dict[str, np.ndarray]:
-    """Reliable voxels (training-TR ISC > the evaluation's default threshold, 0.1) and, within them, those each planted feature drives
-    most with weight > 0.3 (``weak``: the reliable voxels below that)."""
+    """Reliable voxels (training-TR ISC > the evaluation's default threshold, 0.1) and, within
+    them, those each planted feature drives most with weight > 0.3 (``weak``: the reliable voxels
+    below that)."""
     info = open_store(store)
     if find_ground_truth(info) is None:
         raise GibletError(

@@ -1,10 +1,11 @@
 """Where the temporal mixer starts: a canonical haemodynamic response over the window's delays.
 
 A BOLD volume is, to a good approximation, the stimulus-driven neural signal convolved with a
-haemodynamic response that peaks ~5 s after it and undershoots at ~10-15 s (Glover 1999, one of the
-canonical HRFs of the field's GLMs; nilearn's default ``hrf_model``). The mixer of ``model.context_trs`` > 1 weighs the window's
-per-TR codes by delay; started at TR t alone it has to find that shape in a few hundred noisy
-TRs, and on the demo it does not (docs/design.md, "Temporal context"). ``model.context_init="hrf"``
+haemodynamic response that peaks ~5 s after it and undershoots at ~10-15 s (Glover 1999, one of
+the canonical HRFs of the field's GLMs; nilearn's default ``hrf_model``). The mixer of
+``model.context_trs`` > 1 weighs the window's per-TR codes by delay; started at TR t alone it has
+to find that shape in a few hundred noisy TRs, and on the demo it does not (docs/design.md,
+"Temporal context"). ``model.context_init="hrf"``
 starts it at nilearn's Glover HRF sampled at each slot's delay behind the paired volume, scaled to
 sum to 1 (a sustained input passes at its own level, as at TR t alone); training then adapts it.
 nilearn >= 0.11 (undershoot ratio 0.48; earlier releases used 0.35): tests pin the values.
