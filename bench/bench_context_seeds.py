@@ -65,13 +65,26 @@ RANKS = 2  # launch/demo.sh: deepspeed --num_gpus 2
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
-    """``"k1:model.context_trs=1,optim.lr=2e-3"`` -> ("k1", [...]); ``"k12:"`` -> ("k12", [])."""
+    """``"k1:model.context_trs=1,optim.lr=2e-3"`` -> ("k1", [...]); ``"k12:"`` -> ("k12", []).
+    Commas inside brackets belong to a list value (``model.audio_hidden=[128,64]``)."""
     name, colon, overrides = text.partition(":")
     if not colon or not name:
         raise argparse.ArgumentTypeError(
             f"a setting is NAME:[OVERRIDE,...] (e.g. k12: or k1:model.context_trs=1), got {text!r}"
         )
-    return name, [o for o in overrides.split(",") if o]
+    return name, [o for o in _top_level_split(overrides) if o]
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Split on the commas outside brackets, so a list value stays whole:
+    ``"model.dropout=0.2,model.audio_hidden=[128,64]"`` -> two overrides."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def run_config(overrides: list[str], seed: int) -> RunConfig:

@@ -16,6 +16,10 @@ def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
         "k1",
         ["model.context_trs=1", "optim.lr=2e-3"],
     )
+    assert parse("w:model.dropout=0.2,model.audio_hidden=[128,64],model.text_hidden=[8, 4]") == (
+        "w",  # commas inside a list value do not split it
+        ["model.dropout=0.2", "model.audio_hidden=[128,64]", "model.text_hidden=[8, 4]"],
+    )
     for bad in ("k12", ":model.context_trs=1"):  # a bare name would train the default silently
         with pytest.raises(argparse.ArgumentTypeError, match=r"a setting is NAME:\[OVERRIDE"):
             parse(bad)

@@ -235,6 +235,17 @@ def test_malformed_overrides() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides({"optim": {"lr": 0.1}}, ["optim.lr.x=1"])
     assert str(info.value) == "override 'optim.lr.x=1': lr is not a section"
+    for value, problem in (
+        ("[128", "expected ',' or ']', but got '<stream end>'"),
+        ("{a: 1", "expected ',' or '}', but got '<stream end>'"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"model.audio_hidden={value}"])  # no YAML error escapes
+        assert str(info.value) == (
+            f"override 'model.audio_hidden={value}': the value {value!r} is not valid YAML "
+            f"({problem}); write lists whole and quoted for the shell, e.g. "
+            "'model.fmri_hidden=[256, 128]'"
+        )
 
 
 # ----------------------------------------------------------------------------- cross-checks

@@ -94,7 +94,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:  # e.g. a list cut at a comma by a shell loop: "[128"
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write lists "
+            "whole and quoted for the shell, e.g. 'model.fmri_hidden=[256, 128]'"
+        ) from None
     # YAML reads 3e-4 as a string (no dot in the mantissa); numbers are what users mean.
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
