@@ -77,13 +77,18 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
 
 def _top_level_split(text: str) -> list[str]:
     """Split on the commas outside brackets, so a list value stays whole:
-    ``"model.dropout=0.2,model.audio_hidden=[128,64]"`` -> two overrides."""
+    ``"model.dropout=0.2,model.audio_hidden=[128,64]"`` -> two overrides. Raises
+    argparse.ArgumentTypeError on unbalanced brackets."""
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text):
         depth += (char in "[{") - (char in "]}")
+        if depth < 0:
+            break
         if char == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
+    if depth != 0:  # merged or cut overrides would train another setting without a word
+        raise argparse.ArgumentTypeError(f"unbalanced brackets in the overrides {text!r}")
     return [*parts, text[start:]]
 
 

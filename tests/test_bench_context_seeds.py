@@ -20,6 +20,9 @@ def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
         "w",  # commas inside a list value do not split it
         ["model.dropout=0.2", "model.audio_hidden=[128,64]", "model.text_hidden=[8, 4]"],
     )
+    for bad in ("w:model.audio_hidden=[1,optim.lr=2e-3", "w:model.audio_hidden=1],optim.lr=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unbalanced brackets"):
+            parse(bad)  # never two overrides merged into one string value
     for bad in ("k12", ":model.context_trs=1"):  # a bare name would train the default silently
         with pytest.raises(argparse.ArgumentTypeError, match=r"a setting is NAME:\[OVERRIDE"):
             parse(bad)

@@ -97,11 +97,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:  # e.g. a list cut at a comma by a shell loop: "[128"
-        problem = getattr(exc, "problem", None) or type(exc).__name__
+        problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
             f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write lists "
             "whole and quoted for the shell, e.g. 'model.fmri_hidden=[256, 128]'"
-        ) from None
+        ) from exc
     # YAML reads 3e-4 as a string (no dot in the mantissa); numbers are what users mean.
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
