@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
-APT_PACKAGES := ffmpeg espeak-ng opencv-doc
+APT_PACKAGES := ffmpeg espeak-ng opencv-doc slurmctld slurmd slurm-client munge
 DEMO_DIR ?= demo_out
 # Tests and the demo never reach a hub; offline wandb; no shm JIT op.
 export HF_HUB_OFFLINE := 1

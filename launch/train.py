@@ -8,20 +8,29 @@
 
 Also runs under torchrun and as one plain process.
 
-Exit codes: 0 finished or early-stopped, 2 bad input (message on stderr), 75 preempted (SIGTERM or
-SIGUSR1 reached the ranks: a complete checkpoint was saved and the same command resumes from it;
+Under SLURM, launch/slurm_train.sbatch starts it with srun, one task per GPU; the ranks come from
+SLURM's variables (giblet_ds.train.launch_env), with no ssh between nodes.
+
+Exit codes: 0 finished or early-stopped, 2 bad input or a run directory held by another job
+(message on stderr), 75 preempted (SIGTERM or SIGUSR1 reached the ranks, at any moment from the
+first line: the newest complete checkpoint is on disk and the same command resumes from it;
 launch/slurm_train.sbatch requeues the job on 75).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
+# First, before any slow import: a SIGUSR1/SIGTERM from SLURM during start-up is recorded, not fatal.
+from giblet_ds.train.signal_latch import latch_preemption_signals
 
-from giblet_ds.config import RunConfig, load_config, load_ds_json
-from giblet_ds.errors import GibletError
+latch_preemption_signals()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from giblet_ds.config import RunConfig, load_config, load_ds_json  # noqa: E402
+from giblet_ds.errors import GibletError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "giblet_3p5b.yaml"

@@ -7,6 +7,7 @@ RUN_DIR/
   config.resolved.yaml      the full run config after overrides
   metrics.jsonl             typed records, one JSON object per line (giblet_ds.run.records)
   train.log                 rank-0 log
+  run.lock                  held by the training job that owns this folder (giblet_ds.run.lock)
   checkpoints/
     latest                  names the newest complete step tag (DeepSpeed's convention)
     step-00000123/          a DeepSpeed tag + run_config.yaml + metadata.json + manifest.json
@@ -66,6 +67,7 @@ TAG_CONFIG_NAME = "run_config.yaml"
 UNIVERSAL_SUFFIX = "-universal"
 STAGING_NAME = ".staging"
 WANDB_ID_NAME = "wandb_run_id"
+LOCK_NAME = "run.lock"
 # Beside consolidated weights: name -> param | frozen | buffer, so the audit judges a consolidated
 # file as it judges the tag it came from (a .bin cannot tell trainable from frozen).
 TENSOR_KINDS_NAME = "tensor_kinds.json"
@@ -143,6 +145,10 @@ class RunDir:
     def staging_tag_dir(self, tag: str) -> Path:
         """Where ``tag`` is written before :meth:`commit_staged` moves it into place."""
         return self.staging / tag
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
 
     @property
     def wandb_id(self) -> Path:

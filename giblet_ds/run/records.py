@@ -78,6 +78,12 @@ class StartRecord(Record):
     mixer_start: list[float] | None = None
     """The temporal mixer's start kernel per window slot (model.context_init=hrf), None when it
     starts at TR t alone or there is no mixer (k = 1)."""
+    launch: str = ""
+    """Who set the ranks: launcher (deepspeed, torchrun), slurm (srun tasks) or single."""
+    slurm_job_id: str | None = None
+    """SLURM_JOB_ID (the same for every requeue of a job), None outside SLURM."""
+    slurm_restart_count: int | None = None
+    """SLURM_RESTART_COUNT: 0 on the first start, n after n requeues; None outside SLURM."""
 
 
 @dataclass

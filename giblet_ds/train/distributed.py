@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from giblet_ds.train.launch_env import fill_process_env
 
 __all__ = [
     "all_gather_object",
@@ -18,7 +19,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
-    "fill_single_process_env",
+    "launch_source",
     "init_distributed",
     "is_rank0",
     "local_rank",
@@ -27,30 +28,23 @@ __all__ = [
 ]
 
 
-def fill_single_process_env() -> None:
-    """Let `python launch/train.py` run as one plain process: without these variables DeepSpeed
-    goes looking for MPI (mpi4py). Launchers (deepspeed, torchrun, SLURM) set them already."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-
-
 def _quiet_deepspeed() -> None:
     """DeepSpeed repeats the same info lines and warnings on every rank; show each warning once."""
     warnings.filterwarnings("once")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+_LAUNCH_SOURCE = "single"
+
+
 def init_distributed() -> None:
-    """Start the process group: NCCL on GPUs, gloo on CPU (DeepSpeed picks by accelerator)."""
-    fill_single_process_env()
+    """Start the process group: NCCL on GPUs, gloo on CPU (DeepSpeed picks by accelerator).
+
+    The ranks find each other through giblet_ds.train.launch_env (deepspeed, torchrun, srun or one
+    plain process); raises LaunchError when the launcher's variables describe no single job."""
+    global _LAUNCH_SOURCE
+    if not dist.is_initialized():
+        _LAUNCH_SOURCE = fill_process_env().source
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -64,6 +58,11 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def launch_source() -> str:
+    """Who set this process's rank: ``launcher``, ``slurm`` or ``single`` (see launch_env)."""
+    return _LAUNCH_SOURCE
 
 
 def rank() -> int:

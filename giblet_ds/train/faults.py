@@ -7,16 +7,20 @@ GIBLET_FAULT_KILL_AT_STEP=5  after step 5 and what follows it (validation and sa
 GIBLET_FAULT_SIGNAL_AT_STEP=5:USR1
                              right after step 5's optimizer step, rank 0 (only) sends itself the
                              signal (USR1 or TERM), as a scheduler preempting the job would.
+GIBLET_FAULT_SLOW_STEPS=2.5  every rank sleeps this many seconds after each optimizer step, so a
+                             test can signal a real job (scancel, a time limit) mid-run; the
+                             numbers are those of a run without it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
-__all__ = ["maybe_kill", "maybe_poison", "maybe_signal"]
+__all__ = ["maybe_kill", "maybe_poison", "maybe_signal", "maybe_slow_down"]
 
 
 def _steps(name: str) -> set[int]:
@@ -41,3 +45,9 @@ def maybe_signal(step: int, rank: int) -> None:
     at, _, name = raw.partition(":")
     if int(at) == step:
         os.kill(os.getpid(), getattr(signal, f"SIG{name or 'USR1'}"))
+
+
+def maybe_slow_down() -> None:
+    seconds = os.environ.get("GIBLET_FAULT_SLOW_STEPS", "")
+    if seconds:
+        time.sleep(float(seconds))

@@ -14,13 +14,13 @@ send SIGUSR1 to the rank processes themselves, not to the launcher (see README.m
 from __future__ import annotations
 
 import logging
-import signal
-from types import FrameType
 from typing import Any
 
 import torch
 
 from giblet_ds.train import distributed as dist
+from giblet_ds.train import signal_latch
+from giblet_ds.train.signal_latch import PREEMPTION_SIGNALS
 
 __all__ = ["PREEMPTED_EXIT_CODE", "PREEMPTION_SIGNALS", "PreemptionWatch"]
 
@@ -28,30 +28,29 @@ log = logging.getLogger("giblet_ds")
 
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionWatch:
-    """Records SIGTERM/SIGUSR1 while installed (a context manager restores the old handlers)."""
+    """Records SIGTERM/SIGUSR1 while installed, through :mod:`giblet_ds.train.signal_latch`.
+
+    A signal the latch recorded before (launch/train.py installs it on its first line) counts as
+    received. Leaving the context restores the handlers that were there before it, unless the latch
+    was already installed then (it stays for the rest of the process)."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            log.warning("%s received: stopping after this step's save", self.received)
+    @property
+    def received(self) -> str | None:
+        return signal_latch.received()
 
     def __enter__(self) -> PreemptionWatch:
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = signal_latch.latch_preemption_signals()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        signal_latch.unlatch(self._previous)
+        self._previous = {}
 
     def agreed(self, device: torch.device | str = "cpu") -> bool:
         """True on every rank when any rank received a signal (collective: every rank calls)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from giblet_ds.model import (
 )
 from giblet_ds.resolve import resolve
 from giblet_ds.run.layout import BEST_TAG, RunDir, step_tag
+from giblet_ds.run.lock import RunLock
 from giblet_ds.run.records import CheckpointRecord, EndRecord, StartRecord, TrainRecord
 from giblet_ds.store import (
     ResumableDistributedSampler,
@@ -75,6 +77,14 @@ class Trainer:
     ) -> None:
         """``verify_checkpoint=False`` skips checking the resumed tag against its manifest."""
         self._init_process_group(cfg.checkpoint.run_dir)
+        try:
+            self._build(cfg, ds_json, verify_checkpoint=verify_checkpoint)
+        except BaseException:
+            if self.run_lock is not None:  # this start failed: the folder is free again
+                self.run_lock.release()
+            raise
+
+    def _build(self, cfg: RunConfig, ds_json: dict[str, Any], *, verify_checkpoint: bool) -> None:
         resolved = resolve(cfg, ds_json=ds_json, world_size=self.world_size)
         assert resolved.store is not None and resolved.ds_config is not None
         self.cfg, self.store = resolved.cfg, resolved.store
@@ -104,10 +114,24 @@ class Trainer:
         dist.init_distributed()
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.run = RunDir.of(run_dir)
+        self.run_lock: RunLock | None = None
+        refusal = None
         if self.rank == 0:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+            # Before anything is written or cleared: another job may own this folder.
+            self.run_lock = RunLock(self.run.lock)
+            try:
+                self.run_lock.acquire()
+            except GibletError as exc:
+                self.run_lock, refusal = None, str(exc)
+        refusal = dist.broadcast_object(refusal)  # every rank stops, with the same message
+        if refusal is not None:
+            raise GibletError(refusal)
         setup_file_logging(self.run.path, enabled=self.rank == 0)
+        if self.run_lock is not None and self.run_lock.took_over is not None:
+            log.warning(
+                "took over the lock of a run that ended: %s", self.run_lock.took_over.describe()
+            )
 
     def _build_data(self) -> None:
         cfg, store = self.cfg, self.store
@@ -198,10 +222,18 @@ class Trainer:
                 device=self.device_name,
                 peak_flops=self.peak_flops,
                 mixer_start=None if self.mixer_start is None else self.mixer_start.tolist(),
+                launch=dist.launch_source(),
+                **_slurm_job(),
             )
         )
         try:
             with self.preemption:
+                if self.preemption.agreed(self.engine.device):
+                    # Signalled during start-up: what is on disk (the resumed tag, or nothing) is
+                    # where the next start begins; no step was taken, so nothing new to save.
+                    self.preempted_by = self.preemption.signal_name()
+                    status, reason = "preempted", self._preempted_at_start_reason()
+                    return status
                 while self.step < self.max_steps:
                     if self._train_epoch():
                         status, reason = self._stop_status()
@@ -242,6 +274,7 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self._after_step(result, seconds)
                 faults.maybe_signal(self.step, self.rank)
+                faults.maybe_slow_down()
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{result.loss:.4f}",
@@ -283,6 +316,14 @@ class Trainer:
         return "preempted", (
             f"{self.preempted_by} received: stopped after step {self.step}, saved as "
             f"{step_tag(self.step)}; the same command resumes from it"
+        )
+
+    def _preempted_at_start_reason(self) -> str:
+        latest = self.run.latest_tag()
+        where = f"resumes from {latest}" if latest else "starts from scratch"
+        return (
+            f"{self.preempted_by} received during start-up, before step {self.step + 1}: "
+            f"nothing new to save; the same command {where}"
         )
 
     def _steps_left_in_epoch(self) -> int:
@@ -449,3 +490,15 @@ class Trainer:
         self.train_data.close()
         self.val_data.close()
         self.run_log.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+
+def _slurm_job() -> dict[str, Any]:
+    """The start record's SLURM fields: job id and requeue count (None outside SLURM)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {
+        "slurm_job_id": job_id,
+        "slurm_restart_count": int(restarts) if job_id and restarts.isdigit() else None,
+    }
