@@ -34,16 +34,24 @@ TERMS = ("fmri", "video", "audio", "text")
 @dataclass(frozen=True)
 class TargetVariances:
     """One positive number per MSE term: the training-set variance of that term's target
-    (mean over elements of the per-element variance). ``audio`` is used only in seed_compat."""
+    (mean over elements of the per-element variance). ``audio`` is used only in seed_compat;
+    ``fmri_subjects`` (one per subject, data.target=subjects) only with subject heads."""
 
     fmri: float
     video: float
     text: float
     audio: float
+    fmri_subjects: tuple[float, ...] | None = None
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, Mapping[str, np.ndarray]]) -> TargetVariances:
-        """From ``giblet_ds.store.load_target_stats`` output (``/stats`` of the store)."""
+    def from_stats(
+        cls,
+        stats: Mapping[str, Mapping[str, np.ndarray]],
+        subjects: np.ndarray | None = None,
+    ) -> TargetVariances:
+        """From ``giblet_ds.store.load_target_stats`` output (``/stats`` of the store), and
+        ``subjects`` (S,): each subject's training variance of its z-scored fMRI, mean over voxels
+        (``giblet_ds.store.subject_variances``). Raises DataError on a non-positive variance."""
         counts = np.asarray(stats["audio"]["counts"], dtype=np.float64)  # (n_q, codebook_size)
         values = np.arange(counts.shape[1], dtype=np.float64)
         probs = counts / counts.sum(axis=1, keepdims=True)
@@ -53,12 +61,19 @@ class TargetVariances:
             name: float(np.mean(np.asarray(stats[name]["var"], dtype=np.float64)))
             for name in ("fmri", "video", "text")
         }
-        result = cls(audio=audio_var, **out)
+        per_subject = None if subjects is None else tuple(float(v) for v in subjects)
+        result = cls(audio=audio_var, fmri_subjects=per_subject, **out)
         for name, value in vars(result).items():
-            if not math.isfinite(value) or value <= 0:
+            if name != "fmri_subjects" and (not math.isfinite(value) or value <= 0):
                 raise DataError(
                     f"training variance of {name} is {value}; the store's /stats/{name} is "
                     f"degenerate (constant target?): rebuild the store"
+                )
+        for s, value in enumerate(per_subject or ()):
+            if not math.isfinite(value) or value <= 0:
+                raise DataError(
+                    f"training variance of subject {s}'s fMRI is {value}: its /fmri/subjects "
+                    "rows are degenerate on the training TRs; rebuild the store without it"
                 )
         return result
 
@@ -73,15 +88,19 @@ class LossResult:
 
 def reconstruction_targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What each term compares against: fMRI; the last video frame of TR t; TR t's codes; TR t's
-    text. With a context window (``context_mask`` in the batch) the stimulus keys are cut to the
-    window's last TR first: the decoder reconstructs TR t, never the window."""
+    text; with ``fmri_subjects`` in the batch (data.target=subjects) every subject's own volume
+    (B, S, V). With a context window (``context_mask`` in the batch) the stimulus keys are cut to
+    the window's last TR first: the decoder reconstructs TR t, never the window."""
     batch = current_tr(batch)
-    return {
+    targets = {
         "fmri": batch["fmri"].float(),
         "video": batch["video"][:, -1].flatten(1).float(),
         "audio": batch["audio_codes"].long(),
         "text": batch["text"].flatten(1).float(),
     }
+    if "fmri_subjects" in batch:
+        targets["fmri_subjects"] = batch["fmri_subjects"].float()
+    return targets
 
 
 class NormalizedLoss(nn.Module):
@@ -101,8 +120,10 @@ class NormalizedLoss(nn.Module):
     def forward(self, output: GibletOutput, batch: Mapping[str, torch.Tensor]) -> LossResult:
         targets = reconstruction_targets(batch)
         terms: dict[str, torch.Tensor] = {}
+        if self.weights["fmri"] > 0 and output.fmri_subjects is not None:
+            terms["fmri"] = self._subjects_term(output.fmri_subjects, targets)
         for name in ("fmri", "video", "text"):
-            if self.weights[name] > 0:
+            if self.weights[name] > 0 and name not in terms:
                 prediction = getattr(output, name).float()
                 mse = nn.functional.mse_loss(prediction, targets[name])
                 terms[name] = mse / getattr(self.variances, name)
@@ -110,6 +131,35 @@ class NormalizedLoss(nn.Module):
             terms["audio"] = self._audio_term(output.audio, targets["audio"])
         total = sum((self.weights[k] * v for k, v in terms.items()), torch.zeros(()))
         return LossResult(total=total, terms=terms)
+
+    def _subjects_term(
+        self, prediction: torch.Tensor, targets: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Subject heads: the mean over subjects of each subject's MSE over its volumes (B, V)
+        divided by that subject's training variance, so predicting every subject's training
+        mean reads 1.0 whatever the subjects' noise levels (the average subject is trained
+        through the samples that subject dropout hands it, not by a term of its own)."""
+        variances = self.variances.fmri_subjects
+        if "fmri_subjects" not in targets or variances is None:
+            raise ValueError(
+                "the model has subject heads (model.n_subjects > 0) but the "
+                + (
+                    "batch has no fmri_subjects"
+                    if variances is not None
+                    else "loss has no per-subject variances"
+                )  # fmt: skip
+                + ": build the data and the loss with data.target=subjects"
+            )
+        target = targets["fmri_subjects"]
+        if prediction.shape != target.shape or len(variances) != target.shape[1]:
+            raise ValueError(
+                f"subject heads predict {tuple(prediction.shape)} but the targets are "
+                f"{tuple(target.shape)} with {len(variances)} subject variance(s): the model's "
+                "model.n_subjects must be the store's subject count"
+            )
+        per_subject = (prediction.float() - target).pow(2).mean(dim=(0, 2))  # (S,)
+        scale = torch.tensor(variances, dtype=per_subject.dtype, device=per_subject.device)
+        return (per_subject / scale).mean()
 
     def _audio_term(self, prediction: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if prediction.dim() == 4:  # logits (B, n_q, C, K)

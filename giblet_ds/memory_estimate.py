@@ -134,7 +134,8 @@ def largest_layer(model: nn.Module) -> tuple[str, int]:
 def batch_bytes(cfg: ModelConfig) -> int:
     """Bytes of one sample as the loader delivers it (float32 video, text, fMRI; int64 codes).
 
-    With ``context_trs`` = k the video, text and codes are k TRs each, plus the (k,) bool mask.
+    With ``context_trs`` = k the video, text and codes are k TRs each, plus the (k,) bool mask;
+    with subject heads (``n_subjects`` = S > 0) the sample also holds S float32 volumes.
     """
     assert cfg.frames_per_tr and cfg.frame_height and cfg.frame_width and cfg.n_codebooks
     assert cfg.code_frames and cfg.text_slots and cfg.text_dim and cfg.n_voxels
@@ -143,7 +144,9 @@ def batch_bytes(cfg: ModelConfig) -> int:
     text = cfg.text_slots * cfg.text_dim
     stimulus = FP32 * (video + text) + INT64 * cfg.n_codebooks * cfg.code_frames
     mask = k if k > 1 else 0
-    return k * stimulus + FP32 * cfg.n_voxels + mask
+    # data.target=subjects: every subject's volume beside the subject mean
+    subjects = FP32 * cfg.n_subjects * cfg.n_voxels
+    return k * stimulus + FP32 * cfg.n_voxels + subjects + mask
 
 
 def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> ActivationEstimate:
@@ -168,7 +171,12 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
       per sample, so everything they save, the code embedding indices and the batch's stimulus
       keys count k times (plus the k-byte window mask); so does the trunk, which makes one
       bottleneck code per TR; the temporal mixer saves its masked input (A*k*D, D the bottleneck
-      width) and the mask cast to the activation dtype (A*k).
+      width) and the mask cast to the activation dtype (A*k);
+    - with subject heads (S = n_subjects > 0, rank r): the residual's low-rank codes (A*(S+1)*r,
+      saved by the product onto the voxels; its other input, the head's last hidden layer, is
+      the output Linear's input, counted there), the subject-dropout mask (S bytes), the loss's
+      fp32 difference of the S subject predictions (4*S*V, saved by the square) and the batch's
+      S volumes (4*S*V, in the batch).
 
     With activation checkpointing every DenseBlock keeps only its input (A*i); in backward one
     block at a time is recomputed, so the largest block's saved set other than its input (which
@@ -234,6 +242,9 @@ def activation_bytes(model: GibletAutoencoder, micro_batch_size: int) -> Activat
     if model.encoder.temporal is not None:
         width = int(model.encoder.temporal.weight.shape[1])  # the bottleneck
         outside += ACT_BYTES * k * (width + 1)
+    if model.encoder.subjects is not None:
+        slots, rank = cfg.n_subjects + 1, cfg.subject_rank
+        outside += ACT_BYTES * slots * rank + cfg.n_subjects + FP32 * cfg.n_subjects * cfg.n_voxels
     outside += batch_bytes(cfg)
 
     return ActivationEstimate(

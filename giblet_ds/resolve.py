@@ -30,7 +30,8 @@ class ResolvedRun:
     ds_config: dict[str, Any] | None
     """The dict for ``deepspeed.initialize`` (None when no DeepSpeed JSON or world size was given)."""
     from_store: dict[str, int]
-    """The model input sizes taken from the store (those the config left null)."""
+    """The model input sizes taken from the store (those the config left null), and
+    ``n_subjects`` when data.target=subjects left it 0."""
 
     def describe_sizes(self) -> str:
         """One line saying where the model's input sizes came from."""
@@ -72,9 +73,21 @@ def resolve(
             "--set model.n_voxels=83138)"
         )
     store_sizes = store.model_input_sizes() if store is not None else None
-    cross_check(cfg, world_size=world_size, store_sizes=store_sizes, ds_config=ds_json)
+    store_subjects = store.n_subjects if store is not None else None
+    cross_check(
+        cfg,
+        world_size=world_size,
+        store_sizes=store_sizes,
+        ds_config=ds_json,
+        store_subjects=store_subjects,
+    )
     from_store = {k: v for k, v in (store_sizes or {}).items() if k in missing}
-    cfg = dataclasses.replace(cfg, model=cfg.model.with_input_sizes(from_store))
+    model = cfg.model.with_input_sizes(from_store)
+    if cfg.data.target == "subjects" and model.n_subjects == 0 and store_subjects is not None:
+        # One subject head per store subject, filled like an input size (and said so).
+        model = dataclasses.replace(model, n_subjects=store_subjects)
+        from_store["n_subjects"] = store_subjects
+    cfg = dataclasses.replace(cfg, model=model)
     ds_config = (
         build_ds_config(cfg, dict(ds_json), world_size)
         if ds_json is not None and world_size is not None

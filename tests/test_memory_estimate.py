@@ -170,6 +170,21 @@ def test_activations_of_tiny_with_a_context_window_by_hand() -> None:
     assert est.activations.with_checkpointing == 2 * (ckpt + recompute + heads + outside) == 100_062
 
 
+def test_activations_of_tiny_with_subject_heads_by_hand() -> None:
+    # 3 subjects, rank 8 on the fMRI head's 10-wide hidden layer, 23 voxels: the residual's
+    # low-rank codes of 4 slots (bf16), the 3-byte subject-dropout mask, the loss's fp32
+    # difference of the 3 subject predictions and the batch's 3 volumes (fp32).
+    cfg = tiny("data.target=subjects", "model.n_subjects=3")
+    assert batch_bytes(cfg.model) == 1_668 + 4 * 3 * 23 == 1_944
+    subjects = 2 * 4 * 8 + 3 + 4 * 3 * 23 + 4 * 3 * 23
+    assert subjects == 619
+    est = estimate(cfg, num_gpus=1)
+    assert est.activations.without_checkpointing == 2 * (1_438 + 43_636 + subjects) == 91_386
+    assert est.activations.with_checkpointing == 89_532 + 2 * subjects
+    # the parameters follow the model: 4 slots x (8 x (10 + 23) + 23) more than without heads
+    assert est.total_params == estimate(tiny(), num_gpus=1).total_params + 4 * (8 * 33 + 23)
+
+
 def test_activations_with_dropout_and_a_larger_batch() -> None:
     est = estimate(tiny("model.dropout=0.1", "optim.micro_batch_size=3"), num_gpus=1)
     # Every block now saves its input and a 1-byte mask per activated output.
@@ -223,8 +238,11 @@ def saved_bytes(cfg: RunConfig, batch_size: int) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    n_subjects = model_cfg.n_subjects
+    if n_subjects:
+        batch["fmri_subjects"] = torch.randn(b, n_subjects, model_cfg.n_voxels)
     loss = NormalizedLoss(
-        TargetVariances(1.0, 1.0, 1.0, 1.0),
+        TargetVariances(1.0, 1.0, 1.0, 1.0, (1.0,) * n_subjects if n_subjects else None),
         cfg.loss.weights(),
         codebook_size=model_cfg.codebook_size,
     )
@@ -239,11 +257,18 @@ def saved_bytes(cfg: RunConfig, batch_size: int) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize(("dropout", "k"), [(0.0, 1), (0.2, 1), (0.0, 4), (0.2, 4)])
-def test_activation_formula_is_close_to_what_autograd_saves(dropout: float, k: int) -> None:
+@pytest.mark.parametrize(
+    ("dropout", "k", "subjects"), [(0.0, 1, 0), (0.2, 1, 0), (0.0, 4, 0), (0.2, 4, 0), (0.2, 4, 3)]
+)
+def test_activation_formula_is_close_to_what_autograd_saves(
+    dropout: float, k: int, subjects: int
+) -> None:
     # Wide enough that the blocks, not the audio logits, dominate. On CPU the kernels differ
     # from CUDA's in small ways (bf16 LayerNorm statistics and dropout masks), hence a band.
+    heads = ["data.target=subjects", f"model.n_subjects={subjects}"] if subjects else []
     cfg = tiny(
+        *heads,
+        "model.n_voxels=400",
         f"model.dropout={dropout}",
         f"model.context_trs={k}",
         "model.codebook_size=16",

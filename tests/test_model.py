@@ -113,6 +113,10 @@ def hand_counts(cfg: ModelConfig) -> dict[str, int]:
     }
     if cfg.context_trs > 1:  # the temporal mixer: one weight per delay and bottleneck dimension
         counts["encoder.temporal"] = cfg.context_trs * cfg.bottleneck
+    if cfg.n_subjects:  # S + 1 slots (the average subject): r x (H + V) weights, V biases
+        slots = cfg.n_subjects + 1
+        r = cfg.subject_rank
+        counts["encoder.subjects"] = slots * (r * (fmri_in + cfg.n_voxels) + cfg.n_voxels)
     counts["encoder"] = sum(v for k, v in counts.items() if k.startswith("encoder."))
     counts["decoder"] = sum(v for k, v in counts.items() if k.startswith("decoder."))
     counts["total"] = counts["encoder"] + counts["decoder"]
@@ -258,7 +262,8 @@ def test_numel_reads_ds_numel_of_a_partitioned_parameter() -> None:
 def test_format_counts_uses_thousands_separators() -> None:
     counts = parameter_counts(meta_model(load_config(CONFIGS / "giblet_3p5b_seed.yaml").model))
     lines = format_counts(counts).splitlines()
-    assert len(lines) == len(PARAMETER_GROUPS) - 1 + 3  # no encoder.temporal at k = 1
+    # no encoder.temporal at k = 1, no encoder.subjects without subject heads
+    assert len(lines) == len(PARAMETER_GROUPS) - 2 + 3
     assert lines[0] == "encoder.video        1,779,979,264"
     assert lines[-1] == "total                3,500,188,290"
 

@@ -10,7 +10,7 @@ from giblet_ds.config.model_section import MODEL_INPUT_KEYS
 from giblet_ds.config.sections import RunConfig
 from giblet_ds.errors import ConfigError
 
-__all__ = ["cross_check", "zero_engine_problems"]
+__all__ = ["cross_check", "subject_problems", "zero_engine_problems"]
 
 
 def cross_check(
@@ -19,9 +19,13 @@ def cross_check(
     world_size: int | None = None,
     store_sizes: Mapping[str, int] | None = None,
     ds_config: Mapping[str, Any] | None = None,
+    store_subjects: int | None = None,
 ) -> None:
-    """Checks that span sections; every problem is collected and raised once."""
-    problems: list[str] = []
+    """Checks that span sections; every problem is collected and raised once.
+
+    ``store_subjects``: the store's subject count (None: no store), which subject heads
+    (``model.n_subjects``) must match when ``data.target`` is ``subjects``."""
+    problems: list[str] = list(subject_problems(cfg, store_subjects))
     if world_size is not None:
         o = cfg.optim
         derived = o.global_batch(world_size)
@@ -56,6 +60,32 @@ def cross_check(
         problems.append(f"schedule.min_lr={cfg.schedule.min_lr} exceeds optim.lr={cfg.optim.lr}")
     if problems:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+
+
+def subject_problems(cfg: RunConfig, store_subjects: int | None) -> list[str]:
+    """``data.target`` against ``model.n_subjects`` and the store's subject count."""
+    n, target = cfg.model.n_subjects, cfg.data.target
+    if target == "mean" and n > 0:
+        return [
+            f"model.n_subjects={n} builds subject heads but data.target=mean trains one fMRI "
+            "output; set data.target=subjects or model.n_subjects=0"
+        ]
+    if target != "subjects":
+        return []
+    if store_subjects is None:
+        if n == 0:
+            return [
+                "data.target=subjects with model.n_subjects=0 (from the store) and no store was "
+                "given; set data.store to a feature store or set model.n_subjects"
+            ]
+        return []
+    if n not in (0, store_subjects):
+        return [
+            f"model.n_subjects={n} but the store {cfg.data.store} holds {store_subjects} "
+            "subject(s); set model.n_subjects=0 to take it from the store (a new subject joins "
+            "a trained model through giblet_ds.train.add_subject, not through a config)"
+        ]
+    return []
 
 
 def zero_engine_problems(ds: Mapping[str, Any]) -> list[str]:

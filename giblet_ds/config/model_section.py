@@ -94,6 +94,18 @@ class ModelConfig:
     """Where the temporal mixer starts (k > 1). "hrf": nilearn's canonical (Glover) HRF at each
     window slot's delay behind the paired volume, scaled to sum to 1 (giblet_ds.train.hrf_start);
     "current_tr": TR t alone, the one-TR model. Training adapts either."""
+    n_subjects: int = 0
+    """Subject-specific fMRI outputs (data.target=subjects): one per store subject, plus the
+    average subject (giblet_ds/model/subject_layers.py). 0: one fMRI output, the subject mean
+    (or data.subject); with data.target=subjects, 0 is filled from the store's subject count."""
+    subject_rank: int = 8
+    """Rank of each subject's residual on the shared fMRI readout (n_subjects > 0): per subject
+    rank x (fMRI head width + n_voxels) weights and n_voxels biases (docs/design.md, "Subject
+    heads")."""
+    subject_dropout: float = 0.1
+    """Probability, per training sample and subject, that the average subject's output stands in
+    for the subject's own (TRIBE's subject dropout): what trains the average subject, which
+    predicts the subject mean and starts a new subject. Untuned."""
 
     def __post_init__(self) -> None:
         for key in MODEL_INPUT_KEYS:
@@ -159,6 +171,33 @@ class ModelConfig:
             self.context_trs,
             "must be 1 with model.seed_compat (the old system saw one TR per sample)",
             "set model.context_trs=1 or model.seed_compat=false",
+        )
+
+        require(
+            isinstance(self.n_subjects, int) and self.n_subjects >= 0,
+            "model.n_subjects",
+            self.n_subjects,
+            "must be an integer >= 0 (0: no subject heads)",
+        )
+        require(
+            isinstance(self.subject_rank, int) and self.subject_rank >= 1,
+            "model.subject_rank",
+            self.subject_rank,
+            "must be an integer >= 1",
+        )
+        require(
+            0.0 < self.subject_dropout < 1.0,
+            "model.subject_dropout",
+            self.subject_dropout,
+            "must be in (0, 1): at 0 the average subject, which predicts the subject mean, "
+            "never trains",
+        )
+        require(
+            not (self.seed_compat and self.n_subjects),
+            "model.n_subjects",
+            self.n_subjects,
+            "must be 0 with model.seed_compat (the old system predicted the subject mean)",
+            "set model.n_subjects=0 or model.seed_compat=false",
         )
 
     def missing_input_sizes(self) -> list[str]:

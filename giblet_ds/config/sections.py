@@ -20,8 +20,12 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "ScheduleConfig",
+    "TARGETS",
     "TrainConfig",
 ]
+
+TARGETS = ("mean", "subjects")
+"""Values of ``data.target``."""
 
 
 @dataclass
@@ -32,6 +36,11 @@ class DataConfig:
     """Path of the HDF5 feature store built by tools/build_store.py (required to train)."""
     subject: int | None = None
     """Train on one subject's fMRI (index into the store's subjects); null: the cross-subject mean."""
+    target: str = "mean"
+    """What the fMRI output is trained on. "mean": the mean of the z-scored subjects (or
+    data.subject). "subjects": every subject's own volume, through subject heads on the shared
+    model (model.n_subjects), the loss normalized per subject; the average subject predicts the
+    mean (docs/design.md, "Subject heads"). "mean" stays the default until measured."""
     num_workers: int = 0
     """DataLoader worker processes per rank (each opens the store itself)."""
     reliable_isc_threshold: float = 0.1
@@ -44,6 +53,14 @@ class DataConfig:
             "data.subject",
             self.subject,
             "must be >= 0 or null",
+        )
+        require(self.target in TARGETS, "data.target", self.target, f"must be one of {TARGETS}")
+        require(
+            not (self.target == "subjects" and self.subject is not None),
+            "data.subject",
+            self.subject,
+            "must be null with data.target=subjects (every subject is a target)",
+            "set data.subject=null, or data.target=mean to train on one subject",
         )
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
         require(

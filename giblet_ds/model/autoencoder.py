@@ -16,6 +16,7 @@ from giblet_ds.model.blocks import CheckpointFn, DenseBlock, DenseStack
 from giblet_ds.model.context import TemporalMixer
 from giblet_ds.model.decoder import GibletDecoder
 from giblet_ds.model.encoder import AudioCodebook, GibletEncoder
+from giblet_ds.model.subject_layers import SubjectLayers
 
 __all__ = ["GibletAutoencoder", "GibletOutput", "GatherFn"]
 
@@ -30,7 +31,8 @@ class GibletOutput(NamedTuple):
     tensors inside tuples, not inside arbitrary objects."""
 
     fmri: torch.Tensor
-    """(B, n_voxels) predicted BOLD."""
+    """(B, n_voxels) predicted BOLD: of the subject mean (with subject heads, the average
+    subject's output), or of data.subject."""
     video: torch.Tensor
     """(B, H*W*3) the last frame of the TR window."""
     audio: torch.Tensor
@@ -40,6 +42,9 @@ class GibletOutput(NamedTuple):
     bottleneck: torch.Tensor
     """(B, bottleneck) TR t's code: what the decoder reads (and, at k = 1, the fMRI head; at
     k > 1 the fMRI head reads the window's codes mixed over time)."""
+    fmri_subjects: torch.Tensor | None = None
+    """(B, n_subjects, n_voxels) each subject's own prediction (model.n_subjects > 0; in training
+    some are the average subject's: subject dropout); None without subject heads."""
 
 
 class GibletAutoencoder(nn.Module):
@@ -64,10 +69,15 @@ class GibletAutoencoder(nn.Module):
     ) -> GibletOutput:
         """Inputs as :meth:`GibletEncoder.forward` takes them (a window axis when k > 1); the
         outputs are for TR t, the window's last TR, whatever k is."""
-        bottleneck, fmri = self.encoder(video, audio_codes, text, context_mask)
+        bottleneck, fmri, subjects = self.encoder(video, audio_codes, text, context_mask)
         video_out, audio_out, text_out = self.decoder(bottleneck, self.encoder.audio.codebook)
         return GibletOutput(
-            fmri=fmri, video=video_out, audio=audio_out, text=text_out, bottleneck=bottleneck
+            fmri=fmri,
+            video=video_out,
+            audio=audio_out,
+            text=text_out,
+            bottleneck=bottleneck,
+            fmri_subjects=subjects,
         )
 
     def stacks(self) -> Iterator[DenseStack]:
@@ -97,6 +107,9 @@ class GibletAutoencoder(nn.Module):
         - seed_compat Linear biases: 0;
         - norm scales 1, norm shifts 0; BatchNorm running mean 0, running var 1, counter 0;
         - audio code embeddings: normal, std 1;
+        - subject heads (n_subjects > 0): each slot's residual into-weights normal with std
+          sqrt(1 / fan_in), its out-weights and biases zero (SubjectLayers.reset_parameters):
+          every subject and the average subject start as the shared readout;
         - temporal mixer (context_trs > 1): ``mixer_start``, (k,) per window slot, for every
           code dimension (the trainer passes a canonical HRF: giblet_ds.train.hrf_start); without
           it TR t alone (effective weight 1 on the last TR, 0 on the others), the one-TR model;
@@ -145,7 +158,7 @@ class GibletAutoencoder(nn.Module):
                 module.reset_running_stats()
         elif isinstance(module, AudioCodebook):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
-        elif isinstance(module, TemporalMixer):
+        elif isinstance(module, TemporalMixer | SubjectLayers):
             module.reset_parameters()
 
     def _is_output_linear(self, linear: nn.Linear) -> bool:

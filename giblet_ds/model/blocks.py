@@ -84,11 +84,16 @@ class DenseStack(nn.Module):
         self.checkpoint_fn: CheckpointFn | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hidden(x)
+        if self.out is not None:
+            x = self.out(x)
+        return x
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden blocks only (what the output Linear reads; subject heads read it too)."""
         for block in self.blocks:
             if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
                 x = self.checkpoint_fn(block, x)
             else:
                 x = block(x)
-        if self.out is not None:
-            x = self.out(x)
         return x

@@ -16,7 +16,8 @@ __all__ = [
 # as the old system counted it (encoder 3,235,947,138 + decoder 264,241,152). ``encoder.temporal``
 # (the mixer of the context window) exists only when model.context_trs > 1 and is left out of the
 # counts otherwise, so a one-TR model reports exactly the groups it always did.
-OPTIONAL_GROUPS = ("encoder.temporal",)
+# ``encoder.subjects`` (subject heads) exists only when model.n_subjects > 0, likewise.
+OPTIONAL_GROUPS = ("encoder.temporal", "encoder.subjects")
 # Groups whose weights run once per TR of the context window (k times per sample): FLOPs here and
 # the activation estimate (giblet_ds.memory_estimate) both read this tuple.
 PER_TR_GROUPS = ("encoder.video", "encoder.audio", "encoder.text", "encoder.trunk")
@@ -27,6 +28,7 @@ PARAMETER_GROUPS = (
     "encoder.trunk",
     "encoder.temporal",
     "encoder.fmri_head",
+    "encoder.subjects",
     "decoder.trunk",
     "decoder.video",
     "decoder.audio",

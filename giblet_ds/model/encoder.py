@@ -10,6 +10,7 @@ from torch import nn
 from giblet_ds.config import ModelConfig
 from giblet_ds.model.blocks import DenseStack
 from giblet_ds.model.context import TemporalMixer
+from giblet_ds.model.subject_layers import SubjectLayers
 
 __all__ = ["AudioCodebook", "AudioEncoder", "GibletEncoder"]
 
@@ -100,6 +101,18 @@ class GibletEncoder(nn.Module):
             TemporalMixer(cfg.context_trs, cfg.bottleneck) if cfg.context_trs > 1 else None
         )
         self.fmri_head = stack(cfg.bottleneck, cfg.fmri_hidden, out_features=cfg.n_voxels)
+        # n_subjects > 0: each subject's own output on the shared readout, plus the average
+        # subject (giblet_ds/model/subject_layers.py); 0 builds nothing, the model as it was.
+        self.subjects: SubjectLayers | None = None
+        if cfg.n_subjects > 0:
+            assert self.fmri_head.out is not None
+            self.subjects = SubjectLayers(
+                cfg.n_subjects,
+                self.fmri_head.out.in_features,  # the head's last hidden width (or bottleneck)
+                cfg.n_voxels,
+                cfg.subject_rank,
+                cfg.subject_dropout,
+            )
 
     def forward(
         self,
@@ -107,8 +120,10 @@ class GibletEncoder(nn.Module):
         audio_codes: torch.Tensor,
         text: torch.Tensor,
         context_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (bottleneck of TR t (B, bottleneck), fMRI prediction (B, n_voxels)).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (bottleneck of TR t (B, bottleneck), fMRI prediction (B, n_voxels), per-subject
+        fMRI (B, n_subjects, n_voxels) or None without subject heads). With subject heads the
+        fMRI prediction is the average subject's (the subject mean's predictor).
 
         k = 1: video (B, F, H, W, 3), audio_codes (B, n_q, C), text (B, K, D). k > 1: each with
         a window axis after the batch, (B, k, ...), in the dataset's slot order (TR t last), and
@@ -129,7 +144,16 @@ class GibletEncoder(nn.Module):
             video.flatten(0, 1), audio_codes.flatten(0, 1), text.flatten(0, 1)
         )
         codes = self.trunk(per_tr).view(batch, k, -1)  # (B, k, bottleneck): one code per TR
-        return codes[:, -1], self.fmri_head(self.temporal(codes, context_mask))
+        return (codes[:, -1], *self.fmri(self.temporal(codes, context_mask)))
+
+    def fmri(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fMRI head on the (mixed) code (B, bottleneck) -> (B, V) and, with subject heads,
+        the average subject (B, V) and every subject (B, S, V) instead."""
+        if self.subjects is None:
+            return self.fmri_head(code), None
+        hidden = self.fmri_head.hidden(code)
+        assert self.fmri_head.out is not None
+        return self.subjects(hidden, self.fmri_head.out(hidden))
 
     def per_tr_features(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
@@ -145,6 +169,6 @@ class GibletEncoder(nn.Module):
 
     def _encode_one_tr(
         self, video: torch.Tensor, audio_codes: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         bottleneck = self.trunk(self.per_tr_features(video, audio_codes, text))
-        return bottleneck, self.fmri_head(bottleneck)
+        return (bottleneck, *self.fmri(bottleneck))

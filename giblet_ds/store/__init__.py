@@ -4,7 +4,7 @@ from giblet_ds.store.dataset import StoreDataset
 from giblet_ds.store.reader import StoreInfo, export_mask_nifti, load_mask, open_store
 from giblet_ds.store.sampler import ResumableDistributedSampler
 from giblet_ds.store.schema import SCHEMA_VERSION
-from giblet_ds.store.stats import load_target_stats, read_split_subjects
+from giblet_ds.store.stats import load_target_stats, read_split_subjects, subject_variances
 from giblet_ds.store.synthetic import write_synthetic_store
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "ResumableDistributedSampler",
     "load_target_stats",
     "read_split_subjects",
+    "subject_variances",
     "write_synthetic_store",
 ]

@@ -55,6 +55,9 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
     first: every rank and every DataLoader worker gets its own handle (an open h5py handle must
     never be pickled into a worker; ``__getstate__`` drops it and a pid check reopens after fork).
     ``subject`` (index or id) returns that subject's fMRI instead of the subject mean.
+    ``subjects=True`` (data.target=subjects) adds ``fmri_subjects`` (S, V) float32: every
+    subject's own volume at TR t (``fmri`` stays the subject mean, what the average subject
+    predicts and validation scores).
 
     ``context_trs`` = k > 1: the stimulus keys (``video, audio_codes, text, text_mask``) hold a
     window of k store rows with a window axis of length k in front, and ``context_mask`` (k,) bool
@@ -79,6 +82,7 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         info: StoreInfo | None = None,
         context_trs: int = 1,
         context_end: str = "stimulus",
+        subjects: bool = False,
     ) -> None:
         if split not in schema.SPLITS:
             raise ValueError(f"split must be one of {schema.SPLITS}, got {split!r}")
@@ -88,6 +92,9 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         self.path = self.info.path
         self.split = split
         self.subject = None if subject is None else self.info.subject_index(subject)
+        if subjects and subject is not None:
+            raise ValueError("subjects=True reads every subject: leave subject None")
+        self.subjects = subjects
         self.indices = np.asarray(self.info.splits[split], dtype=np.int64)
         self.context_trs = context_trs
         self.context_end = context_end
@@ -103,7 +110,7 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
     @classmethod
     def for_run(cls, info: StoreInfo, split: str, cfg: RunConfig) -> StoreDataset:
         """``split`` as the run ``cfg`` reads it: its subject (``data.subject``, None: the subject
-        mean) and its model's window (``model.context_trs``, ``model.context_end``). The trainer,
+        mean; ``data.target=subjects``: every subject's volume too) and its model's window (``model.context_trs``, ``model.context_end``). The trainer,
         the evaluation and the reconstruction figures all build their data here, so a checkpoint
         is scored on exactly the samples it was trained on. Raises ValueError as ``__init__``."""
         return cls(
@@ -113,6 +120,7 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
             subject=cfg.data.subject,
             context_trs=cfg.model.context_trs,
             context_end=cfg.model.context_end,
+            subjects=cfg.data.target == "subjects",
         )
 
     def __len__(self) -> int:
@@ -163,6 +171,9 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         if mask is not None:
             sample[CONTEXT_MASK] = torch.from_numpy(mask)
         sample["fmri"] = torch.from_numpy(fmri_row.astype(np.float32))
+        if self.subjects:
+            every = handle[schema.FMRI_SUBJECTS][:, t]  # (S, V): one chunk per subject
+            sample["fmri_subjects"] = torch.from_numpy(every.astype(np.float32))
         sample["index"] = torch.tensor(t, dtype=torch.int64)
         return sample
 

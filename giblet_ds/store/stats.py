@@ -25,6 +25,7 @@ __all__ = [
     "read_rows",
     "read_split_subjects",
     "subject_rows",
+    "subject_variances",
 ]
 
 _BLOCK_TRS = 64
@@ -129,6 +130,25 @@ def load_target_stats(
             for block in subject_rows(subjects, index, train):
                 moments.add(block.astype(np.float32))
             out["fmri"] = moments.result()
+    return out
+
+
+def subject_variances(path: str | Path, *, info: StoreInfo | None = None) -> np.ndarray:
+    """(S,) float64: per subject, the mean over voxels of the variance of its z-scored fMRI on the
+    training TRs (~1.0, off by the float16 rounding of /fmri/subjects): the per-subject loss
+    denominators of data.target=subjects. ``info``: as for :func:`load_target_stats`."""
+    from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
+
+    info = info if info is not None else open_store(path)
+    train = info.splits["train"]
+    out = np.empty(info.n_subjects, dtype=np.float64)
+    with open_read_only(info.path) as handle:
+        subjects = handle[schema.FMRI_SUBJECTS]
+        for s in range(info.n_subjects):
+            moments = _Moments(info.n_voxels)
+            for block in subject_rows(subjects, s, train):
+                moments.add(block.astype(np.float32))
+            out[s] = float(np.mean(moments.result()["var"], dtype=np.float64))
     return out
 
 

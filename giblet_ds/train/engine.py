@@ -30,12 +30,14 @@ __all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "wei
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms, biases and code embeddings are not shrunk toward zero."""
+    """Decay matrices only (2-D, and the 3-D stacks of per-subject matrices): norms, biases
+    (the subject heads' (S + 1, V) biases included) and code embeddings are not shrunk."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         shape = getattr(param, "ds_shape", param.shape)
-        (decay if len(shape) == 2 and "codebook" not in name else no_decay).append(param)
+        matrix = len(shape) >= 2 and "codebook" not in name and not name.endswith("bias")
+        (decay if matrix else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -85,7 +85,7 @@ def val_reference(
 
 
 KEEP_FRAMES = 3
-BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "context_mask", "fmri")
+BATCH_KEYS = ("video", "audio_codes", "text", "text_mask", "context_mask", "fmri", "fmri_subjects")
 
 
 @torch.no_grad()
@@ -161,4 +161,4 @@ def evaluate(
 
 
 def _select(output: GibletOutput, j: int) -> GibletOutput:
-    return GibletOutput(*(tensor[j : j + 1] for tensor in output))
+    return GibletOutput._make(None if t is None else t[j : j + 1] for t in output)

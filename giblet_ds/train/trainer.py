@@ -32,6 +32,7 @@ from giblet_ds.store import (
     StoreDataset,
     StoreInfo,
     load_target_stats,
+    subject_variances,
 )
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
@@ -171,8 +172,15 @@ class Trainer:
         self.engine, self.model = build_engine(
             cfg, ds_config, self.max_steps, means, self.mixer_start
         )
+        per_subject = (
+            subject_variances(self.store.path, info=self.store)
+            if cfg.data.target == "subjects"
+            else None
+        )
         self.loss_fn = NormalizedLoss(
-            TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
+            TargetVariances.from_stats(stats, per_subject),
+            cfg.loss.weights(),
+            cfg.model.codebook_size,
         )
         self.counts = parameter_counts(self.model)
         self.flops_per_sample = train_flops_per_sample(self.counts, self.cfg.model.context_trs)
@@ -338,6 +346,10 @@ class Trainer:
             sampler=self.sampler,
             drop_last=True,
             num_workers=self.cfg.data.num_workers,
+            # The loader draws its workers' base seed when an epoch starts; from torch's global
+            # stream that draw would shift every dropout mask after a mid-epoch resume (which
+            # starts its loader after the saved RNG state is restored): its own stream instead.
+            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.epoch),
         )
         steps = self._steps_left_in_epoch()
         return accumulation_groups(loader, self.cfg.optim.grad_accum_steps, steps)
