@@ -22,6 +22,7 @@ __all__ = [
     "mean_reliability",
     "pairwise_isc",
     "spearman_brown",
+    "subject_ceiling_r",
     "voxel_r",
 ]
 
@@ -116,6 +117,45 @@ def loso_isc(subjects: torch.Tensor) -> torch.Tensor:
         acc.update(others, data[s])
         ceiling += acc.per_voxel_r()
     return ceiling / n_subjects
+
+
+def subject_ceiling_r(subjects: torch.Tensor) -> torch.Tensor:
+    """Each subject's own noise ceiling per voxel, (S, T, V) -> (S, V) float64, from one viewing.
+
+    The best r any prediction can reach against subject s's noisy series is the correlation of
+    that series with its noise-free signal, sqrt(rel_s). With one viewing, rel_s is estimated
+    from r_s,o, the correlation of subject s with the mean of the other S - 1 subjects, corrected
+    for the noise left in that mean (Spearman's correction for attenuation, 1904):
+
+        ceiling_s = r_s,o / sqrt(rel_o),   rel_o = SB(mean pairwise r of the others, S - 1)
+
+    with SB(r, k) = k r / (1 + (k - 1) r) (:func:`spearman_brown`); the leave-one-subject-out
+    estimate of Lage-Castellanos et al. (2019, PLoS Comput Biol 15: e1006397, "Methods for
+    computing the maximum performance of computational models of fMRI responses") and Nastase
+    et al. (2019, SCAN 14: 667). Model: subject = signal + independent noise; exact when the
+    others share one noise level. With S = 2 the other subject's reliability is taken as the
+    pair's r (equal noise), so both ceilings are sqrt(r_12). Where r_s,o or rel_o is <= 0 (no
+    shared signal measured) the ceiling is 0. Needs S >= 2 (ValueError otherwise).
+    """
+    n_subjects, _, n_voxels = subjects.shape
+    if subjects.dim() != 3 or n_subjects < 2:
+        raise ValueError(
+            f"a subject's own ceiling needs (subjects >= 2, TRs, voxels), got {tuple(subjects.shape)}"
+        )
+    data = subjects.to(torch.float64)
+    total = data.sum(0)
+    out = torch.zeros(n_subjects, n_voxels, dtype=torch.float64)
+    for s in range(n_subjects):
+        others_mean = (total - data[s]) / (n_subjects - 1)
+        r_so = voxel_r(others_mean, data[s])
+        if n_subjects == 2:
+            rel_o = r_so.clamp(min=0.0)
+        else:
+            others = torch.cat([data[:s], data[s + 1 :]])
+            rel_o = spearman_brown(pairwise_isc(others), n_subjects - 1)
+        ok = (r_so > 0) & (rel_o > 0)
+        out[s] = torch.where(ok, r_so / rel_o.clamp_min(1e-300).sqrt(), torch.zeros_like(r_so))
+    return out
 
 
 _VOXEL_BLOCK = 8192

@@ -291,7 +291,7 @@ def test_runs_read_their_configs_window_and_subject(store: Path) -> None:
     one = StoreDataset.for_run(info, "train", load_config(TINY, ["data.subject=1"]))
     assert CONTEXT_MASK not in one[0] and one.subject == 1
     # the trainer, the evaluation and the figures build their data there and nowhere else
-    for module in ("train/trainer.py", "evaluation/evaluate.py", "report/reconstructions.py"):
+    for module in ("train/trainer.py", "evaluation/subjects.py", "report/reconstructions.py"):
         source = (ROOT / "giblet_ds" / module).read_text()
         assert "StoreDataset.for_run(" in source and "StoreDataset(" not in source, module
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a trained model on held-out TRs: model, ridge baseline, noise ceiling and oracle r.
 
-CHECKPOINT_OR_RUN: a run directory (its best tag), a ZeRO tag, or consolidated weights. Scores
+CHECKPOINT_OR_RUN: a run directory (its best tag), a ZeRO tag, or consolidated weights; several
+(RUN_A RUN_B ...): a seed ensemble, scored on the average of their predictions, each member's
+r beside it, on the same TRs and voxels. A model with subject heads (data.target=subjects), or
+--subjects, adds per subject: model r, a per-subject ridge, the subject's own noise ceiling and
+SUBJECT_model_r / _ridge_r / _ceiling_r maps. Scores
 the split's TRs per voxel and summarizes over the whole mask, the reliable voxels (inter-subject
 correlation on the training TRs above data.reliable_isc_threshold, or --reliable-isc) and --roi.
 Writes into --out: evaluation.json, model_r / ridge_r / ceiling_r / model_r_normalized (and
@@ -11,6 +15,7 @@ The ridge baseline (himalaya) is cached beside the store per store hash (--ridge
 Exit codes: 0 written, 2 unreadable checkpoint, store, ROI or ground truth.
 
     tools/evaluate.py demo_out/run_small --store demo_out/store.h5 --split test --out demo_out/eval
+    tools/evaluate.py runs/seed0 runs/seed1 runs/seed2 --store demo_out/store.h5 --out eval_ens
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from giblet_ds.errors import GibletError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="run dir (best tag), ZeRO tag or weights file")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        nargs="+",
+        help="run dir (best tag), ZeRO tag or weights file; several: a seed ensemble",
+    )
     p.add_argument("--store", type=Path, required=True, help="the HDF5 feature store")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -43,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="run config YAML (default: found beside the weights)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument(
+        "--subjects",
+        action="store_true",
+        help="score every subject (automatic for a model with subject heads)",
+    )
     p.add_argument(
         "--no-verify",
         action="store_true",
@@ -64,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.store, args.split, roi=args.roi, truth=args.truth,
             ridge=not args.no_ridge, ridge_cache=args.ridge_cache, reliable_isc=args.reliable_isc,
             n_shifts=args.shifts, device=args.device, config=args.config, verify=not args.no_verify,
+            per_subject=True if args.subjects else None,
         )  # fmt: skip
         paths = write_evaluation(result, args.out)
     except GibletError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from giblet_ds.checkpoint.loading import load_model
-from giblet_ds.config import RunConfig, cross_check
+from giblet_ds.config import RunConfig
 from giblet_ds.errors import GibletError
+from giblet_ds.evaluation.ensemble import average_predictions, predict_members
 from giblet_ds.evaluation.ridge import fit_ridge_baseline
 from giblet_ds.evaluation.scores import SetScores, summarize_set
+from giblet_ds.evaluation.subjects import predict_with_subjects, score_subjects
 from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
 from giblet_ds.metrics import circular_shift_null, mean_reliability, pairwise_isc, voxel_r
-from giblet_ds.store import StoreDataset, StoreInfo, load_mask, load_target_stats, open_store
+from giblet_ds.store import StoreInfo, load_mask, load_target_stats, open_store
 from giblet_ds.store.stats import read_split_subjects
 
 __all__ = ["DEFAULT_RELIABLE_ISC", "EvaluationResult", "evaluate", "predict_split"]
@@ -50,6 +52,12 @@ class EvaluationResult:
     ridge: dict[str, Any] | None
     oracle: dict[str, Any] | None
     seconds: dict[str, float]
+    subjects: list[dict[str, Any]] | None = None
+    """Per subject (giblet_ds.evaluation.subjects.score_subjects): model r, per-subject ridge r,
+    the subject's own ceiling per voxel set; None when not asked for."""
+    members: list[dict[str, Any]] | None = None
+    """A seed ensemble's members (``checkpoint``, ``sets``: name -> mean model r on the same TRs
+    and voxels); the rest of the result scores their averaged prediction. None: one model."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k not in ("sets", "maps")}
@@ -71,23 +79,10 @@ def predict_split(
     The dataset is the trainer's (:meth:`StoreDataset.for_run`: same subject, same context
     window), so any checkpoint is scored on exactly what it was trained to predict.
     """
-    ds = StoreDataset.for_run(info, split, cfg)
-    n = len(ds)
-    pred = np.empty((n, info.n_voxels), np.float32)
-    target = np.empty((n, info.n_voxels), np.float32)
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            samples = [ds[i] for i in range(start, min(n, start + batch_size))]
-            batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
-            args = [batch["video"].to(dtype), batch["audio_codes"], batch["text"].to(dtype)]
-            if "context_mask" in batch:
-                args.append(batch["context_mask"])
-            out = model(*args)
-            pred[start : start + len(samples)] = out.fmri.float().cpu().numpy()
-            target[start : start + len(samples)] = batch["fmri"].cpu().numpy()
-    ds.close()
-    return pred, target
+    prediction = predict_with_subjects(
+        model, cfg, info, split, device=device, batch_size=batch_size
+    )
+    return prediction.mean, prediction.target
 
 
 def roi_voxels(roi: str | Path, info: StoreInfo) -> np.ndarray:
@@ -112,7 +107,7 @@ def roi_voxels(roi: str | Path, info: StoreInfo) -> np.ndarray:
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     store: str | Path,
     split: str = "test",
     *,
@@ -125,22 +120,29 @@ def evaluate(
     device: str | None = None,
     config: str | Path | None = None,
     verify: bool = True,
+    per_subject: bool | None = None,
 ) -> EvaluationResult:
     """Score ``checkpoint`` (any form load_model takes; a run directory means its best tag) on
     ``split`` of ``store``: model, ridge baseline, ceiling and (demo) oracle per voxel, summarized
     over the whole mask, the reliable voxels (training-TR ISC > ``reliable_isc``, default the run's
-    data.reliable_isc_threshold) and the ``roi`` NIfTI."""
+    data.reliable_isc_threshold) and the ``roi`` NIfTI.
+
+    Several checkpoints (a seed ensemble, giblet_ds.evaluation.ensemble): every number scores
+    the average of their predictions, and ``members`` holds each member's r on the same sets.
+    ``per_subject`` (None: when the model has subject heads) adds each subject's own scores
+    (giblet_ds.evaluation.subjects) and per-subject maps."""
     if split not in ("val", "test"):
         raise GibletError(f"split must be val or test (held-out TRs), got {split!r}")
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
+    checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     info = open_store(store)
-    cross_check(cfg, store_sizes=info.model_input_sizes())
+    members = predict_members(checkpoints, info, split, device=dev, config=config, verify=verify)
+    cfg = members[0].cfg
+    combined = average_predictions([m.prediction for m in members])
     subject = None if cfg.data.subject is None else info.subject_index(cfg.data.subject)
-    pred, target = predict_split(model, cfg, info, split, device=dev)
-    del model
+    pred, target = combined.mean, combined.target
     model_r = voxel_r(torch.from_numpy(pred), torch.from_numpy(target)).numpy()
     stats = load_target_stats(info.path, subject=subject, info=info)["fmri"]
     seconds["model"] = time.perf_counter() - clock
@@ -219,6 +221,22 @@ def evaluate(
             whole_brain=name == "all", frac_null=null,
         )  # fmt: skip
     seconds["scores"] = time.perf_counter() - clock - sum(seconds.values())
+
+    member_scores = None
+    if len(members) > 1:
+        member_scores = []
+        for member in members:
+            member_r = voxel_r(torch.from_numpy(member.prediction.mean),
+                               torch.from_numpy(target)).numpy()  # fmt: skip
+            member_scores.append({"checkpoint": member.checkpoint, "sets": {
+                name: float(member_r[voxels].mean()) for name, voxels in sets.items()}})  # fmt: skip
+    subject_rows = None
+    subject_maps: dict[str, np.ndarray] = {}
+    if per_subject or (per_subject is None and combined.subjects is not None):
+        subject_rows, subject_maps = score_subjects(
+            combined, info, split, sets=sets, ridge=ridge, ridge_cache=ridge_cache
+        )
+        seconds["subjects"] = time.perf_counter() - clock - sum(seconds.values())
     seconds["total"] = time.perf_counter() - clock
 
     maps = {"model_r": model_r}
@@ -233,8 +251,9 @@ def evaluate(
         maps["model_r_normalized"] = np.where(
             ceiling_map > 0.1, model_r / np.maximum(ceiling_map, 0.1), 0.0
         )
+    maps.update(subject_maps)
     return EvaluationResult(
-        checkpoint=str(location.path),
+        checkpoint=", ".join(m.checkpoint for m in members),
         store=str(info.path),
         split=split,
         n_trs=len(pred),
@@ -246,4 +265,6 @@ def evaluate(
         ridge=ridge_info,
         oracle=oracle_info,
         seconds=seconds,
+        subjects=subject_rows,
+        members=member_scores,
     )

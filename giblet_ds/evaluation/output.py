@@ -67,7 +67,48 @@ def format_table(result: EvaluationResult) -> str:
         f"reliable voxels: {result.reliable['rule']} ({result.reliable['threshold']}); "
         "null: circular time shifts of the prediction"
     )
+    lines.extend(_member_lines(result, [s.name for s in sets], label_w, width))
+    lines.extend(_subject_lines(result, [s.name for s in sets], label_w, width))
     return "\n".join(lines)
+
+
+def _member_lines(
+    result: EvaluationResult, names: list[str], label_w: int, width: int
+) -> list[str]:
+    """A seed ensemble: each member's model r beside the ensemble's, per voxel set."""
+    if not result.members:
+        return []
+    lines = [f"seed ensemble of {len(result.members)}: model r above is their averaged prediction"]
+    for i, member in enumerate(result.members, start=1):
+        cells = [_cell(member["sets"].get(name), "r") for name in names]
+        lines.append(f"member {i} model r".ljust(label_w) + "".join(c.rjust(width) for c in cells))
+    lines.extend(f"  member {i}: {m['checkpoint']}" for i, m in enumerate(result.members, 1))
+    return lines
+
+
+def _subject_lines(
+    result: EvaluationResult, names: list[str], label_w: int, width: int
+) -> list[str]:
+    """Per subject: model r, ridge r, own ceiling and model r / ceiling, per voxel set."""
+    if not result.subjects:
+        return []
+    kind = result.subjects[0]["prediction"]
+    lines = [
+        f"per subject (prediction: {kind}; ceiling: the subject's own, from its r with the mean "
+        "of the others corrected for their noise)"
+    ]
+    for row in result.subjects:
+        for label, key, cell in (("model r", "model_r", "r"), ("ridge r", "ridge_r", "r"),
+                                 ("ceiling r", "ceiling_r", "r"),
+                                 ("model r / ceiling", "model_r_normalized", "x")):  # fmt: skip
+            values = [row["sets"].get(name, {}).get(key) for name in names]
+            if all(v is None for v in values):
+                continue
+            lines.append(
+                f"{row['subject']} {label}".ljust(label_w)
+                + "".join(_cell(v, cell).rjust(width) for v in values)
+            )
+    return lines
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, Path]:
