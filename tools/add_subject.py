@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="passes over the training TRs")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the new head")
     p.add_argument("--seed", type=int, default=0, help="order of the training TRs")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip checking the tag's files against its manifest")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the tag's files against its manifest",
+    )
     return p  # fmt: skip
 
 
