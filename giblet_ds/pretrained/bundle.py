@@ -32,6 +32,7 @@ __all__ = [
     "BundleError",
     "FeatureWeightsError",
     "PredictionError",
+    "staged_files",
     "staged_output",
     "verify_bundle",
     "write_manifest",
@@ -134,3 +135,21 @@ def staged_output(final: Path, *, is_dir: bool) -> Iterator[Path]:
             shutil.rmtree(temp, ignore_errors=True)
         elif temp.exists():
             temp.unlink()
+
+
+@contextmanager
+def staged_files(finals: list[Path]) -> Iterator[list[Path]]:
+    """Hidden temporary paths beside ``finals``; all moved onto their final names (each atomically
+    replacing an older file) only when the block ends without an exception, else all deleted: a
+    failed run leaves every earlier output as it was and no partial one."""
+    # Hidden, and ending in the final name: nibabel picks the format (and gzip) from the suffix.
+    temps = [p.with_name(f".tmp-{os.getpid()}-{p.name}") for p in finals]
+    for final in finals:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield temps
+        for temp, final in zip(temps, finals, strict=True):
+            os.replace(temp, final)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
