@@ -164,8 +164,8 @@ def test_prediction_reproduces_the_evaluation(exported: dict[str, Any]) -> None:
     from giblet_ds.evaluation import predict_split
     from giblet_ds.metrics import voxel_r
     from giblet_ds.pretrained import load_pretrained
-    from giblet_ds.pretrained.predict import extractors_for
     from giblet_ds.pretrained.features import compute_features
+    from giblet_ds.pretrained.predict import extractors_for
     from giblet_ds.store import open_store
 
     model = load_pretrained(exported["model"])
@@ -239,7 +239,12 @@ def test_contrast(exported: dict[str, Any], tmp_path: Path) -> None:
     args = [str(exported["model"]), "--video", str(a), "--contrast", str(b), "--out", str(out)]
     assert predict_tool.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "a_mean.nii.gz", "b_mean.nii.gz", "contrast.json", "difference.nii.gz", "difference.png"]
+        "a_mean.nii.gz",
+        "b_mean.nii.gz",
+        "contrast.json",
+        "difference.nii.gz",
+        "difference.png",
+    ]
     model = load_pretrained(exported["model"])
     extractors = extractors_for(model, with_text=False)
     pa = predict_movie(model, a, extractors).prediction.fmri
@@ -323,3 +328,16 @@ def test_refusals(
     assert export_tool.main([str(exported["run"]), "--out", str(tmp_path / "e")]) == 2
     assert "--training-video movie.m4v" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_import_stays_light() -> None:
+    """``import giblet_ds`` pulls in no torch; ``giblet_ds.load_pretrained`` is a lazy attribute."""
+    import sys
+
+    code = (
+        "import sys, giblet_ds; assert 'torch' not in sys.modules; "
+        "f = giblet_ds.load_pretrained; assert 'torch' in sys.modules; print(f.__module__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "giblet_ds.pretrained.loading"

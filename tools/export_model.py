@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new output folder")
     p.add_argument("--store", type=Path, help="training store (default: the run's data.store)")
     p.add_argument("--training-video", type=Path, help="training movie (random-weight stores)")
-    p.add_argument("--evaluation", type=Path,
-                   help="tools/evaluate.py output folder (default: the run's evaluation-test)")
+    p.add_argument(
+        "--evaluation",
+        type=Path,
+        help="tools/evaluate.py output folder (default: the run's evaluation-test)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the tag's checksums")
     return p  # fmt: skip
 

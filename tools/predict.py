@@ -34,15 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, help="annotation sheet (.xlsx/.csv) of --video")
     p.add_argument("--contrast", type=Path, help="second movie B: write A, B and A - B into --out")
     p.add_argument("--contrast-annotations", type=Path, help="annotation sheet of --contrast")
-    p.add_argument("--out", type=Path, required=True, help="PRED.nii.gz (or a folder with --contrast)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="PRED.nii.gz (or a folder with --contrast)"
+    )
     p.add_argument("--codes", type=Path, help="also write per-TR bottleneck codes (.csv or .npy)")
-    p.add_argument("--subject", help="only the model's target exists: 'mean' (no subject heads yet)")
-    p.add_argument("--units", choices=["z", "raw"], default="z",
-                   help="z-scored (default) or the subjects' raw units")
-    p.add_argument("--encodec-weights", type=Path, help="EnCodec weight file of a pretrained export")
+    p.add_argument(
+        "--subject", help="only the model's target exists: 'mean' (no subject heads yet)"
+    )
+    p.add_argument(
+        "--units",
+        choices=["z", "raw"],
+        default="z",
+        help="z-scored (default) or the subjects' raw units",
+    )
+    p.add_argument(
+        "--encodec-weights", type=Path, help="EnCodec weight file of a pretrained export"
+    )
     p.add_argument("--clip-weights", type=Path, help="CLIP weight file of a pretrained export")
-    p.add_argument("--allow-other-weights", action="store_true",
-                   help="go on when feature weights differ from the export's (recorded)")
+    p.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="go on when feature weights differ from the export's (recorded)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     return p  # fmt: skip
@@ -58,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from giblet_ds.pretrained import load_pretrained
     from giblet_ds.pretrained.predict import (
-        check_subject, extractors_for, predict_movie, write_contrast, write_prediction,
-    )  # fmt: skip
+        check_subject,
+        extractors_for,
+        predict_movie,
+        write_contrast,
+        write_prediction,
+    )
 
     try:
         model = load_pretrained(args.model, device=args.device, dtype=args.dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -131,7 +131,7 @@ def load_extractors(
             device,
             weights=clip_weights,
         )
-        hashes["clip"] = state_sha256(encode_text.network)
+        hashes["clip"] = state_sha256(cast(Any, encode_text).network)
     records = {"encodec": encodec_record, "clip": clip_record}
     checks: dict[str, str] = {}
     problems: list[str] = []
@@ -158,17 +158,18 @@ def load_extractors(
                 checks[role] = f"weight file sha256 matches ({want_file['name']})"
             continue
         want = exported.get("state_sha256")
+        have = str(hashes[role])
         if want is None:
             checks[role] = (
                 "not checked: the export records no weight hash for these pretrained weights "
-                f"(now {hashes[role]})"
+                f"(now {have})"
             )
-        elif want != hashes[role]:
+        elif want != have:
             problems.append(
-                f"{role}: network weights sha256 {hashes[role][:16]}... differ from the "
+                f"{role}: network weights sha256 {have[:16]}... differ from the "
                 f"export's {want[:16]}... ({exported.get('source', '')})"
             )
-            checks[role] = f"DIFFERENT weights: sha256 {hashes[role]}, export {want}"
+            checks[role] = f"DIFFERENT weights: sha256 {have}, export {want}"
         else:
             checks[role] = f"weights sha256 matches the export ({want[:16]}...)"
     if problems and not allow_other_weights:
@@ -203,4 +204,4 @@ def text_tower_sha256(settings: FeatureSettings) -> str:
     """Hash of the random CLIP text tower the build made (seed 0)."""
     build = settings.builder()
     encode, _, _, _ = text.load_text_encoder(build.clip_model, False, None, "cpu")
-    return state_sha256(encode.network)
+    return state_sha256(cast(Any, encode).network)

@@ -80,7 +80,9 @@ class PretrainedModel:
         evaluation cuts windows at a split's ends. PredictionError when a value is not finite."""
         first, stop = rows if rows is not None else (0, features.n_trs)
         if not 0 <= first < stop <= features.n_trs:
-            raise PredictionError(f"rows [{first}, {stop}) outside the movie's {features.n_trs} TRs")
+            raise PredictionError(
+                f"rows [{first}, {stop}) outside the movie's {features.n_trs} TRs"
+            )
         fmri, codes = predict_windows(
             self.model,
             features,
@@ -151,9 +153,7 @@ def load_pretrained(
             f"{folder / bundle.WEIGHTS} does not fit the model of {config_path}: "
             f"missing {missing[:4]}, unexpected {extra[:4]}, shapes {wrong[:4]}"
         )
-    state = {
-        name: t.to(torch_dtype) if t.is_floating_point() else t for name, t in state.items()
-    }
+    state = {name: t.to(torch_dtype) if t.is_floating_point() else t for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     features = FeatureSettings.from_dict(json.loads((folder / bundle.FEATURES).read_text()))

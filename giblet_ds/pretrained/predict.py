@@ -49,7 +49,9 @@ class MovieResult:
 def check_subject(model: PretrainedModel, subject: str | None) -> str:
     """The target a prediction is for. Subject-specific heads do not exist yet: the only subject
     a model predicts is the one it was trained for (``mean``: the subject mean)."""
-    trained = "mean" if model.config.data.subject is None else model.subjects[model.config.data.subject]
+    trained = (
+        "mean" if model.config.data.subject is None else model.subjects[model.config.data.subject]
+    )
     if subject is None or subject == trained:
         return model.target
     raise PredictionError(
