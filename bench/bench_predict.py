@@ -15,7 +15,6 @@ records. Prints one JSON line for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -60,6 +59,7 @@ def main() -> int:
     from giblet_ds.demo_data import DEMO_BUILD_SETTINGS, DemoParams, make_demo_data
     from giblet_ds.pretrained import export_model
     from giblet_ds.store.builder.pipeline import BuildInputs, build_store
+    from giblet_ds.store.builder.settings import BuildSettings
 
     out: Path = args.out
     train = make_demo_data(out / "train_raw", DemoParams(duration_s=args.train_seconds))
@@ -67,7 +67,7 @@ def main() -> int:
     store = out / "store.h5"
     build_store(
         BuildInputs(video=train.video, annotations=train.annotations, fmri=train.fmri),
-        store, DEMO_BUILD_SETTINGS, progress=False,
+        store, BuildSettings.from_mapping(DEMO_BUILD_SETTINGS), progress=False,
     )  # fmt: skip
     weights = _model_run(store, out / "run")
     model_dir = out / "model"
@@ -102,7 +102,7 @@ def main() -> int:
         "peak_rss_mb": round(child_peak, 1),
         "model": "small preset, untrained, context_trs 12",
         "features": "demo settings (random-weight EnCodec 3 kbps, ViT-S-32-alt, 45 x 80)",
-        "context": dataclasses.asdict(DEMO_BUILD_SETTINGS) | {"device": "cpu"},
+        "build_settings": DEMO_BUILD_SETTINGS,
     }
     print(json.dumps(row))
     return 0

@@ -87,16 +87,16 @@ def _gray_ramp(path: Path, fps: int = 30, seconds: float = 2.0) -> Path:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Raw files -> store -> 1-rank training (tiny preset, test evaluation at the end) -> export."""
     from giblet_ds.pretrained import export_model
-    from tests.train_harness import run_training
+    from tests.train_harness import REPO, run_training
 
     base = tmp_path_factory.mktemp("pretrained")
     raw = _make_raw(base)
     store = build_store(raw, base / "store.h5", SETTINGS, progress=False).path
     run = base / "run"
-    proc = run_training(run, store, world=1, sets=(
-        "model.context_trs=3", "model.context_end=volume", "model.context_init=hrf",
-        "train.epochs=1", "train.evaluate_split=test",
-    ))  # fmt: skip
+    sets = ("model.context_trs=3", "model.context_end=volume", "model.context_init=hrf",
+            "train.epochs=1", "train.evaluate_split=test")  # fmt: skip
+    # This checkout's giblet_ds, not the one the venv's editable install points at.
+    proc = run_training(run, store, world=1, sets=sets, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = export_model(run, base / "model", training_video=raw.video)
     return {"base": base, "raw": raw, "store": store, "run": run, "model": out}
@@ -145,6 +145,16 @@ def test_export_load_round_trip(exported: dict[str, Any]) -> None:
     np.testing.assert_array_equal(model.mask, mask)
     np.testing.assert_array_equal(model.affine, affine)
     assert model.subjects == ("sub-1", "sub-2", "sub-3") and model.target == "subject mean"
+    # raw units: z x std + mean, the subjects' raw training statistics averaged
+    import h5py
+
+    with h5py.File(exported["store"]) as fh:
+        raw_mean, raw_std = fh["fmri/stats/mean"][()], fh["fmri/stats/std"][()]
+    z = np.array([[0.0] * info.n_voxels, [2.0] * info.n_voxels], np.float32)
+    np.testing.assert_allclose(model.to_raw(z)[0], raw_mean.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.to_raw(z)[1], raw_mean.mean(0) + 2 * raw_std.mean(0), rtol=1e-6
+    )
     card = (exported["model"] / "README.md").read_text()
     assert "RANDOM-WEIGHT" in card and info.build_hash in card
     assert "ridge r (himalaya)" in card and "ceiling r" in card  # the run's test evaluation

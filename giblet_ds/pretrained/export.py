@@ -106,6 +106,8 @@ def export_model(
             evaluation=eval_json, table=table,
         )  # fmt: skip
         (stage / bundle.CARD).write_text(card)
+        for file in stage.iterdir():
+            file.chmod(0o644)  # safetensors writes 0600; an export is meant to be shared
         bundle.write_manifest(stage)
         manifest_path = stage / bundle.MANIFEST
         manifest = json.loads(manifest_path.read_text())

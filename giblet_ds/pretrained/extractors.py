@@ -85,6 +85,8 @@ class Extractors:
     weight_files: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, str] = field(default_factory=dict)
     """Per extractor, what was checked against the export (recorded in every output)."""
+    device: str = "cpu"
+    """Where the networks run (EnCodec and CLIP; decoding stays on the CPU)."""
 
 
 def load_extractors(
@@ -186,6 +188,7 @@ def load_extractors(
         hashes=hashes,
         weight_files={k: v for k, v in records.items() if v is not None},
         checks=checks,
+        device=device,
     )
 
 

@@ -65,7 +65,7 @@ def compute_features(
     3 bytes: 0.43 MB per TR at 10 x 90 x 160) plus its 24 kHz audio.
     """
     movie = Path(movie)
-    build = settings.builder()
+    build = settings.builder(extractors.device)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
