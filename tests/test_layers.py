@@ -27,6 +27,7 @@ ALLOWED = {
     "report": {"errors", "config", "model", "metrics", "store", "checkpoint", "run"},
     "train": {"errors", "config", "model", "losses", "metrics", "store", "resolve", "run"},
     "evaluation": {"errors", "config", "model", "metrics", "store", "checkpoint", "run", "report"},
+    "pretrained": {"errors", "config", "model", "metrics", "store", "checkpoint", "run", "report"},
 }
 DISTRIBUTED_OK = {"train", "memory_estimate"}
 

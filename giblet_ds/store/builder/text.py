@@ -42,11 +42,12 @@ def load_text_encoder(
     """An open_clip text tower as ``encode(texts) -> (n, D) float32`` L2-normalized embeddings.
 
     Returns the encoder, D, the pretrained tag used and the record of the weight file (None
-    without one). With ``pretrained=False`` the same text network is built with random weights
-    (fixed seed) and without the image tower. ``weights``: a file copied from a machine with
-    internet or any state dict (a whole CLIP, or its text tower, e.g. fine-tuned); its text-tower
-    weights are loaded into that network (checksum-verified where open_clip publishes one). Sets
-    HF_HUB_OFFLINE=1 unless the caller set it, so nothing waits on a hub that cannot be reached.
+    without one); ``encode.network`` is the torch module that embeds. With ``pretrained=False``
+    the same text network is built with random weights (fixed seed) and without the image tower.
+    ``weights``: a file copied from a machine with internet or any state dict (a whole CLIP, or
+    its text tower, e.g. fine-tuned); its text-tower weights are loaded into that network
+    (checksum-verified where open_clip publishes one). Sets HF_HUB_OFFLINE=1 unless the caller
+    set it, so nothing waits on a hub that cannot be reached.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
@@ -90,6 +91,8 @@ def load_text_encoder(
         def forward(tokens: Any) -> Any:
             return file_tower(tokens)
 
+        network = file_tower
+
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         tag = tag or (tags[0] if tags else None)
@@ -113,6 +116,8 @@ def load_text_encoder(
         def forward(tokens: Any) -> Any:
             return model.encode_text(tokens)
 
+        network = model
+
     else:
         from open_clip.model import _build_text_tower
 
@@ -127,12 +132,17 @@ def load_text_encoder(
         def forward(tokens: Any) -> Any:
             return tower(tokens)
 
+        network = tower
+
     def encode(texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
             features = forward(tokenizer(texts).to(device)).float()
             features = torch.nn.functional.normalize(features, dim=-1)
         return features.cpu().numpy().astype(np.float32)
 
+    # The network itself, for whoever must prove which weights embedded the text (a prediction
+    # hashes it against its model export: giblet_ds.pretrained.extractors).
+    encode.network = network  # type: ignore[attr-defined]
     return encode, int(config["embed_dim"]), tag, record
 
 

@@ -108,6 +108,7 @@ def stream_video(
     width: int,
     progress: Callable[[int], object] | None = None,
     block_trs: int = 32,
+    sample_step_s: float | None = None,
 ) -> tuple[int, float]:
     """Decode ``path``, handing TR windows to ``sink(first_tr, frames)`` as they complete
     (uint8 (n, n_frames, height, width, 3), at most ``block_trs`` TRs per call, in order), so a
@@ -116,12 +117,15 @@ def stream_video(
 
     Frames are resized with swscale's area filter straight from the decoded frame (no full-size RGB
     copy). ``progress(n)`` is called with the number of frames decoded since the last call.
+    ``sample_step_s``: seconds between the sampled frames of a TR (default ``frame_skip / fps``);
+    prediction passes the training movie's step so a movie at another frame rate is sampled at
+    the same times within each TR (giblet_ds.pretrained.features).
     """
     import av
 
     path = Path(path)
     fps = probe_video(path).fps
-    step = frame_skip / fps
+    step = frame_skip / fps if sample_step_s is None else sample_step_s
     # Container timestamps are rounded to their time base (1 ms in Matroska): a frame that starts
     # exactly at a sample time may carry a timestamp up to a hair later.
     tolerance = min(_TIMESTAMP_TOLERANCE_S, 0.25 / fps)
