@@ -107,7 +107,9 @@ def test_headers_with_another_tr_and_no_tr_given_stop_the_build(
     # Given explicitly, the build goes on, notes the disagreement and records the headers.
     assert _cli().main([*_args(long_raw, fmri, out), "--tr", "0.5"]) == 0
     err = capsys.readouterr().err
-    assert "note: the NIfTI headers say TR 2 s (sub-1, sub-2, sub-3); using the given tr 0.5 s" in err
+    assert (
+        "note: the NIfTI headers say TR 2 s (sub-1, sub-2, sub-3); using the given tr 0.5 s" in err
+    )
     info = open_store(out)
     assert info.tr == 0.5 and info.tr_source == "given"
     assert info.header_trs == {"sub-1": 2.0, "sub-2": 2.0, "sub-3": 2.0}
@@ -121,7 +123,10 @@ def test_headers_that_disagree_and_no_tr_given_stop_the_build(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _fast_audio(monkeypatch)
-    fmri = [_nifti(tmp_path / "sub-1.nii.gz", 37, 1.5, 1), _nifti(tmp_path / "sub-2.nii.gz", 37, 2.0, 2)]
+    fmri = [
+        _nifti(tmp_path / "sub-1.nii.gz", 37, 1.5, 1),
+        _nifti(tmp_path / "sub-2.nii.gz", 37, 2.0, 2),
+    ]
     assert _cli().main(_args(long_raw, fmri, tmp_path / "s.h5")) == 2
     assert (
         "error: --tr: no TR was given and the NIfTI headers disagree: TR 1.5 s (sub-1), "
@@ -130,9 +135,9 @@ def test_headers_that_disagree_and_no_tr_given_stop_the_build(
 
 
 def test_header_tr_units() -> None:
-    from giblet_ds.store.builder.fmri import header_tr
-
     import nibabel as nib
+
+    from giblet_ds.store.builder.fmri import header_tr
 
     img = nib.Nifti1Image(np.zeros((2, 3, 4, 5), np.float32), np.eye(4))
     img.header.set_zooms((1.0, 1.0, 1.0, 1500.0))
@@ -201,13 +206,16 @@ def test_csv_in_windows_1252_is_read_with_a_note(
     _report_rows(path, counts)
     assert (
         "note: excel.csv is not UTF-8 (byte 0x92 on line 3); read as Windows-1252 (cp1252), "
-        "the encoding Excel on Windows saves CSV in: check its text (e.g. \"Watson’s blog\"), "
-        "or save it as \"CSV UTF-8\""
+        'the encoding Excel on Windows saves CSV in: check its text (e.g. "Watson’s blog"), '
+        'or save it as "CSV UTF-8"'
     ) in capsys.readouterr().err
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     annotations, counts = read_annotations(bom)
-    assert annotations[1].text == "Watson’s blog; John Watson; Café" and counts["encoding"] == "utf-8-sig"
+    assert (
+        annotations[1].text == "Watson’s blog; John Watson; Café"
+        and counts["encoding"] == "utf-8-sig"
+    )
 
 
 def test_csv_in_no_known_encoding_names_the_line(tmp_path: Path) -> None:
@@ -218,7 +226,7 @@ def test_csv_in_no_known_encoding_names_the_line(tmp_path: Path) -> None:
         read_annotations(path)
     assert str(err.value) == (
         f"{path} [--annotations]: line 3 is neither UTF-8 nor Windows-1252 (byte 0x81 at "
-        "column 11). Save the sheet as \"CSV UTF-8\" (Excel: File > Save As > CSV UTF-8), or "
+        'column 11). Save the sheet as "CSV UTF-8" (Excel: File > Save As > CSV UTF-8), or '
         "give the .xlsx"
     )
 
@@ -307,3 +315,37 @@ def test_write_error_is_one_line_and_leaves_no_file(raw: BuildInputs, small_disk
     )
     assert "Exception ignored" not in done.stderr
     assert sorted(os.listdir(small_disk)) == []
+
+
+# -- a sibling: annotations the text slots leave out are counted ------------------------------------
+def test_annotations_left_out_of_the_slots_are_counted() -> None:
+    from giblet_ds.store.builder.sheet import Annotation
+    from giblet_ds.store.builder.text import annotations_per_tr
+
+    # TR 0 ([0, 1)) is overlapped by a, b, c and TR 1 by a, b, c, d: two slots hold a and b in
+    # both, so c and d are in no slot; TR 2 overlaps none (forward fill). "e" starts after the
+    # last TR (counted as after_movie_end, not here).
+    notes = [
+        Annotation(0.0, 1.5, "a"), Annotation(0.1, 1.2, "b"), Annotation(0.2, 1.9, "c"),
+        Annotation(1.3, 1.4, "d"), Annotation(5.0, 6.0, "e"),
+    ]  # fmt: skip
+    report: dict[str, int] = {}
+    _, mask = annotations_per_tr(
+        notes, np.eye(5, dtype=np.float32), tr=1.0, n_trs=3, slots=2, report=report
+    )
+    assert mask.tolist() == [[True, True], [True, True], [True, True]]
+    assert report == {"trs_over_slots": 2, "never_in_a_slot": 2}
+
+
+def test_settings_yaml_in_another_encoding_or_broken_is_a_config_error(tmp_path: Path) -> None:
+    from giblet_ds.errors import ConfigError
+    from giblet_ds.store.builder.settings import load_settings_yaml
+
+    path = tmp_path / "build.yaml"
+    path.write_bytes("clip_model: ViT-S-32-alt  # Watson’s\n".encode("cp1252"))
+    with pytest.raises(ConfigError) as err:
+        load_settings_yaml(path)
+    assert str(err.value) == f"{path}: not UTF-8 text (byte 0x92 at offset 34); save it as UTF-8"
+    path.write_text("tr: [1.5\n")
+    with pytest.raises(ConfigError, match=r"build.yaml: not valid YAML: while parsing"):
+        load_settings_yaml(path)

@@ -317,9 +317,17 @@ def build_store(
         del model, wave, codes
         lap("audio")
 
+        slot_report: dict[str, int] = {}
         text_array, text_mask = text.annotations_per_tr(
-            annotations, embeddings, tr=tr, n_trs=n_trs, slots=settings.annotations_per_tr
-        )
+            annotations, embeddings, tr=tr, n_trs=n_trs, slots=settings.annotations_per_tr,
+            report=slot_report,
+        )  # fmt: skip
+        annotation_counts.update(slot_report)
+        if slot_report["never_in_a_slot"]:
+            _log(f"note: {slot_report['never_in_a_slot']} annotations are in no TR's "
+                 f"{settings.annotations_per_tr} text slots ({slot_report['trs_over_slots']} TRs "
+                 "overlap more annotations than slots; earliest first are kept; raise "
+                 "--annotations-per-tr to keep them)")  # fmt: skip
         annotation_counts["after_movie_end"] = sum(a.start >= n_trs * tr for a in annotations)
         if annotation_counts["after_movie_end"]:
             _log(f"note: {annotation_counts['after_movie_end']} annotations start after the last "
