@@ -349,3 +349,13 @@ def test_settings_yaml_in_another_encoding_or_broken_is_a_config_error(tmp_path:
     path.write_text("tr: [1.5\n")
     with pytest.raises(ConfigError, match=r"build.yaml: not valid YAML: while parsing"):
         load_settings_yaml(path)
+
+
+def test_a_store_without_the_new_records_stays_readable(tiny_store: Path) -> None:
+    info = open_store(tiny_store)  # written without tr_source, cropped, ... (like older stores)
+    assert (info.tr_source, info.header_trs, info.fmri_volume_counts, info.cropped) == (
+        None,
+        None,
+        None,
+        None,
+    )
