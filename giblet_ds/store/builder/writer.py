@@ -19,7 +19,6 @@ HDF5's last metadata writes find room and the library closes cleanly.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -34,89 +33,15 @@ import numpy as np
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
+from giblet_ds.store.builder import disk
+from giblet_ds.store.builder.disk import create_unbuffered, io_reason
 from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.stats import compute_target_stats
 
-__all__ = [
-    "StoreWriter",
-    "temp_path_for",
-    "remove_stale_temps",
-    "free_space",
-    "store_bytes",
-    "check_free_space",
-]
+__all__ = ["StoreWriter", "temp_path_for", "remove_stale_temps"]
 
 _WRITE_BLOCK_TRS = 128
-_OVERHEAD_BYTES = 64 << 10
-_BYTES_PER_CHUNK = 256
-"""HDF5 metadata on top of the data: object headers, and chunk index nodes (~190 bytes a chunk
-measured on the test store); generous, so a store that passes the check fits."""
-_NO_SPACE = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "the file is too large for the file system",
-}
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def free_space(folder: Path) -> int:
-    """Bytes this process may still write in ``folder`` (``statvfs``: blocks free to users)."""
-    stats = os.statvfs(folder)
-    return int(stats.f_bavail * stats.f_frsize)
-
-
-def store_bytes(layout: StoreLayout) -> int:
-    """Bytes a store of ``layout`` takes on disk, HDF5 metadata included (an upper estimate)."""
-    return layout.nbytes() + _OVERHEAD_BYTES + _BYTES_PER_CHUNK * layout.n_chunks()
-
-
-def _create_unbuffered(path: Path) -> h5py.File:
-    """A new HDF5 file whose raw data writes reach the disk inside the call that makes them:
-    no chunk cache and no sieve buffer (the contiguous datasets' write-behind buffer), so a
-    failed write raises there, never later in a released handle (see the module doc)."""
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)  # as h5py.File does: close closes everything
-    fapl.set_sieve_buf_size(0)
-    fapl.set_cache(0, 0, 0, 0.75)  # chunk cache: 0 slots, 0 bytes
-    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl))
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
-def check_free_space(
-    path: Path, layout: StoreLayout, *, written: int = 0, lower_bound: bool = False
-) -> int:
-    """Raise ``StoreError`` (naming the folder, the bytes needed and free) when a store of
-    ``layout`` at ``path`` does not fit beside the ``written`` bytes already on disk; returns
-    the store's size. ``lower_bound``: the layout leaves something out (the message says "at
-    least")."""
-    total = store_bytes(layout)
-    need = max(0, total - written)
-    free = free_space(path.parent)
-    if need > free:
-        amount = ("at least " if lower_bound else "about ") + _size(need)
-        # Worth saying only once the video is on disk (the empty file is a few hundred bytes).
-        done = f" more ({_size(total)} in all)" if written > _OVERHEAD_BYTES else ""
-        raise StoreError(
-            path.parent,
-            f"not enough free space for {path.name}: it needs {amount}{done}, {_size(free)} "
-            "free. Free some space, or give --out on another file system",
-        )
-    return total
-
-
-def _io_reason(err: BaseException) -> str | None:
-    """Why a write failed, when ``err`` is an I/O failure (h5py raises OSError with the errno,
-    and RuntimeError carrying HDF5's "errno = N" text from some handle operations)."""
-    code = getattr(err, "errno", None)
-    if not isinstance(code, int) and "errno = " in str(err):
-        digits = str(err).split("errno = ", 1)[1].split(",", 1)[0].strip()
-        code = int(digits) if digits.isdigit() else None
-    if isinstance(code, int) and code:
-        return _NO_SPACE.get(code, os.strerror(code))
-    return str(err) if isinstance(err, OSError) else None
 
 
 def _guarded(method: _F) -> _F:
@@ -128,7 +53,7 @@ def _guarded(method: _F) -> _F:
         try:
             result = method(self, *args, **kwargs)
         except (OSError, RuntimeError) as err:
-            reason = _io_reason(err)
+            reason = io_reason(err)
             if reason is None:
                 raise
             raise self._write_failed(reason) from None
@@ -220,7 +145,7 @@ class StoreWriter:
         self._hooks = (sys.unraisablehook, sys.excepthook)
         sys.unraisablehook, sys.excepthook = self._unraisable, self._excepthook
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = _create_unbuffered(self.temp_path)
+        self._file = create_unbuffered(self.temp_path)
         # Resizable along T: a streamed movie's length is known only once it is decoded.
         self._file.create_dataset(
             schema.VIDEO,
@@ -247,7 +172,7 @@ class StoreWriter:
     def _unraisable(self, info: Any) -> None:
         """While the writer is open: an I/O failure inside a released h5py handle is kept for
         the writer call in progress to raise; anything else goes to the previous hook."""
-        reason = _io_reason(info.exc_value) if info.exc_value is not None else None
+        reason = io_reason(info.exc_value) if info.exc_value is not None else None
         if reason is None and self._hooks is not None:
             self._hooks[0](info)
         elif self._deferred is None:
@@ -256,7 +181,7 @@ class StoreWriter:
     def _excepthook(self, kind: Any, value: Any, tb: Any) -> None:
         # h5py's (Cython) destructors print the traceback through sys.excepthook before they
         # report it as unraisable; the same rule, so nothing is printed twice.
-        reason = _io_reason(value) if value is not None else None
+        reason = io_reason(value) if value is not None else None
         if reason is None and self._hooks is not None:
             self._hooks[1](kind, value, tb)
         elif self._deferred is None:
@@ -282,10 +207,14 @@ class StoreWriter:
         """Remove the temporary file and describe the failure: folder, need, free space."""
         self._abort()
         try:
-            free = _size(free_space(self.path.parent))
+            free = disk.size_text(disk.free_space(self.path.parent))
         except OSError:
             free = "unknown"
-        need = f"; the store needs about {_size(self.needed_bytes)}" if self.needed_bytes else ""
+        need = (
+            f"; the store needs about {disk.size_text(self.needed_bytes)}"
+            if self.needed_bytes
+            else ""
+        )
         return StoreError(
             self.path.parent,
             f"writing the store failed: {reason} ({free} free{need}); its temporary file "
@@ -295,7 +224,7 @@ class StoreWriter:
     def check_space(self, layout: StoreLayout, *, lower_bound: bool = False) -> None:
         """``check_free_space`` for ``layout``, counting what this writer has already written."""
         written = self.temp_path.stat().st_blocks * 512 if self.temp_path.exists() else 0
-        self.needed_bytes = check_free_space(
+        self.needed_bytes = disk.check_free_space(
             self.path, layout, written=written, lower_bound=lower_bound
         )
 
