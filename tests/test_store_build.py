@@ -130,6 +130,8 @@ def test_layout(built: BuildResult) -> None:
         "dropped": 0,
         "dropped_rows": [],
         "after_movie_end": 0,
+        "trs_over_slots": 0,
+        "never_in_a_slot": 0,
     }
     assert info.attrs["audio_format_changes"] == 0 and info.attrs["weight_files"] == {}
     assert info.attrs["mask_volumes"] == [1, 7]  # volumes lag .. lag + 6 training TRs

@@ -52,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(.bin/.pt/.pth/.safetensors; checksum verified where open_clip publishes one)",
     )
     s = p.add_argument_group("settings (default: the YAML, else BuildSettings defaults)")
-    s.add_argument("--tr", type=float)
+    s.add_argument(
+        "--tr",
+        type=float,
+        help="seconds per TR (default 1.5; needed when the NIfTI headers say another TR)",
+    )
     s.add_argument("--lag", type=int, help="pair stimulus TR t with fMRI volume t + lag")
     s.add_argument("--frame-skip", type=int)
     s.add_argument("--frames-per-tr", type=int)

@@ -7,6 +7,7 @@ extends the layout (so the sizes are declared once, here).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from giblet_ds.store import schema
@@ -65,3 +66,15 @@ class StoreLayout:
             "stats/fmri/var": (self.n_voxels,),
             "stats/audio/counts": (self.n_q, schema.N_CODES),
         }
+
+    def nbytes(self) -> int:
+        """Bytes of every dataset's data (stores are uncompressed), splits included; HDF5's own
+        metadata comes on top (see ``builder.writer.store_bytes``)."""
+        total = 0
+        for name, shape in {**self.shapes(), **self.stats_shapes()}.items():
+            total += math.prod(shape) * schema.DTYPES[name].itemsize
+        return total + self.n_trs * schema.DTYPES["splits"].itemsize  # at most one index per TR
+
+    def n_chunks(self) -> int:
+        """Number of chunks of the chunked datasets (one per TR, per subject for the subjects)."""
+        return self.n_trs * (5 + self.n_subjects)

@@ -73,6 +73,31 @@ class StoreInfo(StoreLayout):
             "clip": bool(self.attrs["clip_pretrained"]),
         }
 
+    # What the build dropped or took from the inputs: absent (None) in stores built before
+    # these attributes were recorded; such stores stay valid, a rebuild adds them.
+    @property
+    def tr_source(self) -> str | None:
+        """``"given"`` (--tr, the YAML) or ``"default"`` (1.5 s, no header contradicting it)."""
+        value = self.attrs.get("tr_source")
+        return None if value is None else str(value)
+
+    @property
+    def header_trs(self) -> dict[str, float | None] | None:
+        """Per subject, the TR its NIfTI header states in seconds (None: it states none)."""
+        return self.attrs.get("fmri_header_trs")
+
+    @property
+    def fmri_volume_counts(self) -> dict[str, int] | None:
+        """Per subject, the number of volumes in its NIfTI (before cropping to the store)."""
+        return self.attrs.get("fmri_volume_counts")
+
+    @property
+    def cropped(self) -> dict[str, Any] | None:
+        """What cropping to the common length dropped: ``limited_by`` (the shortest source:
+        ``video``, ``audio`` or ``fmri:SUBJECT``) and per cropped source ``available``,
+        ``kept``, ``dropped`` ([first, stop) TRs or volumes) and ``unit``."""
+        return self.attrs.get("cropped")
+
     def model_input_sizes(self) -> dict[str, int]:
         """The sizes the model config takes from the store (never from a hand-written table)."""
         return {

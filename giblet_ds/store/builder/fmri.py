@@ -19,7 +19,19 @@ from giblet_ds.errors import StoreError
 
 _BLOCK_VOLUMES = 32
 
-__all__ = ["FmriInfo", "probe_fmri", "subject_id", "compute_mask", "masked_series"]
+__all__ = [
+    "FmriInfo",
+    "probe_fmri",
+    "subject_id",
+    "header_tr",
+    "resolve_tr",
+    "compute_mask",
+    "masked_series",
+]
+
+_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+_TR_TOLERANCE = 0.01
+"""Relative difference under which two TRs count as the same (header rounding)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,8 @@ class FmriInfo:
     shape: tuple[int, int, int]
     n_volumes: int
     affine: np.ndarray
-    header_tr: float
+    header_tr: float | None
+    """Seconds, from the header's 4th zoom and its time unit; None when it states none."""
 
 
 def subject_id(path: str | Path) -> str:
@@ -40,6 +53,69 @@ def subject_id(path: str | Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
+
+
+def header_tr(header: Any) -> float | None:
+    """The TR a NIfTI header states, in seconds (its time unit applied: ``msec``, ``usec``;
+    ``sec`` or unknown as seconds), or None when it states none (no 4th zoom, or 0)."""
+    zooms = header.get_zooms()
+    if len(zooms) < 4 or not np.isfinite(zooms[3]) or float(zooms[3]) <= 0:
+        return None
+    unit = header.get_xyzt_units()[1]
+    return float(zooms[3]) * _TIME_UNITS.get(unit, 1.0)
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= _TR_TOLERANCE * b
+
+
+def resolve_tr(
+    given: float | None, infos: Sequence[FmriInfo], default: float
+) -> tuple[float, str, list[str]]:
+    """The TR a build uses: ``(tr, source, notes)`` with ``source`` ``"given"`` or ``"default"``.
+
+    A given TR is used; headers that differ from it are noted (the user has decided). Without
+    one, ``default`` is used when every header that states a TR agrees with it (or none does);
+    headers that agree on another TR, or disagree among themselves, raise ``StoreError``
+    asking for ``--tr``: a wrong TR pairs every stimulus window with the wrong volume, and a
+    header is often wrong, so it is never taken silently either.
+    """
+    stated: dict[float, list[str]] = {}
+    for info in infos:
+        if info.header_tr is not None:
+            key = next((t for t in stated if _same(info.header_tr, t)), info.header_tr)
+            stated.setdefault(key, []).append(subject_id(info.path))
+
+    def says(tr: float, ids: list[str]) -> str:
+        return f"TR {tr:g} s ({', '.join(ids)})"
+
+    if given is not None:
+        notes = [
+            f"the NIfTI headers say {says(tr, ids)}; using the given tr {given:g} s"
+            for tr, ids in stated.items()
+            if not _same(tr, given)
+        ]
+        return float(given), "given", notes
+    if len(stated) > 1:
+        raise StoreError(
+            "--tr",
+            "no TR was given and the NIfTI headers disagree: "
+            + ", ".join(says(tr, ids) for tr, ids in stated.items())
+            + ". Give the scan's repetition time with --tr",
+        )
+    if stated:
+        ((tr, ids),) = stated.items()
+        if not _same(tr, default):
+            every = "every NIfTI header says" if len(ids) == len(infos) else "the NIfTI headers say"
+            raise StoreError(
+                "--tr",
+                f"no TR was given and {every} {says(tr, ids)}, not the default {default:g} s. "
+                f"Give the scan's repetition time: --tr {tr:g} if the headers are right, "
+                f"--tr {default:g} if they are not (headers are often wrong: check the protocol)",
+            )
+        return default, "default", []
+    return default, "default", [f"no TR was given and no NIfTI header states one; using the "
+                                f"default {default:g} s"]  # fmt: skip
 
 
 def _load(path: Path):
@@ -68,14 +144,13 @@ def probe_fmri(paths: Sequence[str | Path]) -> list[FmriInfo]:
                 expected=4,
                 actual=len(shape),
             )
-        zooms = img.header.get_zooms()
         infos.append(
             FmriInfo(
                 path=path,
                 shape=(shape[0], shape[1], shape[2]),
                 n_volumes=shape[3],
                 affine=np.asarray(img.affine, dtype=np.float64),
-                header_tr=float(zooms[3]) if len(zooms) > 3 else 0.0,
+                header_tr=header_tr(img.header),
             )
         )
     first = infos[0]

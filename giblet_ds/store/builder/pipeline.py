@@ -25,7 +25,7 @@ from giblet_ds.store import schema
 from giblet_ds.store.builder import align, audio, fmri, text, video
 from giblet_ds.store.builder.hashing import build_sha256, file_sha256, settings_sha256
 from giblet_ds.store.builder.normalize import zscore_train
-from giblet_ds.store.builder.settings import BuildSettings
+from giblet_ds.store.builder.settings import DEFAULT_TR, BuildSettings
 from giblet_ds.store.builder.splits import make_splits
 from giblet_ds.store.builder.weights import ENCODEC_CHECKPOINT
 from giblet_ds.store.builder.writer import StoreWriter, remove_stale_temps
@@ -176,6 +176,15 @@ def build_store(
             expected="--encodec-weights/--clip-weights, or --no-pretrained",
             actual=[str(f) for f in offline],
         )
+    # Headers first (cheap): the TR they state decides whether the build may go on, and the
+    # resolved TR is what the settings hash records.
+    fmri_infos = fmri.probe_fmri(inputs.fmri)
+    tr, tr_source, tr_notes = fmri.resolve_tr(settings.tr, fmri_infos, DEFAULT_TR)
+    settings = dataclasses.replace(settings, tr=tr)
+    for note in tr_notes:
+        _log(f"note: {note}")
+    subjects = tuple(fmri.subject_id(info.path) for info in fmri_infos)
+    volumes = {sid: info.n_volumes for sid, info in zip(subjects, fmri_infos, strict=True)}
     input_hashes = hash_inputs(inputs, progress)
     settings_hash = settings_sha256(settings.hashed())
     build_hash = build_sha256(settings_hash, input_hashes, schema.SCHEMA_VERSION)
@@ -215,15 +224,7 @@ def build_store(
 
     # -- cheap checks of every input before the long stages ---------------------------------------
     probe = video.probe_video(inputs.video)
-    n_frames = settings.frames_per_tr or video.frames_per_tr(
-        settings.tr, probe.fps, settings.frame_skip
-    )
-    fmri_infos = fmri.probe_fmri(inputs.fmri)
-    for info in fmri_infos:
-        if info.header_tr > 0 and abs(info.header_tr - settings.tr) > 0.01 * settings.tr:
-            _log(
-                f"note: {info.path.name} header says TR {info.header_tr} s; using tr={settings.tr}"
-            )
+    n_frames = settings.frames_per_tr or video.frames_per_tr(tr, probe.fps, settings.frame_skip)
     annotations, annotation_counts = text.read_annotations(
         inputs.annotations,
         settings.text_columns,
@@ -246,16 +247,32 @@ def build_store(
         _log(f"note: the audio changed format {audio_report['format_changes']} time(s) mid-file "
              "(channel layout or sample rate); followed")  # fmt: skip
     lap("audio_decode")
+    audio_trs = align.whole_trs(len(wave) / audio.SAMPLE_RATE, tr)
+
+    def planned(n_trs: int, n_voxels: int) -> StoreLayout:
+        """The store's layout before the codes exist: n_q from the bandwidth (75 frames/s of
+        10-bit codes per codebook), C = floor(tr * 75); enough for a free-space check."""
+        return StoreLayout(
+            n_trs=n_trs, n_frames=n_frames, height=settings.frame_height,
+            width=settings.frame_width, n_q=max(1, round(settings.encodec_bandwidth / 0.75)),
+            code_frames=int(tr * 75), text_slots=settings.annotations_per_tr,
+            text_dim=int(embeddings.shape[1]), subjects=subjects, n_voxels=n_voxels,
+            mask_shape=fmri_infos[0].shape,
+        )  # fmt: skip
 
     # Video streams into the file as it decodes (a whole Sherlock movie is 0.85 GB of frames).
     frame_shape = (n_frames, settings.frame_height, settings.frame_width)
     with StoreWriter(out, frame_shape=frame_shape) as writer:
         estimate = int(probe.duration_s * probe.fps) if np.isfinite(probe.duration_s) else None
+        # Before any frame is written: the store without its fMRI (the mask is not known yet).
+        video_guess = align.whole_trs(probe.duration_s, tr) if estimate else audio_trs
+        guess = min(video_guess, audio_trs, min(volumes.values()) - settings.lag)
+        writer.check_space(planned(max(guess, 0), 0), lower_bound=True)
         with _bar("decode video", estimate, "frame", progress) as update:
             video_trs, fps = video.stream_video(
                 inputs.video,
                 writer.write_video,
-                tr=settings.tr,
+                tr=tr,
                 frame_skip=settings.frame_skip,
                 n_frames=n_frames,
                 height=settings.frame_height,
@@ -265,19 +282,27 @@ def build_store(
         lap("video")
         counts = align.common_trs(
             video=video_trs,
-            audio=align.whole_trs(len(wave) / audio.SAMPLE_RATE, settings.tr),
-            fmri_volumes=min(info.n_volumes for info in fmri_infos),
+            audio=audio_trs,
+            fmri_volumes=min(volumes.values()),
             lag=settings.lag,
         )
         n_trs = counts["n_trs"]
-        _log(
-            f"TRs available: video {counts['video']}, audio {counts['audio']}, fMRI "
-            f"{counts['fmri']} (volumes - lag {settings.lag}); using the common {n_trs} TRs "
-            f"({n_trs * settings.tr:.1f} s)"
-        )
+        cropped, crop_lines = align.crop_report(counts, volumes, lag=settings.lag, tr=tr)
+        for line in crop_lines:
+            _log(line)
         splits = make_splits(n_trs, settings.split_fractions, settings.gap)
         first, stop = settings.lag, settings.lag + n_trs  # fMRI volumes paired with stimulus TRs
         train_stop = first + int(splits["train"][-1]) + 1
+
+        # -- fMRI mask on the training volumes (every subject before any subject is written);
+        # before the audio encoding, so a store that cannot fit stops before the longest stage.
+        with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
+            mask = fmri.compute_mask(
+                fmri_infos, start=first, stop=stop, train_stop=train_stop,
+                rule=settings.mask_rule, mask_file=inputs.mask, progress=update,
+            )  # fmt: skip
+        writer.check_space(planned(n_trs, int(mask.sum())))
+        lap("fmri_mask")
 
         if not settings.pretrained:
             audio.init_random_codebooks(model, wave)
@@ -288,27 +313,25 @@ def build_store(
                 progress=update,
             )  # fmt: skip
         # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
-        codes_tr = audio.codes_per_tr(codes, settings.tr, n_trs)
+        codes_tr = audio.codes_per_tr(codes, tr, n_trs)
         del model, wave, codes
         lap("audio")
 
+        slot_report: dict[str, int] = {}
         text_array, text_mask = text.annotations_per_tr(
-            annotations, embeddings, tr=settings.tr, n_trs=n_trs, slots=settings.annotations_per_tr
-        )
-        annotation_counts["after_movie_end"] = sum(
-            a.start >= n_trs * settings.tr for a in annotations
-        )
+            annotations, embeddings, tr=tr, n_trs=n_trs, slots=settings.annotations_per_tr,
+            report=slot_report,
+        )  # fmt: skip
+        annotation_counts.update(slot_report)
+        if slot_report["never_in_a_slot"]:
+            _log(f"note: {slot_report['never_in_a_slot']} annotations are in no TR's "
+                 f"{settings.annotations_per_tr} text slots ({slot_report['trs_over_slots']} TRs "
+                 "overlap more annotations than slots; earliest first are kept; raise "
+                 "--annotations-per-tr to keep them)")  # fmt: skip
+        annotation_counts["after_movie_end"] = sum(a.start >= n_trs * tr for a in annotations)
         if annotation_counts["after_movie_end"]:
             _log(f"note: {annotation_counts['after_movie_end']} annotations start after the last "
-                 f"TR ({n_trs * settings.tr:.1f} s) and are not used")  # fmt: skip
-
-        # -- fMRI mask on the training volumes (every subject before any subject is written) ----
-        with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
-            mask = fmri.compute_mask(
-                fmri_infos, start=first, stop=stop, train_stop=train_stop,
-                rule=settings.mask_rule, mask_file=inputs.mask, progress=update,
-            )  # fmt: skip
-        lap("fmri_mask")
+                 f"TR ({n_trs * tr:.1f} s) and are not used")  # fmt: skip
 
         layout = StoreLayout(
             n_trs=n_trs,
@@ -319,7 +342,7 @@ def build_store(
             code_frames=int(codes_tr.shape[2]),
             text_slots=settings.annotations_per_tr,
             text_dim=int(text_array.shape[2]),
-            subjects=tuple(fmri.subject_id(info.path) for info in fmri_infos),
+            subjects=subjects,
             n_voxels=int(mask.sum()),
             mask_shape=fmri_infos[0].shape,
         )
@@ -340,7 +363,8 @@ def build_store(
             "random weights; codebooks by k-means on the first 30 s of this movie"
         )  # fmt: skip
         attrs: dict[str, Any] = {
-            "tr": float(settings.tr),
+            "tr": float(tr),
+            "tr_source": tr_source,
             "fps": float(fps),
             "frame_skip": int(settings.frame_skip),
             "frames_per_tr": int(n_frames),
@@ -359,9 +383,14 @@ def build_store(
             "text_columns": list(settings.text_columns),
             "annotation_counts": annotation_counts,
             "trs_available": counts,
+            "cropped": cropped,
             "audio_bad_packets": audio_report["bad_packets"],
             "audio_format_changes": audio_report["format_changes"],
             "fmri_volumes": [first, stop],
+            "fmri_volume_counts": volumes,
+            "fmri_header_trs": {
+                sid: info.header_tr for sid, info in zip(subjects, fmri_infos, strict=True)
+            },
             "mask_rule": settings.mask_rule,
             "mask_volumes": [first, train_stop] if settings.mask_rule == "intersection" else [],
             "input_hashes": input_hashes,
@@ -376,12 +405,15 @@ def build_store(
     open_store(out)  # the gate every reader uses must accept what we wrote
     _log(f"wrote {out}: {n_trs} TRs, {layout.n_voxels} voxels, {len(layout.subjects)} subjects")
     return BuildResult(
-        out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * settings.tr, peak_rss_mb=peaks
+        out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * tr, peak_rss_mb=peaks
     )
 
 
 def _report_rows(path: Path, counts: dict[str, Any]) -> None:
-    """Name every annotation row the build leaves out (nothing is dropped silently)."""
+    """Name every annotation row the build leaves out (nothing is dropped silently), and a CSV
+    read in another encoding than UTF-8."""
+    if counts.get("encoding_note"):
+        _log(f"note: {counts['encoding_note']}")
     if counts["duplicates"]:
         _log(f"{path.name}: {counts['duplicates']} exact duplicate rows dropped")
     if counts["dropped"]:

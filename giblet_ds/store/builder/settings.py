@@ -16,8 +16,10 @@ from giblet_ds.errors import ConfigError
 from giblet_ds.store.builder.sheet import MAX_DROPPED_FRACTION, TEXT_COLUMNS
 from giblet_ds.store.builder.splits import min_real_gap
 
-__all__ = ["BuildSettings", "MASK_RULES", "load_settings_yaml"]
+__all__ = ["BuildSettings", "DEFAULT_TR", "MASK_RULES", "load_settings_yaml"]
 
+DEFAULT_TR = 1.5
+"""Seconds; the TR a build uses when none is given and the NIfTI headers do not contradict it."""
 MASK_RULES = ("intersection", "file")
 ENCODEC_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
 
@@ -26,8 +28,10 @@ ENCODEC_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
 class BuildSettings:
     """How raw files become a store (defaults reproduce the seed's features)."""
 
-    tr: float = 1.5
-    """Repetition time in seconds: the length of one stimulus window."""
+    tr: float | None = None
+    """Repetition time in seconds: the length of one stimulus window. None (not given): 1.5 s
+    (``DEFAULT_TR``) when the NIfTI headers say 1.5 s or nothing; headers that say another TR
+    stop the build and ask for it (headers are often wrong, so they are never taken silently)."""
     lag: int = 3
     """Stimulus TR t is paired with fMRI volume t + lag (haemodynamic delay, in TRs)."""
     frame_skip: int = 4
@@ -66,7 +70,7 @@ class BuildSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.tr > 0:
+        if self.tr is not None and not self.tr > 0:
             problems.append(f"tr must be > 0, got {self.tr}")
         if self.lag < 0:
             problems.append(f"lag must be >= 0, got {self.lag}")
@@ -113,13 +117,15 @@ class BuildSettings:
         return self.split_gap if self.split_gap is not None else min_real_gap(self.lag)
 
     def hashed(self) -> dict[str, Any]:
-        """The settings that determine the store's content, as plain JSON values."""
+        """The settings that determine the store's content, as plain JSON values (``tr`` None
+        counts as ``DEFAULT_TR``: the value such a build uses, so hashes match earlier stores)."""
         out = {}
         for f in dataclasses.fields(self):
             if f.metadata.get("hashed", True):
                 value = getattr(self, f.name)
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         out["split_gap"] = self.gap
+        out["tr"] = self.tr if self.tr is not None else DEFAULT_TR
         return out
 
     @classmethod
@@ -143,8 +149,16 @@ def load_settings_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"settings file {path} not found")
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping of build settings, got {type(data).__name__}"

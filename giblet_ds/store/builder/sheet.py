@@ -7,12 +7,15 @@ Lab sheets are messy in ways a naive reader gets silently wrong:
   are empty, so such cells are an error naming the rows (a spreadsheet program computes and saves
   them; so does exporting CSV);
 - rows without a start or end time are dropped, each one named, counted in the store's
-  attributes, and a build that drops more than ``max_dropped_fraction`` of its rows stops.
+  attributes, and a build that drops more than ``max_dropped_fraction`` of its rows stops;
+- a CSV saved by Excel on Windows is Windows-1252 ("Watson’s" holds byte 0x92), not UTF-8: it is
+  read as such, and the encoding is recorded so the build can say so.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Sequence
@@ -99,14 +102,54 @@ def _is_formula(cell: object) -> bool:
     return type(cell).__name__ in ("ArrayFormula", "DataTableFormula")
 
 
-def _rows(path: Path) -> tuple[list[list[Any]], list[list[Any]] | None]:
-    """The sheet's rows, and for workbooks its formulas (None for CSV)."""
+def _decode_csv(path: Path) -> tuple[str, str, str]:
+    """The text of a CSV file, its encoding and a note when that is not UTF-8.
+
+    UTF-8 with or without a byte-order mark first; else Windows-1252 (cp1252), which Excel on
+    Windows writes for "CSV (Comma delimited)". Returns ``(text, encoding, note)``; raises
+    ``StoreError`` naming the line when the bytes fit neither.
+    """
+    data = path.read_bytes()
+    encoding = "utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8"
+    try:
+        return data.decode(encoding), encoding, ""
+    except UnicodeDecodeError as err:
+        first_bad = err.start
+    line = data.count(b"\n", 0, first_bad) + 1
+    byte = f"0x{data[first_bad]:02x}"
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1
+        bad_line = data.count(b"\n", 0, err.start) + 1
+        raise StoreError(
+            path,
+            f"line {bad_line} is neither UTF-8 nor Windows-1252 "
+            f"(byte 0x{data[err.start]:02x} at column {err.start - start + 1}). Save the sheet "
+            'as "CSV UTF-8" (Excel: File > Save As > CSV UTF-8), or give the .xlsx',
+            dataset="--annotations",
+        ) from None
+    # Show the first cell that changed, so a wrong guess (another code page) is easy to spot.
+    row = next(csv.reader([text.splitlines()[line - 1]]), [])
+    cell = next((c for c in row if any(ord(ch) > 127 for ch in c)), "")
+    note = (
+        f"{path.name} is not UTF-8 (byte {byte} on line {line}); read as Windows-1252 (cp1252), "
+        f'the encoding Excel on Windows saves CSV in: check its text (e.g. "{cell.strip()}"), '
+        'or save it as "CSV UTF-8"'
+    )
+    return text, "cp1252", note
+
+
+def _rows(path: Path) -> tuple[list[list[Any]], list[list[Any]] | None, dict[str, str]]:
+    """The sheet's rows, for workbooks its formulas (None for CSV), and for CSV its encoding
+    (``{"encoding": ..., "encoding_note": ...}``)."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            return [list(row) for row in csv.reader(handle)], None
+        text, encoding, note = _decode_csv(path)
+        rows = [list(row) for row in csv.reader(io.StringIO(text, newline=""))]
+        return rows, None, {"encoding": encoding, "encoding_note": note}
     if suffix in (".xlsx", ".xlsm"):
-        return _xlsx_rows(path)
+        return (*_xlsx_rows(path), {})
     raise StoreError(
         path,
         "unsupported annotation format",
@@ -141,15 +184,18 @@ def read_annotations(
     the non-empty ``text_columns`` with "; ". Returns the annotations and an account of the rows:
     ``rows`` (data rows with any content), ``duplicates`` (exact repeats, dropped: no information
     is lost), ``empty`` (lines with no content), ``dropped`` and ``dropped_rows`` (``[row, reason]``
-    pairs, sheet row numbers: rows with content but no start or end time).
+    pairs, sheet row numbers: rows with content but no start or end time); for CSV also
+    ``encoding`` (``utf-8``, ``utf-8-sig`` or ``cp1252``) and ``encoding_note`` (what to tell the
+    user when it is not UTF-8, else empty).
 
-    Raises ``StoreError`` for formulas without saved values (naming the rows), for non-numeric or
-    reversed times, and when more than ``max_dropped_fraction`` of the rows would be dropped.
+    Raises ``StoreError`` for a CSV in neither encoding and formulas without saved values
+    (naming the line or rows), for non-numeric or reversed times, and when more than
+    ``max_dropped_fraction`` of the rows would be dropped.
     """
     path = Path(path)
     if not path.is_file():
         raise StoreError(path, "annotation file not found", dataset="--annotations")
-    rows, formulas = _rows(path)
+    rows, formulas, encoding = _rows(path)
     if not rows:
         raise StoreError(path, "annotation file is empty", dataset="--annotations")
     header = [_key(cell) for cell in rows[0]]
@@ -178,7 +224,7 @@ def read_annotations(
             )
     seen: set[tuple] = set()
     out: list[Annotation] = []
-    counts: dict[str, Any] = {"rows": 0, "duplicates": 0, "empty": 0, "dropped": 0}
+    counts: dict[str, Any] = {"rows": 0, "duplicates": 0, "empty": 0, "dropped": 0, **encoding}
     dropped: list[list[Any]] = []
     for line, row in enumerate(rows[1:], start=2):
         cells = [row[index[name]] if index[name] < len(row) else None for name in wanted]

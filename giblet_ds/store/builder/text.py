@@ -166,26 +166,44 @@ def embed_texts(
 
 
 def annotations_per_tr(
-    annotations: Sequence[Annotation], embeddings: np.ndarray, *, tr: float, n_trs: int, slots: int
+    annotations: Sequence[Annotation],
+    embeddings: np.ndarray,
+    *,
+    tr: float,
+    n_trs: int,
+    slots: int,
+    report: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per TR, the embeddings of up to ``slots`` annotations overlapping ``[i * tr, (i + 1) * tr)``,
     earliest start first; zero rows and a False mask where fewer. A TR that no annotation
     overlaps repeats the previous TR (forward fill); before the first annotation, all slots are
     empty. Returns ``(text (T, K, D) float32, mask (T, K) bool)``.
+
+    ``report`` (filled when given) accounts for what the slots leave out: ``trs_over_slots``
+    (TRs overlapped by more annotations than ``slots``) and ``never_in_a_slot`` (annotations
+    starting inside the movie that no TR's slots hold).
     """
     dim = embeddings.shape[1]
     text = np.zeros((n_trs, slots, dim), dtype=np.float32)
     mask = np.zeros((n_trs, slots), dtype=bool)
     starts = np.array([a.start for a in annotations])
     ends = np.array([a.end for a in annotations])
+    used = np.zeros(len(annotations), dtype=bool)
+    over = 0
     for i in range(n_trs):
         lo, hi = i * tr, (i + 1) * tr
         # Spans overlap the window; zero-length annotations count where they start.
         overlap = (starts < hi) & ((ends > lo) | ((ends == starts) & (starts >= lo)))
-        hits = np.flatnonzero(overlap)[:slots]
+        every = np.flatnonzero(overlap)
+        over += len(every) > slots
+        hits = every[:slots]
+        used[hits] = True
         if len(hits):
             text[i, : len(hits)] = embeddings[hits]
             mask[i, : len(hits)] = True
         elif i > 0:
             text[i], mask[i] = text[i - 1], mask[i - 1]
+    if report is not None:
+        report["trs_over_slots"] = int(over)
+        report["never_in_a_slot"] = int((~used & (starts < n_trs * tr)).sum())
     return text, mask

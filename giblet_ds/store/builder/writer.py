@@ -2,28 +2,66 @@
 
 An interrupted build (exception, Ctrl-C) removes its temporary file; a killed one leaves only a
 ``.NAME.tmp-PID`` file that no reader mistakes for a store (wrong name, no ``complete`` attribute).
+
+A full disk: the free space is checked against the layout's size before the datasets are
+created (``check_free_space``), and a write that fails anyway (another process filled the disk)
+becomes one ``StoreError`` naming the folder, what was needed and what is free, after the
+temporary file is removed. HDF5 writes some data late, when a handle is released; h5py can
+only print such a failure ("Exception ignored in h5py ... errno = 28") and goes on, and the
+library, left with unwritten metadata, later crashed the process (segmentation fault). So: the
+file has no chunk cache (every chunk is written whole, one TR or one subject-TR, so the cache
+bought nothing, and a failed data write raises in the call that made it); while the writer is
+open, failures in released handles are caught (``sys.unraisablehook``) and raised at the end of
+the writer call they happened in; and a failed build truncates its file before closing it, so
+HDF5's last metadata writes find room and the library closes cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
 
 from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
+from giblet_ds.store.builder import disk
+from giblet_ds.store.builder.disk import create_unbuffered, io_reason
 from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.stats import compute_target_stats
 
 __all__ = ["StoreWriter", "temp_path_for", "remove_stale_temps"]
 
 _WRITE_BLOCK_TRS = 128
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(method: _F) -> _F:
+    """Turn an I/O failure inside ``method`` (raised, or caught in a released h5py handle) into
+    one ``StoreError``, the temporary file removed."""
+
+    @functools.wraps(method)
+    def wrapper(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as err:
+            reason = io_reason(err)
+            if reason is None:
+                raise
+            raise self._write_failed(reason) from None
+        if self._deferred is not None:
+            raise self._write_failed(self._deferred) from None
+        return result
+
+    return wrapper  # type: ignore[return-value]
 
 
 def temp_path_for(path: Path) -> Path:
@@ -90,6 +128,10 @@ class StoreWriter:
         self._done: set[str] = set()
         self._fmri_sum: np.ndarray | None = None
         self._finished = False
+        self._deferred: str | None = None
+        self._hooks: tuple[Any, Any] | None = None
+        self.needed_bytes: int | None = None
+        """The store's size as last checked (for the message when a write fails anyway)."""
 
     @property
     def layout(self) -> StoreLayout:
@@ -98,9 +140,12 @@ class StoreWriter:
         return self._layout
 
     # -- context management -------------------------------------------------------------------
+    @_guarded
     def __enter__(self) -> StoreWriter:
+        self._hooks = (sys.unraisablehook, sys.excepthook)
+        sys.unraisablehook, sys.excepthook = self._unraisable, self._excepthook
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
+        self._file = create_unbuffered(self.temp_path)
         # Resizable along T: a streamed movie's length is known only once it is decoded.
         self._file.create_dataset(
             schema.VIDEO,
@@ -124,11 +169,64 @@ class StoreWriter:
         if not self._finished:
             self._abort()
 
+    def _unraisable(self, info: Any) -> None:
+        """While the writer is open: an I/O failure inside a released h5py handle is kept for
+        the writer call in progress to raise; anything else goes to the previous hook."""
+        reason = io_reason(info.exc_value) if info.exc_value is not None else None
+        if reason is None and self._hooks is not None:
+            self._hooks[0](info)
+        elif self._deferred is None:
+            self._deferred = reason
+
+    def _excepthook(self, kind: Any, value: Any, tb: Any) -> None:
+        # h5py's (Cython) destructors print the traceback through sys.excepthook before they
+        # report it as unraisable; the same rule, so nothing is printed twice.
+        reason = io_reason(value) if value is not None else None
+        if reason is None and self._hooks is not None:
+            self._hooks[1](kind, value, tb)
+        elif self._deferred is None:
+            self._deferred = reason
+
+    def _restore_hooks(self) -> None:
+        if self._hooks is not None:
+            (sys.unraisablehook, sys.excepthook), self._hooks = self._hooks, None
+
     def _abort(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            handle, self._file = self._file, None
+            # Truncated first: on a full disk, closing must find room for HDF5's last metadata
+            # writes, or the library is left half-closed. The content is discarded anyway.
+            with contextlib.suppress(OSError):
+                os.truncate(self.temp_path, 0)
+            with contextlib.suppress(OSError, RuntimeError):
+                handle.close()
         self.temp_path.unlink(missing_ok=True)
+        self._restore_hooks()
+
+    def _write_failed(self, reason: str) -> StoreError:
+        """Remove the temporary file and describe the failure: folder, need, free space."""
+        self._abort()
+        try:
+            free = disk.size_text(disk.free_space(self.path.parent))
+        except OSError:
+            free = "unknown"
+        need = (
+            f"; the store needs about {disk.size_text(self.needed_bytes)}"
+            if self.needed_bytes
+            else ""
+        )
+        return StoreError(
+            self.path.parent,
+            f"writing the store failed: {reason} ({free} free{need}); its temporary file "
+            f"removed. Free some space, or give --out on another file system",
+        )
+
+    def check_space(self, layout: StoreLayout, *, lower_bound: bool = False) -> None:
+        """``check_free_space`` for ``layout``, counting what this writer has already written."""
+        written = self.temp_path.stat().st_blocks * 512 if self.temp_path.exists() else 0
+        self.needed_bytes = disk.check_free_space(
+            self.path, layout, written=written, lower_bound=lower_bound
+        )
 
     @property
     def file(self) -> h5py.File:
@@ -136,6 +234,7 @@ class StoreWriter:
             raise RuntimeError("StoreWriter used outside its `with` block")
         return self._file
 
+    @_guarded
     def define(
         self,
         layout: StoreLayout,
@@ -160,6 +259,7 @@ class StoreWriter:
                 expected=f"shape {layout.mask_shape} with {layout.n_voxels} voxels",
                 actual=f"shape {mask.shape} with {int(mask.sum())} voxels",
             )
+        self.check_space(layout)
         video = self.file[schema.VIDEO]
         if self._pending is None:
             if self._video_rows < layout.n_trs:
@@ -200,6 +300,7 @@ class StoreWriter:
             handle.create_dataset(schema.split_path(name), data=index)
 
     # -- stages -------------------------------------------------------------------------------
+    @_guarded
     def write_video(self, start: int, frames: np.ndarray) -> None:
         """Write TRs ``start .. start + len(frames)`` of uint8 frames (n, F, H, W, 3).
 
@@ -233,6 +334,7 @@ class StoreWriter:
             )
         self._video_done[start:stop] = True
 
+    @_guarded
     def write_audio_codes(self, codes: np.ndarray) -> None:
         """Write all codes (T, n_q, C); values must be EnCodec codes 0..1023."""
         codes = np.asarray(codes)
@@ -248,6 +350,7 @@ class StoreWriter:
         self.file[schema.AUDIO_CODES][...] = codes.astype(np.int16)
         self._done.add(schema.AUDIO_CODES)
 
+    @_guarded
     def write_text(self, text: np.ndarray, mask: np.ndarray) -> None:
         """Write all text embeddings (T, K, D) and the mask of real slots (T, K)."""
         self._check_block(schema.TEXT, np.asarray(text), 0, full=True)
@@ -256,6 +359,7 @@ class StoreWriter:
         self.file[schema.TEXT_MASK][...] = np.asarray(mask, dtype=bool)
         self._done.add(schema.TEXT)
 
+    @_guarded
     def write_subject(
         self, index: int, zscored: np.ndarray, raw_mean: np.ndarray, raw_std: np.ndarray
     ) -> None:
@@ -298,6 +402,7 @@ class StoreWriter:
             )
 
     # -- completion ---------------------------------------------------------------------------
+    @_guarded
     def finish(self, attrs: Mapping[str, Any]) -> Path:
         """Write the subject mean, training statistics and ``attrs``; rename into place."""
         handle = self.file
@@ -335,6 +440,7 @@ class StoreWriter:
             os.fsync(raw.fileno())
         os.replace(self.temp_path, self.path)
         self._finished = True
+        self._restore_hooks()
         return self.path
 
 
