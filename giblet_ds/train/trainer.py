@@ -343,11 +343,14 @@ class Trainer:
         return accumulation_groups(loader, self.cfg.optim.grad_accum_steps, steps)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """Forward, normalized loss, backward and one optimizer step over the micro batches."""
+        """Forward, normalized loss, backward and one optimizer step over the micro batches.
+
+        The loss and its terms are the step's: averaged over every micro batch of every rank (one
+        small all-reduce), so a logged curve does not change with the number of ranks."""
         self.engine.train()
         lr = self._lr()
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
+        names: list[str] = []
+        sums: torch.Tensor | None = None  # [loss, *terms by name], summed over micro batches
         for batch in micro_batches:
             batch = self._to_device(batch)
             faults.maybe_poison(batch, self.step, self.rank)
@@ -357,17 +360,19 @@ class Trainer:
             result = self.loss_fn(output, batch)
             self.engine.backward(result.total)
             self.engine.step()
-            loss_sum += result.total.item()
-            for name, value in result.terms.items():
-                totals[name] = totals.get(name, 0.0) + value.item()
-        n = len(micro_batches)
-        terms = {k: v / n for k, v in totals.items()}
-        local_bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        # Every rank learns which terms went non-finite anywhere (one small all-reduce).
-        flags = torch.tensor([1.0 if k in local_bad else 0.0 for k in sorted(terms)])
-        bad = [k for k, f in zip(sorted(terms), dist.all_reduce_sum(flags), strict=True) if f > 0]
+            names = sorted(result.terms)
+            values = torch.stack(
+                [result.total.detach()] + [result.terms[k].detach() for k in names]
+            )
+            sums = values.double() if sums is None else sums + values.double()
+        assert sums is not None, "an optimizer step needs at least one micro batch"
+        # Equal micro batches on every rank: the mean of the micro-batch means is the global
+        # batch's mean. A non-finite term anywhere makes its sum non-finite on every rank.
+        means = (dist.all_reduce_sum(sums) / (len(micro_batches) * self.world_size)).tolist()
+        terms = dict(zip(names, means[1:], strict=True))
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
         return StepResult(
-            loss=loss_sum / n,
+            loss=means[0],
             terms=terms,
             applied=bool(self.engine.was_step_applied()) and not bad,
             lr=lr,
