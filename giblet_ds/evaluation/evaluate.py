@@ -22,7 +22,14 @@ from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.ridge import fit_ridge_baseline
 from giblet_ds.evaluation.scores import SetScores, summarize_set
 from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
-from giblet_ds.metrics import circular_shift_null, mean_reliability, pairwise_isc, voxel_r
+from giblet_ds.metrics import (
+    ceiling_r,
+    circular_shift_null,
+    mean_reliability,
+    pairwise_isc,
+    voxel_r,
+)
+from giblet_ds.report.store_match import check_store_match
 from giblet_ds.store import StoreDataset, StoreInfo, load_mask, load_target_stats, open_store
 from giblet_ds.store.stats import read_split_subjects
 
@@ -50,6 +57,8 @@ class EvaluationResult:
     ridge: dict[str, Any] | None
     oracle: dict[str, Any] | None
     seconds: dict[str, float]
+    store_match: dict[str, Any] = field(default_factory=dict)
+    """How ``store`` relates to the checkpoint's training store (report.store_match)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k not in ("sets", "maps")}
@@ -138,6 +147,7 @@ def evaluate(
     model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
+    match = check_store_match(location, cfg, info)  # another mask: refused here
     subject = None if cfg.data.subject is None else info.subject_index(cfg.data.subject)
     pred, target = predict_split(model, cfg, info, split, device=dev)
     del model
@@ -227,7 +237,7 @@ def evaluate(
     if oracle_r is not None:
         maps["oracle_r"] = oracle_r
     if reliability is not None:
-        ceiling_map = np.sqrt(np.clip(reliability, 0.0, None))
+        ceiling_map = ceiling_r(torch.from_numpy(reliability)).numpy()
         maps["ceiling_r"] = ceiling_map
         # r / ceiling is unstable where the ceiling is near 0: mapped only where it is > 0.1
         maps["model_r_normalized"] = np.where(
@@ -246,4 +256,5 @@ def evaluate(
         ridge=ridge_info,
         oracle=oracle_info,
         seconds=seconds,
+        store_match=match.as_dict(),
     )

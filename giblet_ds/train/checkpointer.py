@@ -126,6 +126,7 @@ class Checkpointer:
         state: dict[str, Any],
         config_yaml: str,
         store_hash: str | None = None,
+        mask_hash: str | None = None,
     ) -> Path:
         """Write ``tag`` on every rank with ``state`` as DeepSpeed's client state; returns its folder
         (see the module docstring for the order)."""
@@ -152,6 +153,7 @@ class Checkpointer:
                     zero_stage=int(engine.zero_optimization_stage()),
                     store_hash=store_hash,
                     sampler=state.get("sampler"),
+                    mask_hash=mask_hash,
                 ),
             )
             entries.update(manifest_entries(staged, [TAG_CONFIG_NAME, METADATA_NAME]))

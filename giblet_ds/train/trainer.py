@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from giblet_ds.store import (
     StoreDataset,
     StoreInfo,
     load_target_stats,
+    mask_sha256,
 )
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
@@ -438,6 +441,7 @@ class Trainer:
             state=self.state_dict(),
             config_yaml=config_yaml,
             store_hash=self.store.build_hash,
+            mask_hash=_mask_hash(self.store.path, self.store.build_hash),
         )
         self.run_log.write(CheckpointRecord(step=self.step, tag=tag, path=str(tag_dir)))
         if tag != BEST_TAG:
@@ -507,3 +511,9 @@ def _slurm_job() -> dict[str, Any]:
         "slurm_job_id": job_id,
         "slurm_restart_count": int(restarts) if job_id and restarts.isdigit() else None,
     }
+
+
+@functools.cache
+def _mask_hash(path: Path, build_hash: str) -> str:
+    """The store's mask hash for every tag's metadata (read once per store build)."""
+    return mask_sha256(path)
