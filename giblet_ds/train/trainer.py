@@ -252,7 +252,12 @@ class Trainer:
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.run_log.write(EndRecord(step=self.step, status=status, reason=reason))
+            try:
+                self.run_log.write(EndRecord(step=self.step, status=status, reason=reason))
+            except GibletError as exc:  # a full disk: the run's own error is the one to raise
+                if status != "failed":
+                    raise
+                log.error("%s", exc)
             log.info("run %s at step %d: %s", status, self.step, reason)
             self.run_log.close()
 
