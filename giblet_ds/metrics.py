@@ -92,7 +92,13 @@ class VoxelCorrelation:
         sx, sy, sxx, syy, sxy = self.state[: 5 * v].view(5, v)
         n = self.state[5 * v]
         cov = sxy - sx * sy / n
-        denom = torch.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
+        # One-pass variances cancel: a constant series leaves a rounding residue of up to about
+        # n * eps * sum(x^2) (machine- and BLAS-dependent), which would turn the promised 0 into
+        # cov / sqrt(residue) (5.9e-09 for a constant 7.7 over 61 TRs). Below that bound the
+        # variance is zero by construction.
+        var_x = _clip_residue(sxx - sx * sx / n, n * sxx)
+        var_y = _clip_residue(syy - sy * sy / n, n * syy)
+        denom = torch.sqrt(var_x * var_y)
         # A voxel with a constant prediction or target has no defined r: count it as 0, not NaN,
         # so the mean does not silently skip dead outputs.
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
@@ -159,6 +165,20 @@ def subject_ceiling_r(subjects: torch.Tensor) -> torch.Tensor:
 
 
 _VOXEL_BLOCK = 8192
+_EPS = torch.finfo(torch.float64).eps
+RELIABILITY_RESOLUTION = 1e-12
+"""Reliabilities below this are read as 0 by :func:`ceiling_r`: an estimate from T TRs has a
+sampling error near 1/sqrt(T) (>= 1e-3 for any real recording), so a value this small is a float64
+rounding residue, and its square root (1e-8 from 1e-16) would read as a ceiling."""
+
+
+def _clip_residue(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``value`` with every entry no larger than 4 eps x ``scale`` in magnitude set to exactly 0.
+
+    ``scale`` bounds the rounding error of the sums ``value`` was computed from (terms x their
+    magnitude): within it a quantity that is zero by construction cannot be told from 0, and
+    left as is it reaches square roots and ratios as a machine-dependent number."""
+    return torch.where(value.abs() <= 4 * _EPS * scale, torch.zeros_like(value), value)
 
 
 def voxel_r(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -183,11 +203,18 @@ def pairwise_isc(subjects: torch.Tensor) -> torch.Tensor:
     out = torch.empty(subjects.shape[2], dtype=torch.float64)
     for first in range(0, subjects.shape[2], _VOXEL_BLOCK):  # float64 copies of a block only
         data = subjects[:, :, first : first + _VOXEL_BLOCK].to(torch.float64)
-        centered = data - data.mean(1, keepdim=True)
-        sd = centered.pow(2).mean(1, keepdim=True).sqrt()
+        mean = data.mean(1, keepdim=True)
+        centered = data - mean
+        # a constant series can keep a rounding residue after centring: zero it, not z-score it
+        n_trs = data.shape[1]
+        variance = _clip_residue(centered.pow(2).mean(1, keepdim=True), n_trs * mean.pow(2))
+        sd = variance.sqrt()
         z = torch.where(sd > 0, centered / sd.clamp_min(1e-300), torch.zeros_like(centered))
         total = z.sum(0)
-        pair_sum = (total.pow(2).mean(0) - z.pow(2).mean(1).sum(0)) / 2
+        squares, own = total.pow(2).mean(0), z.pow(2).mean(1).sum(0)
+        # A difference of two sums of magnitude ~S: uncorrelated subjects leave a residue (7e-17
+        # here, another BLAS another sign) that the ceiling's square root turns into 1.7e-08.
+        pair_sum = _clip_residue(squares - own, (n_trs + n_subjects) * (squares + own)) / 2
         out[first : first + data.shape[2]] = pair_sum / (n_subjects * (n_subjects - 1) / 2)
     return out
 
@@ -214,8 +241,10 @@ def mean_reliability(subjects: torch.Tensor, *, k: int | None = None) -> torch.T
 
 def ceiling_r(reliability: torch.Tensor) -> torch.Tensor:
     """The largest expected r of any prediction against a target of this reliability: the
-    correlation of the target with its own noise-free signal, sqrt(reliability)."""
-    return torch.as_tensor(reliability, dtype=torch.float64).clamp_min(0.0).sqrt()
+    correlation of the target with its own noise-free signal, sqrt(reliability). Reliabilities
+    below :data:`RELIABILITY_RESOLUTION` (rounding residues, negative estimates) give 0."""
+    rel = torch.as_tensor(reliability, dtype=torch.float64)
+    return torch.where(rel < RELIABILITY_RESOLUTION, torch.zeros_like(rel), rel).sqrt()
 
 
 @dataclass(frozen=True)

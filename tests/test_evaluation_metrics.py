@@ -164,3 +164,31 @@ def test_shift_null_keeps_autocorrelation() -> None:
     assert null.null_mean == pytest.approx(bartlett, abs=0.03)
     real = circular_shift_null(torch.from_numpy(y + x), torch.from_numpy(y), n_shifts=40)
     assert real.observed == 1.0 and real.p_value == pytest.approx(1 / 41)
+
+
+def test_a_rounding_residue_of_zero_reliability_gives_a_zero_ceiling() -> None:
+    """Voxel 2 has no signal: its pairwise ISC is 0 by construction, but the one-pass pair sum can
+    leave a residue whose sign and size depend on the BLAS (7.4e-17 for this 1e-16 perturbation),
+    and the ceiling's square root made that 1.7e-08 (a fresh machine failed the test above so)."""
+    subjects, _ = constructed()
+    rng = np.random.default_rng(0)
+    perturbed = torch.from_numpy(subjects * (1 + rng.normal(size=subjects.shape) * 1e-16))
+    isc = pairwise_isc(perturbed).numpy()
+    assert isc[2] == 0.0
+    np.testing.assert_allclose(isc, [0.5, 0.2, 0.0, 0.1], atol=1e-12)
+    ceiling = ceiling_r(mean_reliability(perturbed)).numpy()
+    assert ceiling[2] == 0.0
+    np.testing.assert_allclose(ceiling[[0, 1]], [1 / math.sqrt(1.25), 1 / math.sqrt(2)], atol=1e-12)
+
+
+def test_ceiling_reads_zero_below_the_reliability_resolution() -> None:
+    """A reliability residue handed in from elsewhere (the scores' own sqrt did the same) reads 0."""
+    got = ceiling_r(torch.tensor([3e-16, -1e-3, 0.25, 1e-6], dtype=torch.float64)).numpy()
+    np.testing.assert_array_equal(got, [0.0, 0.0, 0.5, 1e-3])
+    subjects, signal = constructed()
+    reliability = np.array([0.8, 0.5, 3e-16, 0.4 / 1.3])
+    chosen = summarize_set("noise only", np.array([False, False, True, False]), split="test",
+                           target=subjects.mean(0), model_pred=signal,
+                           model_r=np.zeros(4), train_mean=np.zeros(4), train_var=np.ones(4),
+                           reliability=reliability)  # fmt: skip
+    assert chosen.ceiling_r == 0.0 and chosen.model_r_normalized is None

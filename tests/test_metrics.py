@@ -172,3 +172,16 @@ def test_loso_isc_matches_numpy() -> None:
 def test_loso_isc_needs_two_subjects() -> None:
     with pytest.raises(ValueError, match="needs >= 2 subjects, got 1"):
         loso_isc(torch.zeros(1, 4, 3))
+
+
+def test_a_constant_voxel_not_exact_in_binary_reads_zero() -> None:
+    """7.7 is not a binary fraction: the one-pass variance of a constant 7.7 keeps a rounding
+    residue, and cov / sqrt(residue) read 2.2e-09 here instead of the promised 0. Within the
+    rounding bound of its sums the variance is zero by construction."""
+    x, y = predictions_and_targets()
+    x[:, 2] = 7.7
+    y[:, 5] = 0.1
+    r = accumulate(x, y, [10, 21]).per_voxel_r()
+    assert r[2].item() == 0.0 and r[5].item() == 0.0
+    keep = [v for v in range(V) if v not in (2, 5)]
+    np.testing.assert_allclose(r.numpy()[keep], numpy_voxel_r(x, y)[keep], rtol=0, atol=1e-12)

@@ -130,3 +130,89 @@ def test_roi_set_and_bad_input(run_and_store: tuple[Path, Path], tmp_path: Path,
     np.savez(tmp_path / "ground_truth.npz", response=np.zeros(1))
     with pytest.raises(GibletError, match="not the store's input hashes"):
         find_ground_truth(open_store(store), tmp_path / "ground_truth.json")
+
+
+def test_a_store_of_another_mask_is_refused_and_another_store_is_said(
+    run_and_store: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same 41 voxels, another mask (seed 1): the model's outputs belong to other voxels, refused
+    before anything is written (was exit 0 and a score). Same mask, other data (noise 0.5): a
+    legitimate cross-store test, said on the console and in evaluation.json and table.txt."""
+    from giblet_ds.store import mask_sha256, write_synthetic_store
+
+    run, store = run_and_store
+    meta = json.loads((run / "checkpoints" / "best" / "metadata.json").read_text())
+    assert meta["mask_hash"] == mask_sha256(store)  # the trainer records the training mask
+    sizes = dict(n_trs=120, n_voxels=41, n_subjects=3)
+    other_mask = write_synthetic_store(tmp_path / "other_mask.h5", seed=1, **sizes)
+    common = ["--device", "cpu", "--no-ridge", "--shifts", "5"]
+    assert evaluate_tool.main([str(run), "--store", str(other_mask), "--out",
+                               str(tmp_path / "a"), *common]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"whose brain mask differs from that of {other_mask}" in err
+    assert f"mask {mask_sha256(other_mask)[:12]} against the training mask " in err
+    assert f"{mask_sha256(store)[:12]})" in err and "Use the training store" in err
+    assert not (tmp_path / "a").exists()
+
+    same_mask = write_synthetic_store(tmp_path / "same_mask.h5", noise=0.5, **sizes)
+    assert mask_sha256(same_mask) == mask_sha256(store)
+    out = tmp_path / "b"
+    assert evaluate_tool.main([str(run), "--store", str(same_mask), "--out", str(out),
+                               *common]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    note = (
+        f"OTHER STORE: {run}/checkpoints/best was trained on store "
+        f"{open_store(store).build_hash[:12]} "
+        f"(data.store={store}); {same_mask} (store {open_store(same_mask).build_hash[:12]}) has "
+        "the same mask but other data: these are cross-store scores, not the model's held-out "
+        "score"
+    )
+    assert f"WARNING: {note}" in captured.out.splitlines()
+    assert f"WARNING: {note}" in (out / "table.txt").read_text().splitlines()
+    match = json.loads((out / "evaluation.json").read_text())["store_match"]
+    assert match["verdict"] == "other store, same mask" and match["note"] == note
+    assert match["trained_store_hash"] == open_store(store).build_hash
+
+    # the training store itself: nothing to say
+    assert evaluate_tool.main([str(run), "--store", str(store), "--out", str(tmp_path / "c"),
+                               *common]) == 0  # fmt: skip
+    assert "WARNING" not in capsys.readouterr().out
+    match = json.loads((tmp_path / "c" / "evaluation.json").read_text())["store_match"]
+    assert match["verdict"] == "training store" and match["note"] == ""
+
+
+def test_a_tag_without_a_mask_hash_is_checked_against_its_training_store(
+    run_and_store: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tags written before metadata.json held mask_hash: the mask comes from the training store the
+    run config names; when that store is gone too, the evaluation says the mask is unchecked."""
+    import shutil
+
+    from giblet_ds.store import write_synthetic_store
+
+    run, store = run_and_store
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    for meta in (old / "checkpoints").glob("*/metadata.json"):
+        body = json.loads(meta.read_text())
+        body.pop("mask_hash", None)
+        meta.write_text(json.dumps(body))
+    sizes = dict(n_trs=120, n_voxels=41, n_subjects=3)
+    other_mask = write_synthetic_store(tmp_path / "other_mask.h5", seed=1, **sizes)
+    common = ["--device", "cpu", "--no-ridge", "--shifts", "5", "--no-verify"]
+    assert evaluate_tool.main([str(old), "--store", str(other_mask), "--out",
+                               str(tmp_path / "a"), *common]) == 2  # fmt: skip
+    assert "whose brain mask differs" in capsys.readouterr().err
+
+    moved = tmp_path / "moved.h5"
+    shutil.copy(store, moved)  # the run config's data.store no longer exists
+    config = tmp_path / "config.yaml"
+    text = (old / "checkpoints" / "best" / "run_config.yaml").read_text()
+    config.write_text(text.replace(str(store), str(tmp_path / "gone.h5")))
+    out = tmp_path / "b"
+    assert evaluate_tool.main([str(old), "--store", str(other_mask), "--out", str(out),
+                               "--config", str(config), *common]) == 0  # fmt: skip
+    match = json.loads((out / "evaluation.json").read_text())["store_match"]
+    assert match["verdict"] == "other store, mask unchecked"
+    assert "the training mask is unknown" in match["note"]
+    assert "WARNING: OTHER STORE:" in capsys.readouterr().out

@@ -227,3 +227,21 @@ def test_evaluation_table_and_checks(tmp_path: Path) -> None:
                  "same TRs (test split, reliable voxels (120))"),
     }  # fmt: skip
     assert report.verdict != "HEALTHY"
+
+
+def test_an_evaluation_on_another_store_is_a_warning(tmp_path: Path) -> None:
+    """tools/evaluate.py records a store that is not the training store; the report says so
+    instead of showing its numbers as the model's score."""
+    run = tmp_path / "evaluated"
+    _write_run(run, train_losses=[[4.0, 3.8, 3.6, 3.4], [3.2, 3.0, 2.9, 2.7]],
+               val=[(3.5, 0.15), (3.0, 0.2)], end="finished")  # fmt: skip
+    note = "OTHER STORE: best was trained on store 15046108bb3a; b.h5 has the same mask"
+    sets = {"all": {"split": "test", "n_trs": 54, "n_voxels": 10, "model_r": 0.027}}
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "evaluation.json").write_text(json.dumps(
+        {"split": "test", "n_trs": 54, "target": "subject mean", "checkpoint": "best",
+         "sets": sets, "store_match": {"verdict": "other store, same mask", "note": note}}))  # fmt: skip
+    report = build_health_report(run, now=T0 + 3600, audit=False)
+    assert f"**Warning**: {note}." in report.markdown()
+    evaluation = [(c.level, c.note) for c in report.checks if c.component == "Evaluation"]
+    assert evaluation == [("warn", note)]

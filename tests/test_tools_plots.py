@@ -95,3 +95,40 @@ def test_bad_inputs_exit_2(
             "--config", str(real_run / "config.resolved.yaml")]  # fmt: skip
     assert plot_reconstructions.main(args) == 2
     assert "does not match the model" in capsys.readouterr().err
+
+
+def test_a_store_of_another_mask_is_refused_and_another_store_is_said(
+    real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same 23 voxels in another mask (seed 1) drew an r map in the wrong space with exit 0;
+    refused now, nothing written. Same mask, other data (noise 0.5): printed and recorded in
+    metrics.json and index.html. Consolidated weights have no metadata.json: the training store
+    named in the run config tells."""
+    from giblet_ds.store import mask_sha256, write_synthetic_store
+
+    store = _store(real_run)
+    other_mask = write_synthetic_store(tmp_path / "other_mask.h5", seed=1)
+    assert open_store(other_mask).n_voxels == open_store(store).n_voxels
+    weights = tmp_path / "fp32"
+    convert_zero_checkpoint(real_run / "checkpoints" / "best", weights)
+    config = ["--config", str(real_run / "checkpoints" / "best" / "run_config.yaml")]
+    for checkpoint, extra in ((real_run, []), (weights, config)):
+        args = ["--checkpoint", str(checkpoint), "--store", str(other_mask),
+                "--out", str(tmp_path / "a"), "--num-samples", "1", "--device", "cpu", *extra]  # fmt: skip
+        assert plot_reconstructions.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"whose brain mask differs from that of {other_mask}" in err
+        assert f"mask {mask_sha256(other_mask)[:12]} against the training mask" in err
+        assert not (tmp_path / "a").exists()
+
+    same_mask = write_synthetic_store(tmp_path / "same_mask.h5", noise=0.5)
+    out = tmp_path / "b"
+    args = ["--checkpoint", str(real_run), "--store", str(same_mask), "--out", str(out),
+            "--num-samples", "1", "--device", "cpu"]  # fmt: skip
+    assert plot_reconstructions.main(args) == 0
+    printed = capsys.readouterr().out
+    match = json.loads((out / "metrics.json").read_text())["store_match"]
+    assert match["verdict"] == "other store, same mask"
+    assert match["note"].startswith(f"OTHER STORE: {real_run}/checkpoints/best was trained on")
+    assert f"WARNING: {match['note']}" in printed.splitlines()
+    assert "<b>WARNING</b>: OTHER STORE:" in (out / "index.html").read_text()

@@ -121,3 +121,52 @@ def test_resume_from_an_end_of_epoch_checkpoint_starts_the_next_epoch(
     assert vals[0]["fmri_noise_ceiling_r"] == records(run_dir, "start")[0]["fmri_noise_ceiling_r"]
     assert losses_by_step(run_dir) == losses_by_step(reference)
     assert losses_by_step(run_dir, "val") == losses_by_step(reference, "val")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 600 kB tmpfs: room for one tag of the tiny preset (~310 kB), not two. Unmounted after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_at_a_save_stops_with_one_line_and_the_same_command_resumes(
+    tiny_store: Path, small_disk: Path
+) -> None:
+    """Was exit 1 and `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos
+    139712 vs 139616`. The second save is refused before writing (the first tag's size is
+    known); after the disk grows, the same command resumes from the tag `latest` names."""
+    import re
+
+    run_dir = small_disk / "run"
+    sets = ("train.max_steps=6", "checkpoint.save_every_steps=2", "checkpoint.keep_last=1")
+    first = run_training(run_dir, tiny_store, world=1, sets=sets)
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    ckpts = run_dir / "checkpoints"
+    message = (
+        r"checkpoint step-00000004 not saved: it needs about 3\d\d\.\d kB \(the size of "
+        rf"step-00000002\) in {re.escape(str(ckpts))} and that file system has 2\d\d\.\d kB free; "
+        r"nothing was written. `latest` still names step-00000002, complete, and the same "
+        r"command resumes from it. Fix: free space, lower checkpoint.keep_last, or set "
+        r"checkpoint.run_dir on a larger disk"
+    )
+    assert re.fullmatch(f"error: {message}", first.stderr.strip().splitlines()[-1])
+    (end,) = records(run_dir, "end")
+    assert end["status"] == "failed" and end["step"] == 4 and re.fullmatch(message, end["reason"])
+    assert (ckpts / "latest").read_text() == "step-00000002"
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    again = run_training(run_dir, tiny_store, world=1, sets=sets)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["start_step"] for r in records(run_dir, "start")] == [0, 2]
+    assert records(run_dir, "end")[-1]["status"] == "finished"
+    assert (ckpts / "latest").read_text() == "step-00000006"

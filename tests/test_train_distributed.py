@@ -65,6 +65,24 @@ def test_reference_run_logs_and_checkpoints(reference_run: Path) -> None:
     assert len(offline) == 1, "wandb offline run directory missing"
 
 
+def test_step_loss_is_the_global_batch_mean_on_any_world_size(
+    reference_run: Path, tiny_store: Path, tmp_path: Path
+) -> None:
+    """Step 1 of the 2-rank reference (micro batch 2 per rank) and of one rank with micro batch 4
+    train on the same 4 samples from the same weights: the logged loss and terms are that global
+    batch's mean, not rank 0's own half (which read 1.739 against 4.800)."""
+    run_dir = tmp_path / "one"
+    sets = ("train.max_steps=1", "optim.micro_batch_size=4")
+    result = run_training(run_dir, tiny_store, world=1, sets=sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_loss, one_terms = losses_by_step(run_dir)[1]
+    two_loss, two_terms = losses_by_step(reference_run)[1]
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert set(two_terms) == set(one_terms) == {"fmri", "video", "audio", "text"}
+    for name, value in one_terms.items():
+        assert two_terms[name] == pytest.approx(value, rel=1e-5), name
+
+
 @pytest.mark.parametrize("ds_config", ["zero2_fp32_cpu.json", "zero3_fp32_cpu.json"])
 def test_sigkill_then_resume_matches_uninterrupted_run(
     ds_config: str,

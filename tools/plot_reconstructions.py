@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot_reconstructions: error: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
+    if m["store_match"]["note"]:
+        print(f"WARNING: {m['store_match']['note']}")
     print(f"{m['split']} split, {m['n_trs']} TRs: per-voxel r mean {m['fmri_r_mean']:.4f}, "
           f"median {m['fmri_r_median']:.4f}; {len(result.figures)} figures, "
           f"{result.r_map.name}; open {result.index_html}")  # fmt: skip

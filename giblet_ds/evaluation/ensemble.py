@@ -19,6 +19,7 @@ from giblet_ds.checkpoint.loading import load_model
 from giblet_ds.config import RunConfig, cross_check
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.subjects import SplitPrediction, predict_with_subjects
+from giblet_ds.report.store_match import StoreMatch, check_store_match
 from giblet_ds.store import StoreInfo
 
 __all__ = ["Member", "average_predictions", "predict_members"]
@@ -32,6 +33,8 @@ class Member:
     """The checkpoint location its weights came from."""
     cfg: RunConfig
     prediction: SplitPrediction
+    store_match: StoreMatch
+    """How the evaluated store relates to this member's training store."""
 
 
 def average_predictions(members: Sequence[SplitPrediction]) -> SplitPrediction:
@@ -86,7 +89,8 @@ def predict_members(
             cross_check(cfg, store_sizes=info.model_input_sizes())
         except GibletError as exc:
             raise GibletError(f"{checkpoint}: {exc}") from exc
+        match = check_store_match(location, cfg, info)  # another mask: refused here
         prediction = predict_with_subjects(model, cfg, info, split, device=device)
         del model
-        members.append(Member(str(location.path), cfg, prediction))
+        members.append(Member(str(location.path), cfg, prediction, match))
     return members

@@ -24,7 +24,13 @@ from giblet_ds.evaluation.ridge import fit_ridge_baseline
 from giblet_ds.evaluation.scores import SetScores, summarize_set
 from giblet_ds.evaluation.subjects import predict_with_subjects, score_subjects
 from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
-from giblet_ds.metrics import circular_shift_null, mean_reliability, pairwise_isc, voxel_r
+from giblet_ds.metrics import (
+    ceiling_r,
+    circular_shift_null,
+    mean_reliability,
+    pairwise_isc,
+    voxel_r,
+)
 from giblet_ds.store import StoreInfo, load_mask, load_target_stats, open_store
 from giblet_ds.store.stats import read_split_subjects
 
@@ -58,6 +64,8 @@ class EvaluationResult:
     members: list[dict[str, Any]] | None = None
     """A seed ensemble's members (``checkpoint``, ``sets``: name -> mean model r on the same TRs
     and voxels); the rest of the result scores their averaged prediction. None: one model."""
+    store_match: dict[str, Any] = field(default_factory=dict)
+    """How ``store`` relates to the (first member's) training store (report.store_match)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k not in ("sets", "maps")}
@@ -138,9 +146,12 @@ def evaluate(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoints = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     info = open_store(store)
+    # Each member is checked against the store (another mask: refused) before it predicts.
     members = predict_members(checkpoints, info, split, device=dev, config=config, verify=verify)
     cfg = members[0].cfg
     combined = average_predictions([m.prediction for m in members])
+    match = next((m.store_match for m in members if not m.store_match.is_training_store),
+                 members[0].store_match)  # fmt: skip
     subject = None if cfg.data.subject is None else info.subject_index(cfg.data.subject)
     pred, target = combined.mean, combined.target
     model_r = voxel_r(torch.from_numpy(pred), torch.from_numpy(target)).numpy()
@@ -245,7 +256,7 @@ def evaluate(
     if oracle_r is not None:
         maps["oracle_r"] = oracle_r
     if reliability is not None:
-        ceiling_map = np.sqrt(np.clip(reliability, 0.0, None))
+        ceiling_map = ceiling_r(torch.from_numpy(reliability)).numpy()
         maps["ceiling_r"] = ceiling_map
         # r / ceiling is unstable where the ceiling is near 0: mapped only where it is > 0.1
         maps["model_r_normalized"] = np.where(
@@ -267,4 +278,5 @@ def evaluate(
         seconds=seconds,
         subjects=subject_rows,
         members=member_scores,
+        store_match=match.as_dict(),
     )

@@ -37,12 +37,14 @@ def _cell(value: Any, kind: str) -> str:
 def format_table(result: EvaluationResult) -> str:
     """One table: a column per voxel set, every row on the same TRs and voxels of its column."""
     sets = list(result.sets.values())
+    note = result.store_match.get("note")
     head = [f"{s.name} ({s.n_voxels:,} vox)" for s in sets]
     width = max(14, *(len(h) + 2 for h in head))
     label_w = max(len(r[0]) for r in ROWS) + 2
     lines = [
         f"{result.split} split, {result.n_trs} TRs, target: {result.target} "
         f"(every number in a column: the same TRs and voxels)",
+        *([f"WARNING: {note}"] if note else []),
         "".ljust(label_w) + "".join(h.rjust(width) for h in head),
     ]
     for label, key, kind in ROWS:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from giblet_ds.metrics import ceiling_r
 
 __all__ = ["SetScores", "normalized_term", "summarize_set"]
 
@@ -100,7 +103,8 @@ def summarize_set(
     if len(idx) == 0:
         raise ValueError(f"voxel set {name!r} is empty")
     notes: list[str] = []
-    ceiling = None if reliability is None else np.sqrt(np.clip(reliability, 0.0, None))
+    # the one ceiling rule (residues of a zero reliability read 0, not their square root)
+    ceiling = None if reliability is None else ceiling_r(torch.as_tensor(reliability)).numpy()
     ceiling_mean = None if whole_brain else _mean(ceiling, idx)
     if whole_brain and reliability is not None:
         notes.append(f"ceiling_r {WHOLE_BRAIN_CEILING_NOTE}")

@@ -80,7 +80,7 @@ def compute_features(
     video_trs, fps = video.stream_video(
         movie,
         lambda first, block: blocks.append(block),
-        tr=build.tr,
+        tr=settings.tr,
         frame_skip=build.frame_skip,
         n_frames=settings.frames_per_tr,
         height=build.frame_height,
@@ -93,18 +93,18 @@ def compute_features(
     lap("audio_decode")
     counts = {
         "video": int(frames.shape[0]),
-        "audio": align.whole_trs(len(wave) / audio.SAMPLE_RATE, build.tr),
+        "audio": align.whole_trs(len(wave) / audio.SAMPLE_RATE, settings.tr),
     }
     n_trs = min(counts.values())
     if n_trs < 1:
         raise StoreError(
             movie, "shorter than one TR in its video or audio stream", dataset="--video",
-            expected=f"at least {build.tr} s", actual=counts,
+            expected=f"at least {settings.tr} s", actual=counts,
         )  # fmt: skip
     codes = audio.encode_audio(
         wave, extractors.encodec, segment_s=build.audio_segment_s, device=build.device
     )
-    codes_tr = audio.codes_per_tr(codes, build.tr, n_trs)
+    codes_tr = audio.codes_per_tr(codes, settings.tr, n_trs)
     del wave, codes
     lap("audio")
     slots = build.annotations_per_tr
@@ -124,7 +124,7 @@ def compute_features(
             else np.zeros((0, settings.text_dim), np.float32)
         )
         text_array, text_mask = text.annotations_per_tr(
-            rows, embeddings, tr=build.tr, n_trs=n_trs, slots=slots
+            rows, embeddings, tr=settings.tr, n_trs=n_trs, slots=slots
         )
         source = (
             f"{Path(annotations).name}: {len(rows)} annotations ({counts_text['dropped']} rows "
@@ -136,7 +136,7 @@ def compute_features(
         audio_codes=codes_tr,
         text=text_array,
         text_mask=text_mask,
-        tr=build.tr,
+        tr=settings.tr,
         fps=fps,
         frame_size=(probe.width, probe.height),
         trs_available={**counts, "n_trs": n_trs},

@@ -74,7 +74,11 @@ def evaluation_section(
     why = (data.get("ceiling") or {}).get("why")
     if why:
         lines += ["", f"Ceiling: {why}."]
-    return lines, _checks(sets)
+    # tools/evaluate.py records when the store was not the training store (report.store_match)
+    other = (data.get("store_match") or {}).get("note")
+    if other:
+        lines += ["", f"**Warning**: {other}."]
+    return lines, ([Check("Evaluation", "warn", other)] if other else []) + _checks(sets)
 
 
 def _checks(sets: dict[str, dict[str, Any]]) -> list[Check]:

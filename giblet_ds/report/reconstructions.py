@@ -26,6 +26,7 @@ from giblet_ds.metrics import VoxelCorrelation
 from giblet_ds.model.context import current_tr
 from giblet_ds.report import sample_figures as figs
 from giblet_ds.report.brain_maps import plot_brain_map, save_voxel_map
+from giblet_ds.report.store_match import check_store_match
 from giblet_ds.store import StoreDataset, load_mask, open_store
 
 __all__ = ["ReconstructionResult", "render_reconstructions"]
@@ -72,6 +73,7 @@ def render_reconstructions(
     model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
     info = open_store(store)
     cross_check(cfg, store_sizes=info.model_input_sizes())
+    match = check_store_match(location, cfg, info)  # another mask: refused here
     ds = StoreDataset.for_run(info, split, cfg)
     if len(ds) < 2:
         raise CheckpointError(f"{store}: split {split!r} has {len(ds)} TR(s); need at least 2")
@@ -142,6 +144,7 @@ def render_reconstructions(
         "n_voxels": info.n_voxels,
         **summary.as_dict(),
         "samples": [int(kept[i][0]["index"]) for i in picks],
+        "store_match": match.as_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     index = _write_index(out, figures, metrics)
@@ -153,6 +156,8 @@ def _write_index(out: Path, figures: list[tuple[str, Path]], metrics: dict[str, 
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in metrics.items()
     )
+    note = (metrics.get("store_match") or {}).get("note")
+    warning = f"<p style='color:#b00'><b>WARNING</b>: {html.escape(note)}</p>" if note else ""
     figures_html = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -163,7 +168,7 @@ def _write_index(out: Path, figures: list[tuple[str, Path]], metrics: dict[str, 
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em;"
         "vertical-align:top}img{max-width:900px;border:1px solid #ccc}th{text-align:left;"
         "padding-right:1em}</style></head><body><h1>Reconstructions</h1>"
-        f"<table>{rows}</table><p><a href='voxel_r.nii.gz'>voxel_r.nii.gz</a> (per-voxel r in "
+        f"{warning}<table>{rows}</table><p><a href='voxel_r.nii.gz'>voxel_r.nii.gz</a> (per-voxel r in "
         f"the store's mask space)</p>{figures_html}</body></html>\n"
     )
     path = out / "index.html"

@@ -130,7 +130,8 @@ def verify_manifest(tag_dir: Path, names: Iterable[str] | None = None) -> None:
 @dataclass(frozen=True)
 class TagMetadata:
     """Who wrote a tag: ``world_size`` data-parallel ranks at optimizer step ``step``; with what
-    a resume checks before touching the tag (``store_hash``, the ``sampler`` position)."""
+    a resume checks before touching the tag (``store_hash``, the ``sampler`` position), and the
+    training store's voxel space (``mask_hash``), which the tools check a store against."""
 
     tag: str
     step: int
@@ -138,6 +139,7 @@ class TagMetadata:
     zero_stage: int
     store_hash: str | None = None
     sampler: dict[str, Any] | None = None
+    mask_hash: str | None = None
 
 
 def write_metadata(tag_dir: Path, meta: TagMetadata) -> None:
@@ -158,6 +160,7 @@ def read_metadata(tag_dir: Path) -> TagMetadata | None:
             zero_stage=int(body["zero_stage"]),
             store_hash=body.get("store_hash"),
             sampler=body.get("sampler"),
+            mask_hash=body.get("mask_hash"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed tag metadata ({exc!r})") from None

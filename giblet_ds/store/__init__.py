@@ -1,7 +1,13 @@
 """The HDF5 feature store: one validated file every rank reads (layout in docs/store.md)."""
 
 from giblet_ds.store.dataset import StoreDataset
-from giblet_ds.store.reader import StoreInfo, export_mask_nifti, load_mask, open_store
+from giblet_ds.store.reader import (
+    StoreInfo,
+    export_mask_nifti,
+    load_mask,
+    mask_sha256,
+    open_store,
+)
 from giblet_ds.store.sampler import ResumableDistributedSampler
 from giblet_ds.store.schema import SCHEMA_VERSION
 from giblet_ds.store.stats import load_target_stats, read_split_subjects, subject_variances
@@ -12,6 +18,7 @@ __all__ = [
     "StoreInfo",
     "open_store",
     "load_mask",
+    "mask_sha256",
     "export_mask_nifti",
     "StoreDataset",
     "ResumableDistributedSampler",

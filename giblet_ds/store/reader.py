@@ -6,6 +6,7 @@ was found, so a bad store never surfaces as a traceback from deep inside h5py or
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,17 @@ def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         mask = np.asarray(handle[schema.MASK][()], dtype=bool)
         affine = np.asarray(handle[schema.MASK].attrs["affine"], dtype=np.float64)
     return mask, affine
+
+
+def mask_sha256(path: str | Path) -> str:
+    """Identity of the store's voxel space: SHA-256 of the mask's shape, its voxels and its affine
+    (to 1e-4 mm). Two stores with the same hash order the same brain voxels the same way, so a
+    model's per-voxel outputs mean the same voxels on either."""
+    mask, affine = load_mask(path)
+    digest = hashlib.sha256(repr(mask.shape).encode())
+    digest.update(np.packbits(mask.ravel()).tobytes())
+    digest.update(np.round(affine, 4).astype("<f8").tobytes())
+    return digest.hexdigest()
 
 
 def export_mask_nifti(path: str | Path, out: str | Path) -> Path:

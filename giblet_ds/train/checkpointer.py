@@ -11,8 +11,10 @@ the folder into place, replacing a tag of the same name as a whole. Only then do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from giblet_ds.run.manifest import (
     write_metadata,
 )
 from giblet_ds.run.resolver import CheckpointLocation, find_run_config, resolve_resume
+from giblet_ds.run.save_space import is_write_failure, space_problem, write_failure
 from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
@@ -126,44 +129,64 @@ class Checkpointer:
         state: dict[str, Any],
         config_yaml: str,
         store_hash: str | None = None,
+        mask_hash: str | None = None,
     ) -> Path:
         """Write ``tag`` on every rank with ``state`` as DeepSpeed's client state; returns its folder
         (see the module docstring for the order)."""
         staged = self.run.staging_tag_dir(tag)
-        if dist.is_rank0():
-            self.run.fresh_staging(tag)
-        dist.barrier()
-        engine.save_checkpoint(
-            str(self.run.staging), tag=tag, client_state=state, save_latest=False
-        )
+        # Rank 0 judges the space for everyone (free space moves between the ranks' looks).
+        problem = dist.broadcast_object(space_problem(self.run, tag) if dist.is_rank0() else None)
+        if problem is not None:
+            raise CheckpointError(problem)
+        with self._write_errors(tag):
+            if dist.is_rank0():
+                self.run.fresh_staging(tag)
+            dist.barrier()
+            engine.save_checkpoint(
+                str(self.run.staging), tag=tag, client_state=state, save_latest=False
+            )
         dist.barrier()
         # Rank 0's listing for everyone (a shared file system may show other ranks late).
         names = dist.broadcast_object(sorted(p.name for p in staged.iterdir() if p.is_file()))
         mine = manifest_entries(staged, names[dist.rank() :: dist.world_size()])
         entries = {k: v for part in dist.all_gather_object(mine) for k, v in part.items()}
         if dist.is_rank0():
-            (staged / TAG_CONFIG_NAME).write_text(config_yaml)
-            write_metadata(
-                staged,
-                TagMetadata(
-                    tag=tag,
-                    step=step,
-                    world_size=int(getattr(engine, "dp_world_size", dist.world_size())),
-                    zero_stage=int(engine.zero_optimization_stage()),
-                    store_hash=store_hash,
-                    sampler=state.get("sampler"),
-                ),
-            )
-            entries.update(manifest_entries(staged, [TAG_CONFIG_NAME, METADATA_NAME]))
-            write_manifest(staged, entries)
-            self.run.mark_complete(tag, step, staged=True)
-            self.run.commit_staged(tag)
-            write_converter_scripts(self.run.checkpoints, self.run.staging)
-            if tag != BEST_TAG:
-                self.run.write_latest(tag)
-                self.run.prune_step_tags(self.keep_last)
+            with self._write_errors(tag):
+                (staged / TAG_CONFIG_NAME).write_text(config_yaml)
+                write_metadata(
+                    staged,
+                    TagMetadata(
+                        tag=tag,
+                        step=step,
+                        world_size=int(getattr(engine, "dp_world_size", dist.world_size())),
+                        zero_stage=int(engine.zero_optimization_stage()),
+                        store_hash=store_hash,
+                        sampler=state.get("sampler"),
+                        mask_hash=mask_hash,
+                    ),
+                )
+                entries.update(manifest_entries(staged, [TAG_CONFIG_NAME, METADATA_NAME]))
+                write_manifest(staged, entries)
+                self.run.mark_complete(tag, step, staged=True)
+                self.run.commit_staged(tag)
+                write_converter_scripts(self.run.checkpoints, self.run.staging)
+                if tag != BEST_TAG:
+                    self.run.write_latest(tag)
+                    self.run.prune_step_tags(self.keep_last)
         dist.barrier()
         return self.run.tag_dir(tag)
+
+    @contextlib.contextmanager
+    def _write_errors(self, tag: str) -> Iterator[None]:
+        """A failed write of ``tag`` (a full disk above all) as one CheckpointError that names
+        the tag, the folder, the space needed and free and the tag to resume from. A rank that
+        raises it exits; the launcher stops the others."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            if not is_write_failure(exc):
+                raise
+            raise CheckpointError(write_failure(self.run, tag, exc)) from exc
 
     def load(self, engine: Any, location: CheckpointLocation) -> dict[str, Any]:
         """Load the engine (weights, optimizer, scheduler) and return the saved client state."""

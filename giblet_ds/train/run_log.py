@@ -9,8 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from giblet_ds.errors import GibletError
 from giblet_ds.run.layout import RunDir
 from giblet_ds.run.records import Record, TrainRecord, ValRecord, record_to_json
+from giblet_ds.run.save_space import record_write_failure
 
 __all__ = ["RunLog", "setup_file_logging", "wandb_run_id"]
 
@@ -80,8 +82,13 @@ class RunLog:
     def write(self, record: Record) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as fh:
-            fh.write(record_to_json(record) + "\n")
+        try:
+            with self.path.open("a") as fh:
+                fh.write(record_to_json(record) + "\n")
+        except OSError as exc:  # a full disk: say which file, and where the run resumes
+            raise GibletError(
+                record_write_failure(RunDir(self.path.parent), self.path, exc)
+            ) from exc
         if self._wandb is not None and isinstance(record, TrainRecord | ValRecord):
             fields = dataclasses.asdict(record)
             fields.pop("time")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from giblet_ds.store import (
     StoreDataset,
     StoreInfo,
     load_target_stats,
+    mask_sha256,
     subject_variances,
 )
 from giblet_ds.train import distributed as dist
@@ -257,7 +260,12 @@ class Trainer:
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.run_log.write(EndRecord(step=self.step, status=status, reason=reason))
+            try:
+                self.run_log.write(EndRecord(step=self.step, status=status, reason=reason))
+            except GibletError as exc:  # a full disk: the run's own error is the one to raise
+                if status != "failed":
+                    raise
+                log.error("%s", exc)
             log.info("run %s at step %d: %s", status, self.step, reason)
             self.run_log.close()
 
@@ -355,11 +363,14 @@ class Trainer:
         return accumulation_groups(loader, self.cfg.optim.grad_accum_steps, steps)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """Forward, normalized loss, backward and one optimizer step over the micro batches."""
+        """Forward, normalized loss, backward and one optimizer step over the micro batches.
+
+        The loss and its terms are the step's: averaged over every micro batch of every rank (one
+        small all-reduce), so a logged curve does not change with the number of ranks."""
         self.engine.train()
         lr = self._lr()
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
+        names: list[str] = []
+        sums: torch.Tensor | None = None  # [loss, *terms by name], summed over micro batches
         for batch in micro_batches:
             batch = self._to_device(batch)
             faults.maybe_poison(batch, self.step, self.rank)
@@ -369,17 +380,19 @@ class Trainer:
             result = self.loss_fn(output, batch)
             self.engine.backward(result.total)
             self.engine.step()
-            loss_sum += result.total.item()
-            for name, value in result.terms.items():
-                totals[name] = totals.get(name, 0.0) + value.item()
-        n = len(micro_batches)
-        terms = {k: v / n for k, v in totals.items()}
-        local_bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        # Every rank learns which terms went non-finite anywhere (one small all-reduce).
-        flags = torch.tensor([1.0 if k in local_bad else 0.0 for k in sorted(terms)])
-        bad = [k for k, f in zip(sorted(terms), dist.all_reduce_sum(flags), strict=True) if f > 0]
+            names = sorted(result.terms)
+            values = torch.stack(
+                [result.total.detach()] + [result.terms[k].detach() for k in names]
+            )
+            sums = values.double() if sums is None else sums + values.double()
+        assert sums is not None, "an optimizer step needs at least one micro batch"
+        # Equal micro batches on every rank: the mean of the micro-batch means is the global
+        # batch's mean. A non-finite term anywhere makes its sum non-finite on every rank.
+        means = (dist.all_reduce_sum(sums) / (len(micro_batches) * self.world_size)).tolist()
+        terms = dict(zip(names, means[1:], strict=True))
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
         return StepResult(
-            loss=loss_sum / n,
+            loss=means[0],
             terms=terms,
             applied=bool(self.engine.was_step_applied()) and not bad,
             lr=lr,
@@ -445,6 +458,7 @@ class Trainer:
             state=self.state_dict(),
             config_yaml=config_yaml,
             store_hash=self.store.build_hash,
+            mask_hash=_mask_hash(self.store.path, self.store.build_hash),
         )
         self.run_log.write(CheckpointRecord(step=self.step, tag=tag, path=str(tag_dir)))
         if tag != BEST_TAG:
@@ -514,3 +528,9 @@ def _slurm_job() -> dict[str, Any]:
         "slurm_job_id": job_id,
         "slurm_restart_count": int(restarts) if job_id and restarts.isdigit() else None,
     }
+
+
+@functools.cache
+def _mask_hash(path: Path, build_hash: str) -> str:
+    """The store's mask hash for every tag's metadata (read once per store build)."""
+    return mask_sha256(path)
