@@ -117,9 +117,11 @@ def set_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: Schedul
     group lrs from the checkpoint, which would keep the saved peak (and the saved lr for the first
     resumed step) whatever the config now says."""
     groups = scheduler.optimizer.param_groups
-    scheduler.lr_lambdas = [_factor(schedule) for _ in groups]
+    factor = _factor(schedule)
+    scheduler.lr_lambdas = [factor for _ in groups]
     scheduler.base_lrs = [schedule.peak_lr for _ in groups]
-    lr = schedule.lr(scheduler.last_epoch)
+    # LambdaLR's own arithmetic (base x factor): an unchanged resume stays bit-identical
+    lr = schedule.peak_lr * factor(scheduler.last_epoch)
     for group in groups:
         group["lr"] = lr
         group["initial_lr"] = schedule.peak_lr
