@@ -23,6 +23,7 @@ from giblet_ds.config.resume_rules import (
 from giblet_ds.errors import CheckpointError
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import set_optimizer_settings
+from giblet_ds.train.resume import saved_schedule
 from giblet_ds.train.schedule import Schedule, make_scheduler, set_schedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,3 +196,13 @@ def test_set_schedule_and_settings_override_what_a_load_brought_back() -> None:
         (0.5, (0.8, 0.9), 1e-6),
         (0.0, (0.8, 0.9), 1e-6),
     ]
+
+
+def test_a_tag_saved_before_the_schedule_was_gets_it_from_its_config() -> None:
+    """Tags of earlier giblet-ds carry no schedule: the saved config, world size and sampler say
+    what that run planned (23 TRs on 2 ranks: 11 each, 5 steps of 2, 2 epochs)."""
+    saved = load_config(TINY)
+    state = {"world_size": 2, "sampler": {"dataset_size": 23}}
+    assert saved_schedule(state, saved) == Schedule(1e-2, 2, 1e-3, 1e-4, total_steps=10)
+    planned = Schedule(1e-2, 2, 1e-3, 1e-4, total_steps=44, decay_start=4, decay_start_factor=0.5)
+    assert saved_schedule({"schedule": planned.state_dict()}, saved) == planned
