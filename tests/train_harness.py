@@ -51,6 +51,9 @@ def run_training(
     else:
         cmd = [str(DS_BIN), "--num_gpus", str(world), "--master_port", str(free_port()), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    # This checkout's giblet_ds, not the one an editable install points at (a git worktree's
+    # script would otherwise import another checkout's package).
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     # Own session: a fault-injected SIGKILL of the process group takes the launcher with it, not

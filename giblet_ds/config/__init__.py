@@ -6,6 +6,7 @@
 - :mod:`checks`: checks across sections, raised together;
 - :mod:`deepspeed_json`: DeepSpeed JSON files (engine knobs only) and the dict handed to DeepSpeed.
 - :mod:`saved_model`: a saved run's model settings against this code and config (load, resume).
+- :mod:`resume_rules`: what a resume does with each changed setting (apply / convert / refuse).
 
 :func:`giblet_ds.resolve.resolve` is the one step that turns a loaded config plus a store, a DeepSpeed
 JSON and a world size into what a run uses.

@@ -16,12 +16,18 @@ import yaml
 
 from giblet_ds.config.loading import load_config
 from giblet_ds.config.model_section import MODEL_INPUT_KEYS, ModelConfig
+from giblet_ds.config.resume_rules import RESUME_RULES
 from giblet_ds.errors import CheckpointError
 
 __all__ = ["check_same_model", "check_saved_design"]
 
-# Settings that change neither a parameter's shape nor the forward arithmetic of a trained model.
-_FREE_ON_RESUME = {"activation_checkpointing", "dropout", "context_init"}
+# Settings that change neither a parameter's shape nor the forward arithmetic of a trained model:
+# the model rows of the resume table (giblet_ds.config.resume_rules) that a resume applies.
+_FREE_ON_RESUME = {
+    key.removeprefix("model.")
+    for key, rule in RESUME_RULES.items()
+    if key.startswith("model.") and rule.action != "refuse"
+}
 
 
 def check_saved_design(config_path: Path) -> None:

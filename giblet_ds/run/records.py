@@ -84,6 +84,10 @@ class StartRecord(Record):
     """SLURM_JOB_ID (the same for every requeue of a job), None outside SLURM."""
     slurm_restart_count: int | None = None
     """SLURM_RESTART_COUNT: 0 on the first start, n after n requeues; None outside SLURM."""
+    resume_changes: dict[str, list[Any]] = field(default_factory=dict)
+    """Settings this resume applied or converted (docs/resume.md): dotted key -> [saved, now]."""
+    resume_notes: list[str] = field(default_factory=list)
+    """What the conversions did (early stopping restarted, the cosine re-planned)."""
 
 
 @dataclass

@@ -15,11 +15,18 @@ import contextlib
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from giblet_ds.config import ModelConfig
-from giblet_ds.config.saved_model import check_same_model
+from giblet_ds.config import RunConfig, load_config, zero_stage
+from giblet_ds.config.resume_rules import (
+    WORLD_SIZE_KEY,
+    ZERO_STAGE_KEY,
+    ResumePlan,
+    check_resume,
+)
+from giblet_ds.config.saved_model import check_saved_design
 from giblet_ds.errors import CheckpointError
 from giblet_ds.run.layout import BEST_TAG, TAG_CONFIG_NAME, RunDir
 from giblet_ds.run.manifest import (
@@ -39,9 +46,17 @@ from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
 
-__all__ = ["Checkpointer", "check_store_hash"]
+__all__ = ["Checkpointer", "ResumeTarget", "check_store_hash"]
 
 log = logging.getLogger("giblet_ds")
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    """The tag a resume loads and what the resume changes (docs/resume.md)."""
+
+    location: CheckpointLocation
+    plan: ResumePlan
 
 
 class Checkpointer:
@@ -63,22 +78,30 @@ class Checkpointer:
         self,
         resume: str,
         *,
+        cfg: RunConfig,
         store: StoreInfo,
         sampler: ResumableDistributedSampler,
         ds_config: dict[str, Any],
         verify: bool,
-        model: ModelConfig,
-    ) -> CheckpointLocation | None:
-        """The tag ``checkpoint.resume`` names, checked (manifest, model settings, store,
-        sampler) before anything is converted; on a new world size its universal copy (and
-        ``ds_config`` is switched to universal loading). None: start fresh."""
+    ) -> ResumeTarget | None:
+        """The tag ``checkpoint.resume`` names, checked (manifest, every changed setting against
+        the resume table, store, sampler) before anything is converted; on a new world size its
+        universal copy (and ``ds_config`` is switched to universal loading). None: start fresh."""
         location = resolve_resume(resume, self.run.path)
         if location is None:
             return None
         if verify:
             self.verify(location)
-        check_same_model(find_run_config(location.path), model)
+        config_path = find_run_config(location.path)
+        check_saved_design(config_path)
         meta = read_metadata(location.path)
+        outside = {
+            ZERO_STAGE_KEY: (None if meta is None else meta.zero_stage, zero_stage(ds_config)),
+            WORLD_SIZE_KEY: (None if meta is None else meta.world_size, sampler.num_replicas),
+        }
+        plan = check_resume(
+            load_config(config_path), cfg, where=str(location.path), outside=outside
+        )
         if meta is not None and meta.store_hash is not None:
             check_store_hash(meta.store_hash, store)
         if meta is not None and meta.sampler is not None:
@@ -89,7 +112,7 @@ class Checkpointer:
         if self.needs_universal(location, sampler.num_replicas):
             location = self.to_universal(location)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        return location
+        return ResumeTarget(location, plan)
 
     def needs_universal(self, location: CheckpointLocation, world_size: int) -> bool:
         """True when ``location`` was written by another number of ranks (its metadata says)."""

@@ -53,3 +53,8 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, float | int | str]) -> None:
         for key in ("best", "best_step", "bad_validations"):
             setattr(self, key, type(getattr(self, key))(state[key]))
+
+    def restart(self) -> None:
+        """Forget the best and the count (a resume changed what the metric measures): the next
+        validation sets the new best."""
+        self.best, self.best_step, self.bad_validations = math.nan, -1, 0

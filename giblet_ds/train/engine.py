@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from giblet_ds.config import RunConfig
+from giblet_ds.config import OptimConfig, RunConfig
 from giblet_ds.config.deepspeed_json import zero_stage
 from giblet_ds.errors import CheckpointError
 from giblet_ds.model import GibletAutoencoder
@@ -26,7 +26,13 @@ from giblet_ds.train.schedule import make_scheduler
 
 _RANK_IN_NAME = re.compile(r"zero_pp_rank_(\d+)_")
 
-__all__ = ["build_engine", "checkpoint_world_size", "convert_to_universal", "weight_decay_groups"]
+__all__ = [
+    "build_engine",
+    "checkpoint_world_size",
+    "convert_to_universal",
+    "set_optimizer_settings",
+    "weight_decay_groups",
+]
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -42,6 +48,21 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def set_optimizer_settings(param_groups: list[dict[str, Any]], optim: OptimConfig) -> None:
+    """Set AdamW's settings from ``optim`` on the groups of :func:`weight_decay_groups` (decayed
+    first). After a load: DeepSpeed restores the optimizer's groups from the checkpoint, saved
+    settings included, so without this a resume's new weight_decay, betas or eps would be ignored."""
+    if len(param_groups) != 2:
+        raise CheckpointError(
+            f"the optimizer has {len(param_groups)} parameter groups, not the 2 of "
+            "weight_decay_groups (decayed, not decayed); cannot set optim.* on them"
+        )
+    for group, weight_decay in zip(param_groups, (optim.weight_decay, 0.0), strict=True):
+        group["weight_decay"] = weight_decay
+        group["betas"] = tuple(optim.betas)
+        group["eps"] = optim.eps
 
 
 def build_engine(

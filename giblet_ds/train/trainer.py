@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from giblet_ds.config import RunConfig, config_to_dict
+from giblet_ds.config.resume_rules import ResumePlan
 from giblet_ds.errors import GibletError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.model import (
@@ -44,8 +45,16 @@ from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flo
 from giblet_ds.train.engine import build_engine
 from giblet_ds.train.hrf_start import mixer_start
 from giblet_ds.train.preemption import PreemptionWatch
+from giblet_ds.train.resume import (
+    apply_resumed_settings,
+    early_stopping_note,
+    replan_note,
+    run_length,
+    saved_schedule,
+)
 from giblet_ds.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from giblet_ds.train.run_log import RunLog, setup_file_logging, wandb_run_id
+from giblet_ds.train.schedule import Schedule
 from giblet_ds.train.steps import SkipCounter, StepResult, accumulation_groups, mfu
 from giblet_ds.train.validator import Validator
 
@@ -97,19 +106,22 @@ class Trainer:
         self.checkpointer.clear_staging()
         resume = self.checkpointer.resume_target(
             self.cfg.checkpoint.resume,
+            cfg=self.cfg,
             store=self.store,
             sampler=self.sampler,
             ds_config=resolved.ds_config,
             verify=verify_checkpoint,
-            model=self.cfg.model,
         )
         self._build_engine(resolved.ds_config)
         self.validator = Validator(self.cfg, self.store, self.val_data, self.loss_fn)
         self._init_counters()
         self._build_logging(resuming=resume is not None)
         if resume is not None:
-            self.load_state_dict(self.checkpointer.load(self.engine, resume))
-            log.info("resumed from %s at step %d (epoch %d)", resume.path, self.step, self.epoch)
+            self.load_state_dict(self.checkpointer.load(self.engine, resume.location), resume.plan)
+            log.info("resumed from %s at step %d (epoch %d)", resume.location.path, self.step,
+                     self.epoch)  # fmt: skip
+            for note in self.resume_notes:
+                log.warning("resume: %s", note)
         log.info("parameters:\n%s", format_counts(self.counts))
 
     # ---------------------------------------------------------------------------------- build
@@ -199,6 +211,9 @@ class Trainer:
         self._last_saved_step = -1
         self.preemption = PreemptionWatch()
         self.preempted_by: str | None = None
+        self.schedule = Schedule.of(self.cfg, self.max_steps)
+        self.resume_changes: dict[str, list[Any]] = {}
+        self.resume_notes: list[str] = []
 
     def _build_logging(self, *, resuming: bool) -> None:
         config = config_to_dict(self.cfg)
@@ -235,6 +250,8 @@ class Trainer:
                 mixer_start=None if self.mixer_start is None else self.mixer_start.tolist(),
                 launch=dist.launch_source(),
                 **_slurm_job(),
+                resume_changes=self.resume_changes,
+                resume_notes=self.resume_notes,
             )
         )
         try:
@@ -473,19 +490,43 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": dist.all_gather_object(capture_rng_state()),
             "early_stopping": self.validator.early_stopping.state_dict(),
+            "schedule": self.schedule.state_dict(),
             **self.skips.state_dict(),
             "config": config_to_dict(self.cfg),
             "store_hash": self.store.build_hash,
             "world_size": self.world_size,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; refuses a checkpoint of another store."""
+    def load_state_dict(self, state: dict[str, Any], plan: ResumePlan | None = None) -> None:
+        """Restore what :meth:`state_dict` saved, then apply what ``plan`` (the resume's checked
+        changes, docs/resume.md) changes; refuses a checkpoint of another store."""
+        plan = plan or ResumePlan(self.cfg)
         check_store_hash(state["store_hash"], self.store)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.skips.load_state_dict(state)
-        self.validator.early_stopping.load_state_dict(state["early_stopping"])
+        self.resume_changes = plan.changes
+        if plan.restart_early_stopping is None:
+            self.validator.early_stopping.load_state_dict(state["early_stopping"])
+        else:
+            metric = self.cfg.train.early_stopping.metric
+            self.resume_notes.append(
+                early_stopping_note(state["early_stopping"], metric, plan.restart_early_stopping)
+            )
         self.sampler.load_state_dict(state["sampler"])
+        self.max_steps = run_length(
+            self.cfg,
+            step=self.step,
+            epoch=self.epoch,
+            steps_left_in_epoch=self._steps_left_in_epoch(),
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        saved = saved_schedule(state, plan.saved)
+        self.schedule = Schedule.of(self.cfg, self.max_steps).continuing(
+            saved, self.engine.lr_scheduler.last_epoch
+        )
+        if (note := replan_note(saved, self.schedule)) is not None:
+            self.resume_notes.append(note)
+        apply_resumed_settings(self.engine, self.cfg, self.schedule)
         if self._steps_left_in_epoch() == 0:
             # Saved after the epoch's last step, its validation and its save: go on with the next
             # epoch instead of validating (and counting toward early stopping) a second time.

@@ -1,0 +1,77 @@
+"""After DeepSpeed's load: make the resumed run follow this run's config, not the checkpoint's
+(docs/resume.md; the table of what may change is giblet_ds.config.resume_rules).
+
+DeepSpeed restores the optimizer's parameter groups (lr, betas, eps, weight decay) and the
+scheduler's base lr from the tag. Those are the saved settings; a resume that changed them must
+set them again, and a changed run length re-plans the cosine without a jump in the lr.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from giblet_ds.config import RunConfig
+from giblet_ds.train.engine import set_optimizer_settings
+from giblet_ds.train.schedule import Schedule, set_schedule
+
+__all__ = [
+    "apply_resumed_settings",
+    "early_stopping_note",
+    "replan_note",
+    "run_length",
+    "saved_schedule",
+]
+
+
+def run_length(
+    cfg: RunConfig, *, step: int, epoch: int, steps_left_in_epoch: int, steps_per_epoch: int
+) -> int:
+    """The run's last optimizer step as resumed: ``train.max_steps``, or with ``train.epochs`` the
+    saved step + the steps left in its epoch + the later epochs, all at this run's batches. (The
+    saved step count says nothing about a step's size: after a change of world size or batch,
+    ``epochs x steps_per_epoch`` would end the run before or after its last epoch.)"""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return step + steps_left_in_epoch + (cfg.train.epochs - 1 - epoch) * steps_per_epoch
+
+
+def saved_schedule(state: dict[str, Any], saved: RunConfig) -> Schedule:
+    """The schedule the saved run followed: saved with the tag, or (tags written before it was)
+    rebuilt from the saved config, world size and sampler as that run planned it."""
+    if "schedule" in state:
+        return Schedule.from_state(state["schedule"])
+    total = saved.train.max_steps
+    if not total:
+        per_rank = state["sampler"]["dataset_size"] // int(state["world_size"])  # drop_last
+        total = saved.train.epochs * (per_rank // saved.optim.samples_per_rank_step)
+    return Schedule.of(saved, total)
+
+
+def apply_resumed_settings(engine: Any, cfg: RunConfig, schedule: Schedule) -> None:
+    """Set ``schedule`` on the engine's scheduler and ``cfg.optim`` on its optimizer's groups
+    (after ``engine.load_checkpoint``, which brought back the saved ones)."""
+    set_schedule(engine.lr_scheduler, schedule)
+    set_optimizer_settings(engine.optimizer.param_groups, cfg.optim)
+
+
+def early_stopping_note(saved: dict[str, Any], metric: str, reason: str) -> str:
+    """The start record's note when a resume restarts early stopping."""
+    best = float(saved["best"])
+    was = "no best yet" if math.isnan(best) else f"best {best:.6g} at step {saved['best_step']}"
+    return (
+        f"early stopping restarted ({reason}): the saved {was} measured something else; the "
+        f"next validation sets the new best of {metric} and replaces the `best` tag"
+    )
+
+
+def replan_note(before: Schedule, after: Schedule) -> str | None:
+    """The start record's note when a resume re-planned the cosine (the run's length changed)."""
+    if after.decay_start == before.decay_start and after.total_steps == before.total_steps:
+        return None
+    if after.decay_start <= after.warmup_steps:
+        return f"the cosine is planned over {after.total_steps} steps (it had not begun)"
+    return (
+        f"the cosine is re-planned from step {after.decay_start} (lr "
+        f"{after.lr(after.decay_start):.6g}) to schedule.min_lr at step {after.total_steps}"
+    )
