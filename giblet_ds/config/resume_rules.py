@@ -119,6 +119,9 @@ RESUME_RULES: dict[str, ResumeRule] = {
     "model.context_trs": _WEIGHTS,
     "model.context_end": _WEIGHTS,
     "model.dropout": _FREE,
+    "model.n_subjects": _WEIGHTS,
+    "model.subject_rank": _WEIGHTS,
+    "model.subject_dropout": _FREE,
     "model.activation_checkpointing": _FREE,
     "model.context_init": ResumeRule(
         "apply", "only where the mixer starts: the resumed mixer's weights come from the tag"
@@ -130,6 +133,12 @@ RESUME_RULES: dict[str, ResumeRule] = {
         "refuse",
         "another target: the output biases, the loss's variances and the validation reference "
         "were set from the saved subject",
+        _NEW_RUN,
+    ),
+    "data.target": ResumeRule(
+        "refuse",
+        "another target (the subject mean or each subject's own volumes): the fMRI outputs, the "
+        "loss's variances and the validation reference were set from the saved one",
         _NEW_RUN,
     ),
     "data.num_workers": _CADENCE,
