@@ -102,6 +102,22 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"base": base, "raw": raw, "store": store, "run": run, "model": out}
 
 
+@pytest.fixture(scope="module")
+def exported_subjects(exported: dict[str, Any]) -> dict[str, Any]:
+    """The same store trained with subject heads (``data.target=subjects``), exported."""
+    from giblet_ds.pretrained import export_model
+    from tests.train_harness import REPO, run_training
+
+    base = exported["base"]
+    run = base / "run_subjects"
+    sets = ("model.context_trs=3", "model.context_end=volume", "model.context_init=hrf",
+            "train.epochs=1", "data.target=subjects")  # fmt: skip
+    proc = run_training(run, exported["store"], world=1, sets=sets, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = export_model(run, base / "model_subjects", training_video=exported["raw"].video)
+    return {**exported, "run": run, "model": out}
+
+
 def _copy_with(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     """A copy of an export changed by ``edit(folder)`` with its manifest written again, as a
     differently made export would be (only the content differs, not the bookkeeping)."""
@@ -276,7 +292,7 @@ def test_refusals(
 ) -> None:
     from safetensors.torch import load_file, save_file
 
-    from giblet_ds.pretrained import BundleError, load_pretrained
+    from giblet_ds.pretrained import BundleError, PredictionError, load_pretrained
 
     model_dir = exported["model"]
     movie = _gray_ramp(tmp_path / "m.mp4", seconds=1.0)
@@ -328,9 +344,16 @@ def test_refusals(
     refused([str(broken), "--video", str(movie), "--out", str(out)],
             "the prediction is not finite at 4 values (first: TR 0, voxel 3)")  # fmt: skip
 
-    # a subject head that does not exist
+    # a subject of a model trained without subject heads
     refused([str(model_dir), "--video", str(movie), "--out", str(out), "--subject", "sub-2"],
-            "subject-specific heads do not exist yet")  # fmt: skip
+            "--subject sub-2: this model was trained without subject heads and predicts only "
+            "its training target (subject mean): pass --subject mean or leave it out. To "
+            "predict each subject, train with data.target=subjects")  # fmt: skip
+
+    headless = load_pretrained(model_dir)
+    z = np.zeros((1, int(headless.mask.sum())), np.float32)
+    with pytest.raises(PredictionError, match="subject head 0: this model was trained without"):
+        headless.to_raw(z, subject=0)
 
     # export: an existing folder is never overwritten; a random-weight store needs its movie
     assert export_tool.main([str(exported["run"]), "--out", str(model_dir)]) == 2
@@ -338,6 +361,122 @@ def test_refusals(
     assert export_tool.main([str(exported["run"]), "--out", str(tmp_path / "e")]) == 2
     assert "--training-video movie.m4v" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def _hand_windows(features: Any) -> list[torch.Tensor]:
+    """The model's inputs for every TR of a 4-TR movie, written out by hand for a 3-TR window
+    ending at the volume with lag 1: slot 0 row t-1, slot 1 row t+1 (the volume's own stimulus
+    row), slot 2 row t; rows -1 and 4 are zero padding, masked."""
+    assert features.n_trs == 4
+    rows = [(None, 1, 0), (0, 2, 1), (1, 3, 2), (2, None, 3)]
+
+    def take(array: np.ndarray) -> np.ndarray:
+        pad = np.zeros_like(array[0])
+        return np.stack([np.stack([pad if r is None else array[r] for r in w]) for w in rows])
+
+    mask = np.array([[r is not None for r in w] for w in rows])
+    return [
+        torch.from_numpy(np.divide(take(features.video), 255.0, dtype=np.float32)),
+        torch.from_numpy(take(features.audio_codes).astype(np.int64)),
+        torch.from_numpy(take(features.text)),
+        torch.from_numpy(mask),
+    ]
+
+
+def test_subject_heads(
+    exported_subjects: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--subject predicts through that subject's own head, the default is the average subject,
+    raw units are that subject's; an unknown subject is refused naming the valid ones."""
+    import h5py
+
+    from giblet_ds.pretrained import PredictionError, compute_features, load_pretrained
+    from giblet_ds.pretrained.predict import check_subject, extractors_for, predict_movie
+
+    model_dir = exported_subjects["model"]
+    model = load_pretrained(model_dir)
+    assert (model.n_heads, model.subjects) == (3, ("sub-1", "sub-2", "sub-3"))
+    movie = _gray_ramp(tmp_path / "m.mp4", seconds=1.0)  # 4 TRs
+    features = compute_features(movie, model.features, extractors_for(model, with_text=False))
+    with torch.no_grad():
+        hand = model.model(*_hand_windows(features))
+    assert hand.fmri_subjects is not None
+    assert hand.fmri_subjects.shape == (4, 3, int(model.mask.sum()))
+    own = hand.fmri_subjects.numpy()
+    average = hand.fmri.numpy()
+    for head in range(3):  # bit-identical to the model's own per-subject output
+        np.testing.assert_array_equal(model.predict(features, subject=head).fmri, own[:, head])
+    np.testing.assert_array_equal(model.predict(features).fmri, average)
+    assert np.abs(own[:, 1] - average).max() > 1e-4  # the heads are not the average subject
+    with pytest.raises(PredictionError, match=r"subject head 3: this model has 3 \(0\.\.2\)"):
+        model.predict(features, subject=3)
+
+    # the tool: --subject by name or index, the default the average subject
+    out = tmp_path / "out" / "p.nii.gz"
+    sidecar = tmp_path / "out" / "p.json"
+
+    def predicted(*extra: str) -> tuple[np.ndarray, dict[str, Any], str]:
+        assert predict_tool.main([str(model_dir), "--video", str(movie), "--out", str(out),
+                                  *extra]) == 0  # fmt: skip
+        values = np.asarray(nib.load(str(out)).dataobj)[model.mask].T
+        record = json.loads(sidecar.read_text())
+        out.unlink()
+        sidecar.unlink()
+        return values, record, capsys.readouterr().out
+
+    values, record, printed = predicted("--subject", "sub-2")
+    np.testing.assert_array_equal(values, own[:, 1])
+    assert (record["target"], record["subject"], record["subject_head"]) == (
+        "subject sub-2 (its own subject head 1)", "sub-2", 1)  # fmt: skip
+    assert "predicted for subject sub-2 (its own subject head 1) (z units)" in printed
+    assert record["units"] == "z: subject sub-2's own z-scored units (z-scored per voxel on " \
+        "the training TRs)"  # fmt: skip
+    values, record, _ = predicted("--subject", "1")
+    np.testing.assert_array_equal(values, own[:, 1])
+    assert record["subject"] == "sub-2"
+    values, record, printed = predicted()
+    np.testing.assert_array_equal(values, average)
+    assert (record["target"], record["subject"], record["subject_head"]) == (
+        "average subject (subject mean; no --subject)", None, None)  # fmt: skip
+    assert "predicted for average subject (subject mean; no --subject) (z units)" in printed
+
+    # raw units: z x std + mean with that subject's own training statistics
+    with h5py.File(exported_subjects["store"]) as fh:
+        raw_mean, raw_std = fh["fmri/stats/mean"][()], fh["fmri/stats/std"][()]
+    values, record, _ = predicted("--subject", "sub-3", "--units", "raw")
+    np.testing.assert_array_equal(values, own[:, 2] * raw_std[2] + raw_mean[2])
+    assert record["units"] == "raw: z x std + mean with subject sub-3's own raw training std " \
+        "and mean of each voxel"  # fmt: skip
+    values, _, _ = predicted("--units", "raw")
+    np.testing.assert_allclose(values, average * raw_std.mean(0) + raw_mean.mean(0), rtol=1e-6)
+
+    # an unknown subject: refused, naming the valid ones, nothing written
+    for bad, index in (("sub-9", "sub-9"), ("3", "3")):
+        assert predict_tool.main([str(model_dir), "--video", str(movie), "--out", str(out),
+                                  "--subject", bad]) == 2  # fmt: skip
+        assert (f"--subject {index}: not a subject of this model; valid: sub-1, sub-2, sub-3 "
+                "or an index 0..2, or leave --subject out (or pass mean) for the average "
+                "subject") in capsys.readouterr().err  # fmt: skip
+        assert not out.exists() and not sidecar.exists()
+
+    # contrast: both movies through the subject's head; two subjects are not contrasted
+    contrast = tmp_path / "contrast"
+    other = _gray_ramp(tmp_path / "b.mp4", fps=25, seconds=1.0)
+    args = [str(model_dir), "--video", str(movie), "--contrast", str(other), "--out",
+            str(contrast), "--subject", "sub-1", "--units", "raw"]  # fmt: skip
+    assert predict_tool.main(args) == 0
+    a_mean = np.asarray(nib.load(str(contrast / "a_mean.nii.gz")).dataobj)[model.mask]
+    raw = (own[:, 0] * raw_std[0] + raw_mean[0]).mean(0)
+    np.testing.assert_allclose(a_mean, raw, rtol=1e-6)
+    assert json.loads((contrast / "contrast.json").read_text())["a"]["subject"] == "sub-1"
+    from giblet_ds.pretrained.predict import write_contrast
+
+    extractors = extractors_for(model, with_text=False)
+    first = predict_movie(model, movie, extractors, subject=check_subject(model, "sub-1"))
+    mean = predict_movie(model, movie, extractors)
+    with pytest.raises(PredictionError, match="predict both movies for the same subject"):
+        write_contrast(model, first, mean, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_import_stays_light() -> None:

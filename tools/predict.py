@@ -2,7 +2,7 @@
 """Predict brain responses to a new movie with an exported model (tools/export_model.py).
 
     tools/predict.py MODEL_DIR --video NEW.mp4 [--annotations FILE] --out PRED.nii.gz \\
-        [--codes CODES.csv|.npy] [--units z|raw]
+        [--subject ID] [--codes CODES.csv|.npy] [--units z|raw]
     tools/predict.py MODEL_DIR --video A.mp4 --contrast B.mp4 --out DIR
 
 Features are computed by the store builder's own code with the export's settings; frames are
@@ -14,8 +14,13 @@ predicted response to each movie, their difference (A - B) and a figure into DIR
 
 Refused (exit 2, nothing written): feature weights that differ from the export's (unless
 --allow-other-weights, recorded in the output), a model folder missing or altering a file, a
-movie without a video stream, a non-finite prediction, a --subject other than the model's
-target (subject heads do not exist yet).
+movie without a video stream, a non-finite prediction, an unknown --subject (the valid ones
+are listed).
+
+--subject: with a model trained with subject heads (data.target=subjects), a subject's name (as
+the export lists them) or index predicts through that subject's own head, and --units raw uses
+that subject's raw training mean and std; without --subject, the average subject (the subject
+mean). A model trained without subject heads predicts only its training target.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--codes", type=Path, help="also write per-TR bottleneck codes (.csv or .npy)")
     p.add_argument(
-        "--subject", help="only the model's target exists: 'mean' (no subject heads yet)"
+        "--subject",
+        help="a subject's name or index: its own subject head (default: the average subject)",
     )
     p.add_argument(
         "--units",
@@ -80,19 +86,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_pretrained(args.model, device=args.device, dtype=args.dtype)
-        target = check_subject(model, args.subject)
+        subject = check_subject(model, args.subject)
         with_text = args.annotations is not None or args.contrast_annotations is not None
         extractors = extractors_for(
             model, with_text=with_text, encodec_weights=args.encodec_weights,
             clip_weights=args.clip_weights, allow_other_weights=args.allow_other_weights,
             device=args.device,
         )  # fmt: skip
-        a = predict_movie(model, args.video, extractors, annotations=args.annotations)
+        a = predict_movie(
+            model, args.video, extractors, annotations=args.annotations, subject=subject
+        )
         if args.contrast is None:
             paths = write_prediction(model, a, args.out, units=args.units, codes=args.codes)
         else:
             b = predict_movie(
-                model, args.contrast, extractors, annotations=args.contrast_annotations
+                model,
+                args.contrast,
+                extractors,
+                annotations=args.contrast_annotations,
+                subject=subject,
             )
             paths = write_contrast(model, a, b, args.out, units=args.units)
     except GibletError as exc:
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in [a] if args.contrast is None else [a, b]:
         rec = result.record
         print(f"{result.movie.name}: {rec['n_trs']} TRs of {rec['tr_s']} s predicted for "
-              f"{target} ({args.units} units); {rec['timing']}")  # fmt: skip
+              f"{subject.label} ({args.units} units); {rec['timing']}")  # fmt: skip
         print(f"  text: {rec['annotations']}")
         print(f"  feature weights: {rec['feature_weights']}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -38,6 +38,9 @@ class Prediction:
     (t + lag) x TR s, the response to stimulus TR t."""
     bottleneck: np.ndarray
     """float32 (T, bottleneck): TR t's own code (what the decoder reads)."""
+    subject: int | None = None
+    """The subject head ``fmri`` came from (``fmri_subjects[:, subject]``); None: the model's
+    ``fmri`` output (the average subject of a model with subject heads, else its target)."""
 
 
 @dataclass
@@ -68,16 +71,38 @@ class PretrainedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def n_heads(self) -> int:
+        """Subject heads of the model (``model.n_subjects``; 0: trained without them)."""
+        return self.config.model.n_subjects
+
+    def _check_head(self, subject: int | None) -> None:
+        if subject is None:
+            return
+        if self.n_heads == 0:
+            raise PredictionError(
+                f"subject head {subject}: this model was trained without subject heads"
+            )
+        if not 0 <= subject < self.n_heads:
+            raise PredictionError(
+                f"subject head {subject}: this model has {self.n_heads} (0..{self.n_heads - 1})"
+            )
+
     def predict(
         self,
         features: StimulusFeatures,
         *,
         rows: tuple[int, int] | None = None,
         batch_size: int = 16,
+        subject: int | None = None,
     ) -> Prediction:
         """Predicted z-scored BOLD for TRs ``rows`` = [first, stop) of ``features`` (default: all),
         each TR with its temporal context (``model.context_trs``) cut at those rows' ends, as the
-        evaluation cuts windows at a split's ends. PredictionError when a value is not finite."""
+        evaluation cuts windows at a split's ends. ``subject``: the index of a subject head
+        (a model with subject heads), whose own prediction is returned; None: the model's
+        ``fmri`` output (the average subject, or the target of a model without heads).
+        PredictionError when a value is not finite, or ``subject`` names no head."""
+        self._check_head(subject)
         first, stop = rows if rows is not None else (0, features.n_trs)
         if not 0 <= first < stop <= features.n_trs:
             raise PredictionError(
@@ -92,6 +117,7 @@ class PretrainedModel:
             context_end=self.config.model.context_end,
             lag=self.features.lag,
             batch_size=batch_size,
+            subject=subject,
         )
         bad = ~np.isfinite(fmri)
         if bad.any():
@@ -101,13 +127,14 @@ class PretrainedModel:
                 f"{first + int(tr)}, voxel {int(voxel)}); nothing written. Check the weights "
                 f"(tools/audit_weights.py {self.path / bundle.WEIGHTS}) and try --dtype fp32"
             )
-        return Prediction(fmri=fmri, bottleneck=codes)
+        return Prediction(fmri=fmri, bottleneck=codes, subject=subject)
 
-    def to_raw(self, fmri: np.ndarray) -> np.ndarray:
-        """z-scored predictions (T, V) in the subjects' raw units: ``z x std + mean`` with each
-        voxel's training std and mean averaged over the subjects (the one subject of a run that
-        trained on one)."""
-        index = self.config.data.subject
+    def to_raw(self, fmri: np.ndarray, subject: int | None = None) -> np.ndarray:
+        """z-scored predictions (T, V) in raw units: ``z x std + mean`` with each voxel's
+        training std and mean of subject head ``subject`` (that subject's own), or, with None,
+        averaged over the subjects (the one subject of a run that trained on one)."""
+        self._check_head(subject)
+        index = self.config.data.subject if subject is None else subject
         mean = self.stats["subject_mean"]
         std = self.stats["subject_std"]
         if index is not None:

@@ -4,7 +4,8 @@
 over every TR with its temporal context. ``write_prediction``: a 4-D NIfTI on the mask's grid,
 one volume per TR, volume i being the BOLD at (i + lag) x TR s of the movie, with a JSON sidecar
 that says so. ``write_contrast``: the mean response to each of two movies, their difference and a
-nilearn figure.
+nilearn figure. ``check_subject``: whose brain is predicted (a subject's own head, the average
+subject, or the one target of a model trained without subject heads).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from giblet_ds.pretrained.loading import Prediction, PretrainedModel
 __all__ = [
     "UNITS",
     "MovieResult",
+    "SubjectChoice",
     "check_subject",
     "extractors_for",
     "predict_movie",
@@ -46,17 +48,68 @@ class MovieResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def check_subject(model: PretrainedModel, subject: str | None) -> str:
-    """The target a prediction is for. Subject-specific heads do not exist yet: the only subject
-    a model predicts is the one it was trained for (``mean``: the subject mean)."""
-    trained = (
-        "mean" if model.config.data.subject is None else model.subjects[model.config.data.subject]
-    )
-    if subject is None or subject == trained:
-        return model.target
+@dataclass(frozen=True)
+class SubjectChoice:
+    """Whose brain a prediction is for (:func:`check_subject`)."""
+
+    head: int | None
+    """The subject head predicted through (``GibletOutput.fmri_subjects[:, head]``); None: the
+    model's ``fmri`` output (the average subject, or the target of a model without heads)."""
+    name: str | None
+    """The subject's name as the store lists it (None: the average subject or the mean)."""
+    label: str
+    """What the console line and the sidecar say: ``subject sub-2 (its own subject head)``,
+    ``average subject (subject mean; no --subject)``, or a headless model's target."""
+
+    def record(self) -> dict[str, Any]:
+        """The sidecar's fields: ``target``, ``subject``, ``subject_head``."""
+        return {"target": self.label, "subject": self.name, "subject_head": self.head}
+
+
+AVERAGE = "average subject"
+"""The label of a heads model's ``fmri`` output; ``--subject mean`` names it too."""
+
+
+def check_subject(model: PretrainedModel, subject: str | None) -> SubjectChoice:
+    """The target ``--subject`` asks for. With subject heads: a subject's name (as
+    ``model.subjects`` lists them) or its index picks that subject's own head; None (or
+    ``mean``) the average subject, which predicts the subject mean. Without heads: only the
+    target the model was trained on. PredictionError naming the valid choices otherwise."""
+    n_heads = model.n_heads
+    if n_heads == 0:
+        return _headless(model, subject)
+    # Names only when they are the heads' (an export whose store lists other subjects, e.g.
+    # after tools/add_subject.py, is addressed by head index).
+    names = list(model.subjects) if len(model.subjects) == n_heads else []
+    if subject is None or (subject == "mean" and "mean" not in names):
+        how = "no --subject" if subject is None else "--subject mean"
+        return SubjectChoice(None, None, f"{AVERAGE} (subject mean; {how})")
+    if subject in names:
+        head = names.index(subject)
+    elif subject.isdigit() and int(subject) < n_heads:
+        head = int(subject)
+    else:
+        indices = f"an index 0..{n_heads - 1}"
+        valid = f"{', '.join(names)} or {indices}" if names else indices
+        raise PredictionError(
+            f"--subject {subject}: not a subject of this model; valid: {valid}, or leave "
+            f"--subject out (or pass mean) for the {AVERAGE}"
+        )
+    name = names[head] if names else None
+    return SubjectChoice(head, name, f"subject {name or head} (its own subject head {head})")
+
+
+def _headless(model: PretrainedModel, subject: str | None) -> SubjectChoice:
+    index = model.config.data.subject
+    trained = "mean" if index is None else model.subjects[index]
+    label = model.target
+    if subject is None or subject == trained or (index is not None and subject == str(index)):
+        return SubjectChoice(None, None if index is None else trained, label)
     raise PredictionError(
-        f"--subject {subject}: subject-specific heads do not exist yet; this model predicts "
-        f"only its training target ({model.target}): pass --subject {trained} or leave it out"
+        f"--subject {subject}: this model was trained without subject heads and predicts only "
+        f"its training target ({label}): pass --subject {trained} or leave it out. To predict "
+        "each subject, train with data.target=subjects (subject heads, model.n_subjects from "
+        'the store; docs/design.md, "Subject heads") and export that run'
     )
 
 
@@ -89,12 +142,15 @@ def predict_movie(
     *,
     annotations: str | Path | None = None,
     batch_size: int = 16,
+    subject: SubjectChoice | None = None,
 ) -> MovieResult:
-    """Features of ``movie`` and the model's prediction for each of its whole TRs."""
+    """Features of ``movie`` and the model's prediction for each of its whole TRs, for
+    ``subject`` (default: ``check_subject(model, None)``, the average subject or the target)."""
+    subject = subject if subject is not None else check_subject(model, None)
     clock = time.perf_counter()
     features = compute_features(movie, model.features, extractors, annotations=annotations)
     feature_s = time.perf_counter() - clock
-    prediction = model.predict(features, batch_size=batch_size)
+    prediction = model.predict(features, batch_size=batch_size, subject=subject.head)
     seconds = {**features.seconds, "features": round(feature_s, 3),
                "model": round(time.perf_counter() - clock - feature_s, 3)}  # fmt: skip
     lag, tr = model.features.lag, model.features.tr
@@ -115,7 +171,7 @@ def predict_movie(
         "the frame on screen at each time, area-resized",
         "annotations": features.annotations,
         "text_slots_empty": not bool(features.text_mask.any()),
-        "target": model.target,
+        **subject.record(),
         "feature_weights": extractors.checks,
         "feature_weight_hashes": extractors.hashes,
         "random_weight_features": not all(model.features.pretrained.values()),
@@ -126,10 +182,10 @@ def predict_movie(
     return MovieResult(Path(movie), features, prediction, record)
 
 
-def _units(model: PretrainedModel, fmri: np.ndarray, units: str) -> np.ndarray:
+def _units(model: PretrainedModel, prediction: Prediction, units: str) -> np.ndarray:
     if units not in UNITS:
         raise PredictionError(f"--units must be one of {UNITS}, got {units!r}")
-    return fmri if units == "z" else model.to_raw(fmri)
+    return prediction.fmri if units == "z" else model.to_raw(prediction.fmri, prediction.subject)
 
 
 def _volume_4d(model: PretrainedModel, series: np.ndarray) -> np.ndarray:
@@ -175,8 +231,8 @@ def write_prediction(
         raise PredictionError(f"--out {out}: name the NIfTI to write (.nii.gz or .nii)")
     if codes is not None and Path(codes).suffix not in (".csv", ".npy"):
         raise PredictionError(f"--codes {codes}: must end in .csv or .npy")
-    series = _units(model, result.prediction.fmri, units)
-    record = {**result.record, "units": _units_text(units), "nifti": str(out)}
+    series = _units(model, result.prediction, units)
+    record = {**result.record, "units": _units_text(units, result.record), "nifti": str(out)}
     finals = [out, sidecar_path(out)] + ([Path(codes)] if codes is not None else [])
     tr = model.features.tr
     with staged_files(finals) as temps:
@@ -200,7 +256,12 @@ def _write_codes(codes: np.ndarray, path: Path, suffix: str) -> None:
                fmt=["%d"] + ["%.8g"] * codes.shape[1])  # fmt: skip
 
 
-def _units_text(units: str) -> str:
+def _units_text(units: str, record: dict[str, Any]) -> str:
+    if record.get("subject_head") is not None:
+        who = f"subject {record['subject'] or record['subject_head']}"
+        if units == "z":
+            return f"z: {who}'s own z-scored units (z-scored per voxel on the training TRs)"
+        return f"raw: z x std + mean with {who}'s own raw training std and mean of each voxel"
     if units == "z":
         return "z: the training target's z-scored units (each subject z-scored per voxel on the " \
             "training TRs, then averaged)"  # fmt: skip
@@ -221,8 +282,13 @@ def write_contrast(
     from giblet_ds.report.brain_maps import plot_brain_map
 
     out_dir = Path(out_dir)
-    mean_a = _units(model, a.prediction.fmri, units).mean(axis=0)
-    mean_b = _units(model, b.prediction.fmri, units).mean(axis=0)
+    if a.prediction.subject != b.prediction.subject:
+        raise PredictionError(
+            f"a contrast of two subjects' predictions ({a.record.get('target')} vs "
+            f"{b.record.get('target')}): predict both movies for the same subject"
+        )
+    mean_a = _units(model, a.prediction, units).mean(axis=0)
+    mean_b = _units(model, b.prediction, units).mean(axis=0)
     diff = (mean_a - mean_b).astype(np.float32)
     names = ["a_mean.nii.gz", "b_mean.nii.gz", "difference.nii.gz", "difference.png",
              "contrast.json"]  # fmt: skip
@@ -230,7 +296,7 @@ def write_contrast(
     record = {
         "a": a.record,
         "b": b.record,
-        "units": _units_text(units),
+        "units": _units_text(units, a.record),
         "difference": "a_mean - b_mean: the mean over each movie's TRs of the predicted BOLD",
         "difference_range": [float(diff.min()), float(diff.max())],
         "mean_abs_difference": float(np.abs(diff).mean()),

@@ -42,8 +42,11 @@ def predict_windows(
     context_end: str,
     lag: int,
     batch_size: int = 16,
+    subject: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """fMRI (T, V) and TR t's bottleneck code (T, D), float32, for TRs first..stop-1."""
+    """fMRI (T, V) and TR t's bottleneck code (T, D), float32, for TRs first..stop-1. fMRI is
+    the model's ``fmri`` output, or with ``subject`` its subject head's own,
+    ``fmri_subjects[:, subject]`` (ValueError for a model without subject heads)."""
     params = next(model.parameters())
     device, dtype = params.device, params.dtype
     k = context_trs
@@ -74,6 +77,11 @@ def predict_windows(
             if mask is not None:
                 args.append(torch.from_numpy(mask).to(device))
             out = model(*args)
-            fmri.append(out.fmri.float().cpu().numpy())
+            if subject is None:
+                fmri.append(out.fmri.float().cpu().numpy())
+            elif out.fmri_subjects is None:
+                raise ValueError(f"subject {subject}: the model has no subject heads")
+            else:
+                fmri.append(out.fmri_subjects[:, subject].float().cpu().numpy())
             codes.append(out.bottleneck.float().cpu().numpy())
     return np.concatenate(fmri), np.concatenate(codes)
