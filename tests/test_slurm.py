@@ -199,7 +199,9 @@ def _requeue_cycle(
     """After the job saved and exited 75: requeued once, resumed on 2 ranks, same final weights."""
     wait_requeued(cluster, job_id)
     requeued_at = time.monotonic()
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+    cluster.run(
+        "scontrol", "update", f"JobId={job_id}", "TimeLimit=60"
+    )  # beyond the script's USR1@600 warning
     cluster.release(job_id, requeued_at)
     info = cluster.wait(job_id, ENDED)
     assert info["JobState"] == "COMPLETED", job_output(folder, job_id)
@@ -234,7 +236,8 @@ def test_time_limit_signal_saves_exits_75_requeues_and_resumes(
 ) -> None:
     """--time=1 --signal=USR1@55: SLURM signals 5 s after the start at the earliest (its timer
     checks every ~30 s). Slow steps keep the run going past that; the requeued job gets a longer
-    limit, as a real requeue that restarts with its full time would not see the signal again."""
+    limit (60 min: beyond the script's own --signal=USR1@600, which a 10-minute limit would fire at
+    once), as a real requeue that restarts with its full time would not see the signal again."""
     run_dir = tmp_path / "run"
     job_id = submit(
         cluster,
