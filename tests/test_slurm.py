@@ -199,9 +199,8 @@ def _requeue_cycle(
     """After the job saved and exited 75: requeued once, resumed on 2 ranks, same final weights."""
     wait_requeued(cluster, job_id)
     requeued_at = time.monotonic()
-    cluster.run(
-        "scontrol", "update", f"JobId={job_id}", "TimeLimit=60"
-    )  # beyond the script's USR1@600 warning
+    # 60 min: beyond the script's USR1@600 warning (a 10-minute limit would fire it at once)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=60")
     cluster.release(job_id, requeued_at)
     info = cluster.wait(job_id, ENDED)
     assert info["JobState"] == "COMPLETED", job_output(folder, job_id)
