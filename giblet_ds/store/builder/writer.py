@@ -231,6 +231,29 @@ class StoreWriter:
         )
 
     @property
+    def video_rows(self) -> int:
+        """Video TRs written so far (where the next streamed run starts)."""
+        return self._video_rows
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """(F, H, W) of every streamed TR."""
+        return self._frame_shape
+
+    @_guarded
+    def crop_video(self, n_rows: int) -> None:
+        """Before ``define``: keep only the first ``n_rows`` streamed TRs (a run is cropped to
+        its common length before the next run streams after it)."""
+        if self._layout is not None or n_rows > self._video_rows:
+            raise StoreError(
+                self.path, "cannot crop the video here", dataset=schema.VIDEO,
+                expected=f"at most {self._video_rows} TRs before the layout", actual=n_rows,
+            )  # fmt: skip
+        self.file[schema.VIDEO].resize(n_rows, axis=0)
+        self._video_rows = n_rows
+        self._video_done = self._video_done[:n_rows]
+
+    @property
     def file(self) -> h5py.File:
         if self._file is None:
             raise RuntimeError("StoreWriter used outside its `with` block")
