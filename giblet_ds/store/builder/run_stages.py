@@ -56,7 +56,19 @@ def in_order(
 def resolve_run_tr(
     given: float | None, runs: Sequence[RunInputs], infos: Sequence[Sequence[fmri.FmriInfo]]
 ) -> tuple[float, str, list[str]]:
-    """``fmri.resolve_tr`` per run; runs that resolve to different TRs name each other."""
+    """``fmri.resolve_tr`` per run; runs whose headers (or resolved TRs) differ name each other.
+
+    Runs whose headers agree within the run but not between runs stop the build even before a
+    TR is resolved: one store holds one TR, and the header difference is the likelier truth."""
+    stated = {
+        run.run_id: sorted({round(i.header_tr, 3) for i in run_infos if i.header_tr is not None})
+        for run, run_infos in zip(runs, infos, strict=True)
+    }
+    single = {run_id: trs[0] for run_id, trs in stated.items() if len(trs) == 1}
+    if given is None and len(set(single.values())) > 1:
+        raise StoreError(
+            "--tr", f"runs have different TRs: {single}; one store holds one TR (build one per TR)"
+        )
     resolved = []
     for run, run_infos in zip(runs, infos, strict=True):
         try:
