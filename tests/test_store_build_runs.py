@@ -203,3 +203,138 @@ def test_inputs_that_differ_between_runs_are_named(
     ):
         build_store(BuildInputs(runs=(one, other)), out, SETTINGS, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".bad.h5.tmp-*"))
+
+
+def _cli():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_store_cli", Path(__file__).resolve().parents[1] / "tools" / "build_store.py"
+    )
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+CONFIG = (
+    "tr: 0.5\nlag: 1\nframe_height: 9\nframe_width: 16\nencodec_bandwidth: 1.5\n"
+    "clip_model: ViT-S-32-alt\nannotations_per_tr: 2\nsplit_fractions: [0.5, 0.25, 0.25]\n"
+    "split_gap: 11\naudio_segment_s: 5.0\npretrained: false\n"
+)
+
+
+def _bids(runs: tuple[RunInputs, ...], root: Path) -> Path:
+    from giblet_ds.demo_data.bids import BidsRun, write_bids_dataset
+
+    bids_runs = [
+        BidsRun(
+            stimulus=run.video,
+            sheet=run.annotations,
+            bold={sid.removeprefix("sub-"): p for sid, p in zip(SUBJECTS, run.fmri, strict=True)},
+            seconds=seconds,
+        )
+        for run, (seconds, _) in zip(runs, RUNS.values(), strict=True)
+    ]
+    return write_bids_dataset(root, "movie", bids_runs)
+
+
+def test_bids_layout_builds_the_same_store(
+    runs: tuple[RunInputs, ...], built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from giblet_ds.store.builder.bids_layout import find_bids_runs
+
+    root = _bids(runs, tmp_path / "bids")
+    found = find_bids_runs(root, "movie")
+    assert [r.run_id for r in found] == ["run-1", "run-2"]
+    assert [r.stimulus for r in found] == ["run-1.m4v", "run-2.m4v"]
+    assert found[0].annotations == root / "stimuli" / "run-1.csv" and found[1].annotations is None
+    assert found[0].subjects == SUBJECTS
+    config = tmp_path / "build.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "bids.h5"
+    argv = ["--bids", str(root), "--task", "movie", "--config", str(config), "--quiet"]
+    assert _cli().main([*argv, "--out", str(out)]) == 0
+    info, reference = open_store(out), open_store(built)
+    assert info.runs.ids == reference.runs.ids and info.runs.n_trs.tolist() == [48, 40]
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(info.splits[name], reference.splits[name])
+    with h5py.File(out) as a, h5py.File(built) as b:
+        np.testing.assert_array_equal(a["fmri/subjects"][()], b["fmri/subjects"][()])
+        np.testing.assert_array_equal(a["video"][()], b["video"][()])
+    # the same command again: up to date
+    capsys.readouterr()
+    assert _cli().main([*argv, "--out", str(out)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_malformed_bids_layouts_are_named(
+    runs: tuple[RunInputs, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from giblet_ds.store.builder.bids_layout import find_bids_runs
+
+    root = _bids(runs, tmp_path / "bids")
+    # a subject missing a run
+    gone = root / "sub-03" / "func" / "sub-03_task-movie_run-2_bold.nii.gz"
+    gone.rename(tmp_path / "kept.nii.gz")
+    with pytest.raises(StoreError, match=r"run run-2: no BOLD file for sub-03 \(task movie\)"):
+        find_bids_runs(root, "movie")
+    config = tmp_path / "build.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "bad.h5"
+    argv = ["--bids", str(root), "--task", "movie", "--config", str(config), "--out", str(out)]
+    assert _cli().main([*argv, "--quiet"]) == 2
+    assert "run run-2: no BOLD file for sub-03" in capsys.readouterr().err
+    (tmp_path / "kept.nii.gz").rename(gone)
+    # a stimulus that is not there
+    (root / "stimuli" / "run-2.m4v").unlink()
+    with pytest.raises(
+        StoreError, match=r"run-2.m4v \[--bids\]: run run-2: the stimulus its events name is not"
+    ):
+        find_bids_runs(root, "movie")
+    # fMRIPrep derivatives in two spaces
+    deriv = root / "derivatives" / "fmriprep"
+    deriv.mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text(
+        '{"Name": "fMRIPrep", "BIDSVersion": "1.9.0", "DatasetType": "derivative", '
+        '"GeneratedBy": [{"Name": "fMRIPrep"}]}'
+    )
+    for space in ("MNI152NLin2009cAsym", "T1w"):
+        func = deriv / "sub-01" / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(
+            runs[0].fmri[0],
+            func / f"sub-01_task-movie_run-1_space-{space}_desc-preproc_bold.nii.gz",
+        )
+    with pytest.raises(
+        StoreError,
+        match=r"task movie: BOLD in 2 spaces \['MNI152NLin2009cAsym', 'T1w'\]; choose one with "
+        r"--space",
+    ):
+        find_bids_runs(root, "movie", derivatives="fmriprep")
+    assert not out.exists()
+
+
+def test_runs_yaml(runs: tuple[RunInputs, ...], tmp_path: Path) -> None:
+    from giblet_ds.store.builder.run_list import read_runs_yaml
+
+    listed = tmp_path / "runs.yaml"
+    one = runs[0]
+    listed.write_text(
+        "runs:\n  - id: first\n"
+        f"    video: {one.video}\n    annotations: {one.annotations}\n"
+        "    fmri: {"
+        + ", ".join(f"{s}: {p}" for s, p in zip(SUBJECTS, one.fmri, strict=True))
+        + "}\n  - id: second\n    video: other.m4v\n    fmri: {sub-01: a.nii.gz}\n"
+    )
+    read = read_runs_yaml(listed)
+    assert [r.run_id for r in read] == ["first", "second"]
+    assert read[0].fmri == one.fmri and read[0].subjects == SUBJECTS
+    assert read[1].video == tmp_path / "other.m4v" and read[1].annotations is None
+    listed.write_text("runs:\n  - id: x\n    video: a.m4v\n    fmri: {s: b}\n    movie: c\n")
+    with pytest.raises(
+        StoreError,
+        match=r"runs\[0\]: unknown key\(s\) \['movie'\]; valid keys: \['id', 'video', "
+        r"'annotations', 'fmri'\]",
+    ):
+        read_runs_yaml(listed)
