@@ -87,9 +87,37 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunInputs, ...]:
 
 
 @pytest.fixture(scope="module")
-def built(runs: tuple[RunInputs, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("store-runs") / "runs.h5"
-    build_store(BuildInputs(runs=runs), out, SETTINGS, progress=False)
+def bids_root(runs: tuple[RunInputs, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _bids(runs, tmp_path_factory.mktemp("bids") / "ds")
+
+
+@pytest.fixture(scope="module")
+def built(bids_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-run store, built from the BIDS layout by tools/build_store.py --bids."""
+    folder = tmp_path_factory.mktemp("store-runs")
+    (folder / "build.yaml").write_text(CONFIG)
+    out = folder / "runs.h5"
+    assert _cli().main([*_bids_argv(bids_root, folder), "--out", str(out)]) == 0
+    return out
+
+
+def _bids_argv(root: Path, folder: Path) -> list[str]:
+    return ["--bids", str(root), "--task", "movie", "--config", str(folder / "build.yaml"),
+            "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def by_run(runs: tuple[RunInputs, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same runs split by run: run-1 trains, run-2 is cut into val | gap | test."""
+    settings = BuildSettings.from_mapping(
+        {
+            **SETTINGS.__dict__,
+            "split_by": "run",
+            "split_runs": {"train": ["run-1"], "val": ["run-2"], "test": ["run-2"]},
+        }
+    )
+    out = tmp_path_factory.mktemp("by-run") / "by-run.h5"
+    build_store(BuildInputs(runs=runs), out, settings, progress=False)
     return out
 
 
@@ -140,17 +168,8 @@ def test_fmri_zscored_per_subject_and_run_on_its_training_trs(
     np.testing.assert_allclose(summary, (48 * run_mean[0] + 40 * run_mean[1]) / 88, rtol=1e-5)
 
 
-def test_split_by_run_named(runs: tuple[RunInputs, ...], tmp_path: Path) -> None:
-    settings = BuildSettings.from_mapping(
-        {
-            **{k: v for k, v in SETTINGS.__dict__.items() if k not in ("split_gap",)},
-            "split_gap": 11,
-            "split_by": "run",
-            "split_runs": {"train": ["run-1"], "val": ["run-2"], "test": ["run-2"]},
-        }
-    )
-    out = tmp_path / "by-run.h5"
-    build_store(BuildInputs(runs=runs), out, settings, progress=False)
+def test_split_by_run_named(by_run: Path) -> None:
+    out = by_run
     info = open_store(out)
     assert info.splits["train"].tolist() == list(range(48))
     # run-2 (40 TRs) cut in time: val 14 TRs | 11 | test 15 TRs (29 usable, 1:1, rounded)
@@ -239,32 +258,25 @@ def _bids(runs: tuple[RunInputs, ...], root: Path) -> Path:
     return write_bids_dataset(root, "movie", bids_runs)
 
 
-def test_bids_layout_builds_the_same_store(
-    runs: tuple[RunInputs, ...], built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_bids_layout_finds_the_runs_listed_by_hand(
+    runs: tuple[RunInputs, ...], bids_root: Path, built: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from giblet_ds.store.builder.bids_layout import find_bids_runs
 
-    root = _bids(runs, tmp_path / "bids")
-    found = find_bids_runs(root, "movie")
+    found = find_bids_runs(bids_root, "movie")
     assert [r.run_id for r in found] == ["run-1", "run-2"]
     assert [r.stimulus for r in found] == ["run-1.m4v", "run-2.m4v"]
-    assert found[0].annotations == root / "stimuli" / "run-1.csv" and found[1].annotations is None
+    assert found[0].annotations == bids_root / "stimuli" / "run-1.csv"
+    assert found[1].annotations is None
     assert found[0].subjects == SUBJECTS
-    config = tmp_path / "build.yaml"
-    config.write_text(CONFIG)
-    out = tmp_path / "bids.h5"
-    argv = ["--bids", str(root), "--task", "movie", "--config", str(config), "--quiet"]
-    assert _cli().main([*argv, "--out", str(out)]) == 0
-    info, reference = open_store(out), open_store(built)
-    assert info.runs.ids == reference.runs.ids and info.runs.n_trs.tolist() == [48, 40]
-    for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(info.splits[name], reference.splits[name])
-    with h5py.File(out) as a, h5py.File(built) as b:
-        np.testing.assert_array_equal(a["fmri/subjects"][()], b["fmri/subjects"][()])
-        np.testing.assert_array_equal(a["video"][()], b["video"][()])
+    func = bids_root / "sub-02" / "func"
+    assert found[1].fmri[1] == func / "sub-02_task-movie_run-2_bold.nii.gz"
+    for mine, theirs in zip(found, runs, strict=True):  # the very bytes of the hand-listed files
+        for a, b in zip(mine.fmri, theirs.fmri, strict=True):
+            assert a.read_bytes() == b.read_bytes()
     # the same command again: up to date
     capsys.readouterr()
-    assert _cli().main([*argv, "--out", str(out)]) == 0
+    assert _cli().main([*_bids_argv(bids_root, built.parent), "--out", str(built)]) == 0
     assert "up to date" in capsys.readouterr().out
 
 
@@ -338,3 +350,25 @@ def test_runs_yaml(runs: tuple[RunInputs, ...], tmp_path: Path) -> None:
         r"'annotations', 'fmri'\]",
     ):
         read_runs_yaml(listed)
+
+
+def test_trains_resumes_and_evaluates_on_run_splits(by_run: Path, tmp_path: Path) -> None:
+    """The tiny preset on the split-by-run store, one rank: 2 steps, resumed to 4, evaluated on
+    the held-out run's test rows by tools/evaluate.py."""
+    import json
+
+    from tests.test_tools_common import load_tool
+    from tests.train_harness import run_training
+
+    run = tmp_path / "run"
+    first = run_training(run, by_run, world=1, sets=("train.max_steps=2",))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_training(run, by_run, world=1, sets=("train.max_steps=4",))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resum" in (again.stdout + again.stderr).lower()
+    out = tmp_path / "eval"
+    args = [str(run), "--store", str(by_run), "--out", str(out), "--device", "cpu",
+            "--ridge-cache", str(tmp_path / "cache"), "--shifts", "5"]  # fmt: skip
+    assert load_tool("evaluate").main(args) == 0
+    data = json.loads((out / "evaluation.json").read_text())
+    assert data["split"] == "test" and data["n_trs"] == 15  # rows 73..87 of run-2
