@@ -372,3 +372,86 @@ def test_trains_resumes_and_evaluates_on_run_splits(by_run: Path, tmp_path: Path
     assert load_tool("evaluate").main(args) == 0
     data = json.loads((out / "evaluation.json").read_text())
     assert data["split"] == "test" and data["n_trs"] == 15  # rows 73..87 of run-2
+
+
+def test_fmriprep_confounds_are_regressed_out_per_run_before_zscoring(
+    runs: tuple[RunInputs, ...], tmp_path: Path
+) -> None:
+    """fMRIPrep derivatives whose BOLD carries 40 x trans_x in every voxel: with motion
+    (basic) + high_pass regressed out (split by run: fitted on all of each run's rows), the
+    stored z-scores are those of the least-squares residual computed here by hand; with a split
+    by time the 10 training rows of run-2 cannot fit 7 regressors, and the run is named."""
+    import nibabel as nib
+
+    from giblet_ds.store.builder.bids_layout import find_bids_runs
+
+    root = _bids(runs, tmp_path / "ds")
+    deriv = root / "derivatives" / "fmriprep"
+    deriv.mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text(
+        '{"Name": "fMRIPrep", "BIDSVersion": "1.9.0", "DatasetType": "derivative", '
+        '"GeneratedBy": [{"Name": "fMRIPrep"}]}'
+    )
+    rng = np.random.default_rng(7)
+    columns = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "cosine00"]
+    for r, run in enumerate(runs):
+        for s, path in enumerate(run.fmri):
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            n = data.shape[3]
+            table = rng.normal(size=(n, len(columns)))
+            table[:, -1] = np.cos(np.pi * (np.arange(n) + 0.5) / n)
+            data[1:] += 40.0 * table[:, 0].astype(np.float32)  # motion in every brain voxel
+            func = deriv / SUBJECTS[s] / "func"
+            func.mkdir(parents=True, exist_ok=True)
+            stem = f"{SUBJECTS[s]}_task-movie_run-{r + 1}"
+            out_img = nib.Nifti1Image(data, img.affine, img.header)
+            nib.save(
+                out_img, str(func / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz")
+            )
+            lines = ["\t".join(columns)] + ["\t".join(f"{v:.6f}" for v in row) for row in table]
+            (func / f"{stem}_desc-confounds_timeseries.tsv").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "build.yaml"
+    config.write_text(CONFIG + "confounds: {strategy: [motion, high_pass], motion: basic}\n")
+    out = tmp_path / "confounds.h5"
+    argv = ["--bids", str(root), "--task", "movie", "--derivatives", "fmriprep",
+            "--config", str(config), "--out", str(out), "--quiet"]  # fmt: skip
+    with pytest.raises(
+        StoreError,
+        match=r"run run-1 \[confounds\]: 7 confound regressors \(and an intercept\) need "
+        r"at least 32 fitting rows, the run z-scores on 14",
+    ):
+        build_store(
+            BuildInputs(runs=find_bids_runs(root, "movie", derivatives="fmriprep")), out,
+            BuildSettings(**{**SETTINGS.__dict__, "confounds": {
+                "strategy": ["motion", "high_pass"], "motion": "basic"}}), progress=False,
+        )  # fmt: skip
+    assert not out.exists()
+    split = "split_by: run\nsplit_runs: {train: [run-1], val: [run-2], test: [run-2]}\n"
+    config.write_text(config.read_text() + split)
+    assert _cli().main(argv) == 0
+    info = open_store(out)
+    assert info.attrs["settings"]["confounds"] == {
+        "motion": "basic",
+        "strategy": ["motion", "high_pass"],
+    }
+    assert any(key.endswith("confounds:sub-02") for key in info.attrs["input_hashes"])
+    found = {r.run_id: r for r in find_bids_runs(root, "movie", derivatives="fmriprep")}
+    with h5py.File(out) as handle:
+        mask = handle["mask"][()]
+        stored = handle["fmri/subjects"][()].astype(np.float64)
+    for r, run_id in enumerate(info.runs.ids):
+        first, n = int(info.runs.first[r]), int(info.runs.n_trs[r])
+        train = np.arange(n)  # split by run: every row of a run is z-scored and fitted on
+        for s, path in enumerate(found[run_id].fmri):
+            data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+            series = data[mask][:, 1 : 1 + n].T
+            table = np.loadtxt(found[run_id].confounds[s], skiprows=1)[1 : 1 + n]
+            table = table - table.mean(0)  # nilearn demeans the confounds
+            design = np.column_stack([table, np.ones(n)])
+            beta = np.linalg.lstsq(design[train], series[train], rcond=None)[0]
+            clean = series - design[:, :-1] @ beta[:-1]
+            mu, sd = clean[train].mean(0), clean[train].std(0)
+            np.testing.assert_allclose(
+                stored[s, first : first + n], (clean - mu) / sd, atol=6e-3, rtol=3e-3
+            )

@@ -108,9 +108,13 @@ def find_bids_runs(
             (stimulus.with_suffix(ext) for ext in _SHEETS if stimulus.with_suffix(ext).is_file()),
             None,
         )
+        confounds = tuple(
+            _confounds_file(layout, by_run[name][s]) if derivatives else None for s in subjects
+        )
         runs.append(
             RunInputs(
                 run_id=name,
+                confounds=confounds,
                 video=stimulus,
                 annotations=sheet,
                 fmri=tuple(Path(by_run[name][s].path) for s in subjects),
@@ -119,6 +123,16 @@ def find_bids_runs(
             )
         )
     return tuple(runs)
+
+
+def _confounds_file(layout: Any, bold: Any) -> Path | None:
+    """fMRIPrep's ``desc-confounds_timeseries.tsv`` of a derivative BOLD file (None: none)."""
+    entities = {k: bold.entities[k] for k in ("subject", "session", "task", "run")
+                if k in bold.entities}  # fmt: skip
+    found = layout.get(
+        scope="derivatives", desc="confounds", suffix="timeseries", extension=".tsv", **entities
+    )
+    return Path(found[0].path) if found else None
 
 
 def _stimulus(layout: Any, root: Path, name: str, task: str, files: list[Any]) -> Path:

@@ -24,6 +24,7 @@ from giblet_ds.errors import ConfigError, StoreError
 from giblet_ds.store import schema
 from giblet_ds.store.builder import audio, fmri, text, video
 from giblet_ds.store.builder import run_stages as stages
+from giblet_ds.store.builder.confounds import check_fit_rows, regress_out
 from giblet_ds.store.builder.hashing import build_sha256, file_sha256, settings_sha256
 from giblet_ds.store.builder.inputs import BuildInputs, RunInputs, check_runs
 from giblet_ds.store.builder.normalize import zscore_train
@@ -81,7 +82,9 @@ def _bar(
         bar.close()
 
 
-def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
+def hash_inputs(
+    inputs: BuildInputs, progress: bool = False, *, confounds: bool = False
+) -> dict[str, Any]:
     """SHA-256, name and size of every input file (the basis of the no-op rebuild check).
 
     A one-run build names its files as before runs existed (``video``, ``fmri:ID``), so its
@@ -95,11 +98,12 @@ def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
         files += [
             (f"{prefix}fmri:{sid}", p) for sid, p in zip(run.subject_ids, run.fmri, strict=True)
         ]
-        files += [
-            (f"{prefix}confounds:{sid}", p)
-            for sid, p in zip(run.subject_ids, run.confounds, strict=False)
-            if p is not None
-        ]
+        if confounds:  # only when they are used: unused files do not change the store
+            files += [
+                (f"{prefix}confounds:{sid}", p)
+                for sid, p in zip(run.subject_ids, run.confounds, strict=False)
+                if p is not None
+            ]
     if inputs.mask is not None:
         files.append(("mask", inputs.mask))
     # Weight files are inputs too: another file gives other features, so another build hash.
@@ -196,7 +200,8 @@ def build_store(
         {sid: info.n_volumes for sid, info in zip(subjects, infos, strict=True)}
         for infos in run_infos
     ]
-    input_hashes = hash_inputs(inputs, progress)
+    nuisance = stages.load_confounds_early(runs, run_infos, subjects, settings)
+    input_hashes = hash_inputs(inputs, progress, confounds=settings.confounds is not None)
     settings_hash = settings_sha256(settings.hashed())
     # A one-run build hashes with schema 1: the store it writes holds what a schema 1 store
     # held (plus the one-row /runs table a schema 1 file is read with), so it is not rebuilt.
@@ -296,6 +301,9 @@ def build_store(
         )
         n_trs = int(table.n_trs.sum())
         lag = settings.lag
+        for index, per_subject in enumerate(nuisance):  # before the long stages, not after
+            check_fit_rows(per_subject[0].shape[1], len(zscore_rows[index]),
+                           f"run {runs[index].run_id}")  # fmt: skip
         # Volumes each run's statistics (and the mask's variance test) use: a leading stretch.
         z_stop = [lag + int(rows[-1]) + 1 for rows in zscore_rows]
 
@@ -373,6 +381,10 @@ def build_store(
                 for index, infos in enumerate(run_infos):
                     n_run = int(table.n_trs[index])
                     series = fmri.masked_series(infos[s_index], mask, start=lag, stop=lag + n_run)
+                    if nuisance:  # before z-scoring, fitted on the z-scoring rows
+                        rows = nuisance[index][s_index][lag : lag + n_run]
+                        where = f"run {runs[index].run_id}, {subjects[s_index]}"
+                        regress_out(series, rows, zscore_rows[index], where)
                     zscored, mean, std = zscore_train(series, zscore_rows[index], inplace=True)
                     writer.write_subject(s_index, zscored, mean, std, run=index)
                     del series, zscored

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from giblet_ds.errors import StoreError
-from giblet_ds.store.builder import align, audio, fmri, text, video
+from giblet_ds.store.builder import align, audio, confounds, fmri, text, video
 from giblet_ds.store.builder.inputs import RunInputs
 from giblet_ds.store.builder.settings import DEFAULT_TR, BuildSettings
 from giblet_ds.store.builder.writer import StoreWriter
@@ -84,6 +84,35 @@ def resolve_run_tr(
         )
     notes = [note for _, _, run_notes in resolved for note in run_notes]
     return resolved[0][0], resolved[0][1], notes
+
+
+def load_confounds_early(
+    runs: Sequence[RunInputs],
+    infos: Sequence[Sequence[fmri.FmriInfo]],
+    subjects: Sequence[str],
+    settings: BuildSettings,
+) -> list[list[np.ndarray]]:
+    """Per run and subject (in ``subjects`` order), the confounds of every volume; loaded before
+    any decoding so a run without fMRIPrep confounds stops the build at once. Empty: none used."""
+    if settings.confounds is None:
+        return []
+    out = []
+    for run, run_infos in zip(runs, infos, strict=True):
+        files = dict(zip(run.subject_ids, run.confounds, strict=False))
+        missing = [sid for sid in subjects if files.get(sid) is None]
+        if missing:
+            raise StoreError(
+                f"run {run.run_id}", f"confounds are set but {', '.join(missing)} have no "
+                "fMRIPrep confounds file; use --bids DIR --derivatives fmriprep",
+                dataset="confounds",
+            )  # fmt: skip
+        out.append(
+            [
+                confounds.load_run_confounds(i.path, settings.confounds, i.n_volumes)
+                for i in run_infos
+            ]
+        )
+    return out
 
 
 def read_sheet(run: RunInputs, settings: BuildSettings) -> tuple[list[Any], dict[str, Any]]:
