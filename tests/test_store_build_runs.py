@@ -368,10 +368,21 @@ def test_trains_resumes_and_evaluates_on_run_splits(by_run: Path, tmp_path: Path
     assert "resum" in (again.stdout + again.stderr).lower()
     out = tmp_path / "eval"
     args = [str(run), "--store", str(by_run), "--out", str(out), "--device", "cpu",
-            "--ridge-cache", str(tmp_path / "cache"), "--shifts", "5"]  # fmt: skip
+            "--ridge-cache", str(tmp_path / "cache"), "--shifts", "5", "--leave-one-run-out"]  # fmt: skip
     assert load_tool("evaluate").main(args) == 0
     data = json.loads((out / "evaluation.json").read_text())
     assert data["split"] == "test" and data["n_trs"] == 15  # rows 73..87 of run-2
+    loro = json.loads((out / "leave_one_run_out.json").read_text())
+    assert {k: (v["n_trs"], v["fit_trs"]) for k, v in loro["runs"].items()} == {
+        "run-1": (48, 40),
+        "run-2": (40, 48),
+    }
+    for row in loro["runs"].values():
+        assert len(row["ridge_r"]) == open_store(by_run).n_voxels
+        assert row["ridge_r_mean"] == pytest.approx(np.mean(row["ridge_r"]), abs=1e-5)
+    assert loro["ridge_r_mean"] == pytest.approx(
+        (loro["runs"]["run-1"]["ridge_r_mean"] + loro["runs"]["run-2"]["ridge_r_mean"]) / 2
+    )
 
 
 def test_fmriprep_confounds_are_regressed_out_per_run_before_zscoring(

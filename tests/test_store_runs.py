@@ -105,3 +105,12 @@ def test_windows_never_cross_a_run_boundary(base: Path, tmp_path: Path) -> None:
     window = ahead[int(np.flatnonzero(ahead.indices == 15)[0])]
     # with the window ending at the paired volume, rows after 15 would be run 2's: all padding
     assert window["context_mask"].tolist() == [True] * (3 - lead) + [False] * lead + [True]
+
+
+def test_leave_one_run_out_needs_two_runs(base: Path) -> None:
+    from giblet_ds.errors import GibletError
+    from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
+
+    with pytest.raises(GibletError, match=r"leave-one-run-out needs a store of 2 or more runs; "
+                       r"it holds 1 \(build one with --bids or --runs\)"):  # fmt: skip
+        leave_one_run_out(open_store(base))
