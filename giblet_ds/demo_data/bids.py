@@ -79,9 +79,11 @@ def cut_into_runs(
     import nibabel as nib
 
     out.mkdir(parents=True, exist_ok=True)
-    first_img: Any = nib.load(str(next(iter(bold.values()))))
-    n_volumes = int(first_img.shape[3])
-    total = n_volumes - lag
+    from giblet_ds.store.builder.video import probe_video
+
+    n_volumes = min(int(nib.load(str(p)).shape[3]) for p in bold.values())  # type: ignore[attr-defined]
+    movie_trs = int(probe_video(video).duration_s / tr + 1e-9)
+    total = min(n_volumes - lag, movie_trs)  # stimulus TRs every source covers
     if total < 2 * n_runs:
         raise GibletError(f"{n_volumes} volumes cannot be cut into {n_runs} runs")
     # run k covers TRs edges[k]..edges[k+1]; shorter runs first so the lengths are unequal
@@ -118,7 +120,9 @@ def cut_into_runs(
                     try:
                         begin, end = float(row[0]), float(row[1])
                     except ValueError:
-                        continue  # a row without times is the builder's to report, not ours
+                        if k == 0:  # a row without times: the builder names it (run 1's sheet)
+                            writer.writerow(row)
+                        continue
                     if start * tr <= begin < stop * tr:
                         shifted = [f"{begin - start * tr:.3f}", f"{end - start * tr:.3f}"]
                         writer.writerow(shifted + row[2:])
