@@ -352,9 +352,12 @@ def test_runs_yaml(runs: tuple[RunInputs, ...], tmp_path: Path) -> None:
         read_runs_yaml(listed)
 
 
-def test_trains_resumes_and_evaluates_on_run_splits(by_run: Path, tmp_path: Path) -> None:
+def test_trains_resumes_and_evaluates_on_run_splits(
+    by_run: Path, runs: tuple[RunInputs, ...], tmp_path: Path
+) -> None:
     """The tiny preset on the split-by-run store, one rank: 2 steps, resumed to 4, evaluated on
-    the held-out run's test rows by tools/evaluate.py."""
+    the held-out run's test rows by tools/evaluate.py (and leave-one-run-out), reconstructions
+    plotted, the model exported and run on run-2's movie."""
     import json
 
     from tests.test_tools_common import load_tool
@@ -383,6 +386,24 @@ def test_trains_resumes_and_evaluates_on_run_splits(by_run: Path, tmp_path: Path
     assert loro["ridge_r_mean"] == pytest.approx(
         (loro["runs"]["run-1"]["ridge_r_mean"] + loro["runs"]["run-2"]["ridge_r_mean"]) / 2
     )
+    plots = tmp_path / "plots"
+    assert load_tool("plot_reconstructions").main(
+        ["--checkpoint", str(run), "--store", str(by_run), "--out", str(plots),
+         "--num-samples", "1", "--device", "cpu"]
+    ) == 0  # fmt: skip
+    assert len(list(plots.glob("*.png"))) == 6
+    model_dir = tmp_path / "model"
+    export = [str(run), "--out", str(model_dir)]
+    assert load_tool("export_model").main(export) == 2  # random weights: the training movie
+    # the codebooks of a random-weight store come from its first run's movie
+    assert load_tool("export_model").main([*export, "--training-video", str(runs[0].video)]) == 0
+    predicted = tmp_path / "pred.nii.gz"
+    assert load_tool("predict").main(
+        [str(model_dir), "--video", str(runs[1].video), "--out", str(predicted)]
+    ) == 0  # fmt: skip
+    import nibabel as nib
+
+    assert nib.load(str(predicted)).shape == (*GRID, 40)  # run-2's movie: 20 s = 40 TRs
 
 
 def test_fmriprep_confounds_are_regressed_out_per_run_before_zscoring(
