@@ -114,3 +114,19 @@ def test_leave_one_run_out_needs_two_runs(base: Path) -> None:
     with pytest.raises(GibletError, match=r"leave-one-run-out needs a store of 2 or more runs; "
                        r"it holds 1 \(build one with --bids or --runs\)"):  # fmt: skip
         leave_one_run_out(open_store(base))
+
+
+def test_one_run_settings_hash_as_before_runs_existed() -> None:
+    """The settings hash of a split by time without confounds is the one schema 1 builds wrote
+    (pinned from the code before runs), so an existing one-run store is not rebuilt; the
+    split-by-run keys and confounds enter the hash only when used."""
+    from giblet_ds.store.builder.hashing import settings_sha256
+    from giblet_ds.store.builder.settings import BuildSettings
+
+    before = "6987d4d70a8317ffc70a909536b84509cc6e021d50060926db05b96c5d31224d"
+    assert settings_sha256(BuildSettings(tr=0.5, lag=1).hashed()) == before
+    by_run = BuildSettings(tr=0.5, lag=1, split_by="run").hashed()
+    assert by_run["split_by"] == "run" and by_run["split_seed"] == 0
+    assert "confounds" not in by_run
+    cleaned = BuildSettings(tr=0.5, lag=1, confounds={"strategy": ["motion"]}).hashed()
+    assert cleaned["confounds"] == {"strategy": ["motion"]} and "split_by" not in cleaned
