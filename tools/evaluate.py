@@ -16,6 +16,9 @@ Exit codes: 0 written, 2 unreadable checkpoint, store, ROI or ground truth.
 
     tools/evaluate.py demo_out/run_small --store demo_out/store.h5 --split test --out demo_out/eval
     tools/evaluate.py runs/seed0 runs/seed1 runs/seed2 --store demo_out/store.h5 --out eval_ens
+
+--leave-one-run-out (a store of many runs): also fit the ridge baseline on all runs but one and
+score it on the held-out run, for every run; writes leave_one_run_out.json and prints a table.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", type=Path, help="ground_truth.json (default: found beside the store)")
     p.add_argument("--reliable-isc", type=float, help="override data.reliable_isc_threshold")
     p.add_argument("--no-ridge", action="store_true", help="skip the ridge baseline")
+    p.add_argument(
+        "--leave-one-run-out", action="store_true",
+        help="ridge fitted on all runs but one, scored on that run, for each run",
+    )  # fmt: skip
     p.add_argument(
         "--ridge-cache", type=Path, help="ridge cache folder (default: STORE_DIR/.giblet_cache)"
     )
@@ -82,14 +89,35 @@ def main(argv: list[str] | None = None) -> int:
             per_subject=True if args.subjects else None,
         )  # fmt: skip
         paths = write_evaluation(result, args.out)
+        loro = _leave_one_run_out(args) if args.leave_one_run_out else None
     except GibletError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))
+    if loro is not None:
+        print(loro)
     print(
         f"\nwrote {paths['json']} and maps, figure in {args.out} ({result.seconds['total']:.1f} s)"
     )
     return 0
+
+
+def _leave_one_run_out(args: argparse.Namespace) -> str:
+    """Run the leave-one-run-out ridge, write its JSON (per-voxel r as lists), return a table."""
+    import json
+
+    from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
+    from giblet_ds.store import open_store
+
+    data = leave_one_run_out(open_store(args.store))
+    lines = ["leave-one-run-out ridge (fit on the other runs):"]
+    for run_id, row in data["runs"].items():
+        lines.append(f"  {run_id}: {row['n_trs']} TRs, mean r {row['ridge_r_mean']:.4f}")
+        row["ridge_r"] = [round(float(x), 6) for x in row["ridge_r"]]
+    lines.append(f"  mean over runs: {data['ridge_r_mean']:.4f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "leave_one_run_out.json").write_text(json.dumps(data, indent=1) + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

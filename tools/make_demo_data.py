@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Make the demo's raw files (movie, annotations, 3 subjects of planted fMRI) in OUT_DIR.
 
-Then build the demo store with the printed command. Exit 2 on a missing system package or bad
+Then build the demo store with the printed command. ``--bids``: also write OUT_DIR/bids, the same
+material cut into 2 runs of unequal length as a BIDS dataset (task ``movie``). Exit 2 on a missing system package or bad
 argument (ffmpeg, espeak-ng and opencv-doc come from `make setup`).
 """
 
@@ -12,6 +13,7 @@ import shlex
 import sys
 
 from giblet_ds.demo_data import DemoParams, make_demo_data
+from giblet_ds.demo_data.bids import cut_into_runs, write_bids_dataset
 from giblet_ds.errors import GibletError
 
 
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=DemoParams.n_subjects)
     p.add_argument("--noise", type=float, default=DemoParams.noise_sd, help="noise sd per subject")
     p.add_argument("--seed", type=int, default=DemoParams.seed)
+    p.add_argument("--bids", action="store_true", help="also write a 2-run BIDS dataset")
     args = p.parse_args(argv)
     params = DemoParams(
         duration_s=args.seconds, n_subjects=args.subjects, noise_sd=args.noise, seed=args.seed
@@ -34,6 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     store = f"{args.out_dir.rstrip('/')}/store.h5"
     command = ["python", "tools/build_store.py", *paths.build_command(store)]
     print("build the demo store with:\n  " + shlex.join(command))
+    if args.bids:
+        bold = {f"{k + 1:02d}": path for k, path in enumerate(paths.fmri)}
+        try:
+            runs = cut_into_runs(
+                paths.video, paths.annotations, bold, paths.root / "bids_parts",
+                tr=params.tr, lag=params.lag,
+            )  # fmt: skip
+        except GibletError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        root = write_bids_dataset(paths.root / "bids", "movie", runs)
+        runs_store = f"{args.out_dir.rstrip('/')}/store_runs.h5"
+        command = ["python", "tools/build_store.py", "--bids", str(root), "--task", "movie",
+                   "--config", str(paths.settings_yaml), "--out", runs_store]  # fmt: skip
+        print("build the 2-run store with:\n  " + shlex.join(command))
     return 0
 
 

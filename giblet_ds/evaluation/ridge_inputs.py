@@ -111,14 +111,21 @@ def ridge_design(info: StoreInfo) -> tuple[np.ndarray, dict[str, object]]:
         scaled.append(z / np.sqrt(values.shape[1]))
     x = np.concatenate(scaled, 1).astype(np.float32)
     delays = delays_for(info.tr)
-    # feature row r = t + lag - d  <=>  shift of the feature series by (d - lag)
-    design = delayed(x, [d - info.lag for d in delays])
+    # feature row r = t + lag - d  <=>  shift of the feature series by (d - lag); within each run
+    # only (/runs): a delay never reaches into the neighbouring scan, whose rows are adjacent
+    shifts = [d - info.lag for d in delays]
+    runs = info.runs
+    design = np.concatenate(
+        [delayed(x[int(a) : int(b)], shifts) for a, b in zip(runs.first, runs.stop, strict=True)]
+    )
     description: dict[str, object] = {
         "version": RIDGE_FEATURE_VERSION,
         "bands": {name: int(v.shape[1]) for name, v in bands.items()},
         "delays_trs": delays,
         "lag": info.lag,
     }
+    if len(runs) > 1:  # one-run stores keep their cache key
+        description["runs"] = runs.n_trs.tolist()
     return design, description
 
 

@@ -66,7 +66,9 @@ def export_model(
         )
     cross_check(cfg, store_sizes=info.model_input_sizes())
     features = FeatureSettings.from_store(info)
-    codebooks, extractors = _extractor_records(features, info.attrs, training_video)
+    codebooks, extractors = _extractor_records(
+        features, info.attrs, training_video, first_run=info.runs.ids[0]
+    )
     features = FeatureSettings.from_dict({**features.to_dict(), "extractors": extractors})
     subject = cfg.data.subject
     target = "subject mean" if subject is None else f"subject {info.subjects[subject]}"
@@ -117,9 +119,14 @@ def export_model(
 
 
 def _extractor_records(
-    features: FeatureSettings, attrs: dict[str, Any], training_video: str | Path | None
+    features: FeatureSettings,
+    attrs: dict[str, Any],
+    training_video: str | Path | None,
+    *,
+    first_run: str = "run-1",
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Codebooks (random EnCodec only) and, per extractor, its weight hash and source."""
+    """Codebooks (random EnCodec only) and, per extractor, its weight hash and source. A store
+    of many runs fitted its codebooks on the first run's movie (``RUN:video``)."""
     records: dict[str, Any] = {}
     codebooks = None
     if features.pretrained["encodec"]:
@@ -129,7 +136,8 @@ def _extractor_records(
             "source": f"pretrained, file {file['name']}" if file else "pretrained (package)",
         }
     else:
-        expected = attrs["input_hashes"]["video"]
+        hashes = attrs["input_hashes"]
+        expected = hashes["video"] if "video" in hashes else hashes[f"{first_run}:video"]
         if training_video is None:
             raise GibletError(
                 "--training-video: the store was built with random feature weights, whose "

@@ -67,7 +67,8 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
     mixer's start) is the same at either end; slots 0..k-2 hold the other rows in time order:
     t-k+1+L..t-1, then t+1..t+L. With L = 0 that is plain time order, oldest first. Rows before
     the start of the movie or outside the split's contiguous run of TRs (never across a split
-    boundary into the gap or another split, at either end of the split) are zeros with mask False.
+    boundary into the gap or another split, at either end of the split, and never across a run
+    boundary of the store's ``/runs`` table) are zeros with mask False.
     ``fmri`` and ``index`` stay those of TR t. Each stimulus key is one slice read of contiguous
     rows (one chunk per TR, stored in TR order: docs/store.md). k = 1: the sample has no window
     axis and no mask, as before.
@@ -100,10 +101,13 @@ class StoreDataset(Dataset[dict[str, torch.Tensor]]):
         self.context_end = context_end
         self.lead = window_lead(context_trs, context_end, self.info.lag)
         """Store rows after TR t in each window (0: the window ends at t)."""
-        self.run_start = _run_starts(self.indices)
-        """First store row of the contiguous run of split TRs holding each item's TR."""
-        self.run_end = _run_ends(self.indices)
-        """Last store row of that run."""
+        # A window stays inside both the contiguous stretch of split TRs and the scan (store run,
+        # /runs) holding TR t: two runs' rows are adjacent in the store but are different scans.
+        scan = self.info.runs.run_of(self.indices)
+        self.run_start = np.maximum(_run_starts(self.indices), self.info.runs.first[scan])
+        """First store row a window of each item may read (its stretch and its run)."""
+        self.run_end = np.minimum(_run_ends(self.indices), self.info.runs.stop[scan] - 1)
+        """Last store row a window of each item may read."""
         self._handle: h5py.File | None = None
         self._pid: int | None = None
 

@@ -8,7 +8,7 @@ extends the layout (so the sizes are declared once, here).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from giblet_ds.store import schema
 
@@ -31,6 +31,8 @@ class StoreLayout:
     subjects: tuple[str, ...]
     n_voxels: int
     mask_shape: tuple[int, int, int]
+    n_runs: int = field(default=1, kw_only=True)
+    """R runs concatenated along T (schema 2's ``/runs`` table)."""
 
     @property
     def n_subjects(self) -> int:
@@ -49,6 +51,17 @@ class StoreLayout:
             schema.FMRI_STATS_MEAN: (s, v),
             schema.FMRI_STATS_STD: (s, v),
             schema.MASK: self.mask_shape,
+        }
+
+    def runs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of the numeric ``/runs`` columns (schema 2; ids and stimuli are strings)."""
+        r, s, v = self.n_runs, self.n_subjects, self.n_voxels
+        return {
+            schema.RUNS_FIRST: (r,),
+            schema.RUNS_N_TRS: (r,),
+            schema.RUNS_SUBJECTS: (r, s),
+            schema.RUNS_FMRI_MEAN: (r, s, v),
+            schema.RUNS_FMRI_STD: (r, s, v),
         }
 
     def stats_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -71,7 +84,8 @@ class StoreLayout:
         """Bytes of every dataset's data (stores are uncompressed), splits included; HDF5's own
         metadata comes on top (see ``builder.writer.store_bytes``)."""
         total = 0
-        for name, shape in {**self.shapes(), **self.stats_shapes()}.items():
+        every = {**self.shapes(), **self.stats_shapes(), **self.runs_shapes()}
+        for name, shape in every.items():
             total += math.prod(shape) * schema.DTYPES[name].itemsize
         return total + self.n_trs * schema.DTYPES["splits"].itemsize  # at most one index per TR
 

@@ -19,6 +19,7 @@ from giblet_ds.errors import StoreError
 from giblet_ds.store import schema
 from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.locking import LOCKING_HINT, lock_problem, open_read_only
+from giblet_ds.store.runs import RunTable, read_run_table
 from giblet_ds.store.stats import read_rows
 
 __all__ = [
@@ -50,6 +51,8 @@ class StoreInfo(StoreLayout):
     split_gap: int
     splits: dict[str, np.ndarray] = field(repr=False)
     attrs: dict[str, Any] = field(repr=False)
+    runs: RunTable = field(repr=False, kw_only=True)
+    """The runs the rows concatenate (one run in a schema 1 file)."""
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -209,11 +212,13 @@ class _Checker:
         if "schema_version" not in raw:
             self.fail("not a giblet-ds store: no schema_version attribute", "/")
         version = int(raw["schema_version"])
-        if version != schema.SCHEMA_VERSION:
+        if version not in schema.SUPPORTED_VERSIONS:
             self.fail(
-                "unsupported schema version; rebuild the store with tools/build_store.py",
+                f"unknown schema version {version} (this giblet-ds reads versions "
+                f"{', '.join(map(str, schema.SUPPORTED_VERSIONS))}); rebuild the store with "
+                "tools/build_store.py, or update giblet-ds if a newer one wrote it",
                 "/ attribute schema_version",
-                schema.SCHEMA_VERSION,
+                " or ".join(map(str, schema.SUPPORTED_VERSIONS)),
                 version,
             )
         missing = [key for key in schema.REQUIRED_ATTRS if key not in raw]
@@ -317,7 +322,9 @@ class _Checker:
                 "subject ids do not match the subject axis", "/ attribute subjects", s, subjects
             )
 
-        splits = self.splits(t, int(attrs["split_gap"]))
+        version = int(attrs["schema_version"])
+        runs = self.run_table(version, t, s, v)
+        splits = self.splits(t, int(attrs["split_gap"]), runs)
 
         self.current = schema.AUDIO_CODES
         all_codes = np.asarray(codes[()])
@@ -357,9 +364,34 @@ class _Checker:
             split_gap=int(attrs["split_gap"]),
             splits=splits,
             attrs=attrs,
+            runs=runs,
         )
 
-    def splits(self, n_trs: int, gap: int) -> dict[str, np.ndarray]:
+    def run_table(self, version: int, n_trs: int, n_subjects: int, n_voxels: int) -> RunTable:
+        """The ``/runs`` table (schema 2), checked against the store; one run for schema 1."""
+        if version >= 2:
+            for name in (schema.RUNS_ID, schema.RUNS_STIMULUS):
+                self.current = name
+                if name not in self.handle:
+                    self.fail("required dataset is missing", name)
+            for name in (schema.RUNS_FIRST, schema.RUNS_N_TRS):
+                self.dataset(name, 1)
+            self.dataset(schema.RUNS_SUBJECTS, 2)
+        self.current = schema.RUNS_GROUP
+        runs = read_run_table(self.handle, version, n_trs, n_subjects)
+        problems = runs.problems(n_trs, n_subjects)
+        if problems:
+            self.fail("inconsistent run table: " + "; ".join(problems), schema.RUNS_GROUP)
+        if version >= 2:
+            shape = (len(runs), n_subjects, n_voxels)
+            for name in (schema.RUNS_FMRI_MEAN, schema.RUNS_FMRI_STD):
+                self.finite(name, self.shape(name, shape))
+            std = np.asarray(self.handle[schema.RUNS_FMRI_STD][()])
+            if (std <= 0).any():
+                self.fail("per-run std must be > 0", schema.RUNS_FMRI_STD, "> 0", float(std.min()))
+        return runs
+
+    def splits(self, n_trs: int, gap: int, runs: RunTable) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name in schema.SPLITS:
             path = schema.split_path(name)
@@ -376,16 +408,35 @@ class _Checker:
             if (np.diff(index) <= 0).any():
                 self.fail("split indices must be strictly increasing", path)
             out[name] = index
-        order = sorted(schema.SPLITS, key=lambda name: int(out[name][0]))
-        for before, after in zip(order, order[1:], strict=False):
-            between = int(out[after][0]) - int(out[before][-1]) - 1
-            if between < gap:
+        # Within each run, rows of two splits are at least `gap` apart (the HRF tail of one
+        # split's stimulus must not reach the other's volumes); runs are separate scans, so
+        # nothing leaks from one run into the next and no gap is needed at a run boundary.
+        owner = np.full(n_trs, -1, dtype=np.int64)
+        for number, name in enumerate(schema.SPLITS):
+            taken = owner[out[name]] >= 0
+            if taken.any():
+                row = int(out[name][taken][0])
                 self.fail(
-                    f"splits {before} and {after} overlap or are closer than the recorded gap",
-                    schema.split_path(after),
-                    f"gap >= {gap} TRs",
-                    f"{between} TRs",
+                    f"splits {schema.SPLITS[owner[row]]} and {name} overlap at TR {row}",
+                    schema.split_path(name),
                 )
+            owner[out[name]] = number
+        for run in range(len(runs)):
+            rows = runs.rows(run)
+            mine = owner[rows]
+            used = np.flatnonzero(mine >= 0)
+            changes = np.flatnonzero(mine[used][1:] != mine[used][:-1])
+            for c in changes:
+                before, after = used[c], used[c + 1]
+                between = int(after - before - 1)
+                if between < gap:
+                    self.fail(
+                        f"splits {schema.SPLITS[mine[before]]} and {schema.SPLITS[mine[after]]} "
+                        f"are closer than the recorded gap in run {runs.ids[run]}",
+                        schema.split_path(schema.SPLITS[mine[after]]),
+                        f"gap >= {gap} TRs",
+                        f"{between} TRs",
+                    )
         return out
 
 

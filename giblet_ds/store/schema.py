@@ -11,6 +11,15 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SUPPORTED_VERSIONS",
+    "RUNS_GROUP",
+    "RUNS_ID",
+    "RUNS_STIMULUS",
+    "RUNS_FIRST",
+    "RUNS_N_TRS",
+    "RUNS_SUBJECTS",
+    "RUNS_FMRI_MEAN",
+    "RUNS_FMRI_STD",
     "N_CODES",
     "SPLITS",
     "VIDEO",
@@ -29,8 +38,11 @@ __all__ = [
     "split_path",
 ]
 
-SCHEMA_VERSION = 1
-"""Layout version written to the file attribute ``schema_version``."""
+SCHEMA_VERSION = 2
+"""Layout version written to the file attribute ``schema_version``. Version 2 added the
+``/runs`` table (many runs concatenated); a version 1 file is read as one run."""
+SUPPORTED_VERSIONS = (1, 2)
+"""Versions ``open_store`` reads; any other is refused by name."""
 
 N_CODES = 1024
 """EnCodec codebook size: every audio code is in ``0 .. N_CODES - 1``."""
@@ -46,6 +58,14 @@ FMRI_MEAN = "fmri/mean"  # (T, V) float16, mean of the z-scored subjects
 FMRI_STATS_MEAN = "fmri/stats/mean"  # (S, V) float32, raw per-subject train mean
 FMRI_STATS_STD = "fmri/stats/std"  # (S, V) float32, raw per-subject train std
 MASK = "mask"  # (X, Y, Z) bool, attribute "affine" (4, 4) float64
+RUNS_GROUP = "runs"  # schema 2: one row per run, in store order
+RUNS_ID = "runs/id"  # (R,) str: run id (BIDS sub-less entities or the runs.yaml name)
+RUNS_STIMULUS = "runs/stimulus"  # (R,) str: the stimulus file name (repeats allowed)
+RUNS_FIRST = "runs/first"  # (R,) int64: the run's first store row
+RUNS_N_TRS = "runs/n_trs"  # (R,) int64: the run's number of rows (TRs)
+RUNS_SUBJECTS = "runs/subjects"  # (R, S) bool: which subjects the run holds
+RUNS_FMRI_MEAN = "runs/fmri_mean"  # (R, S, V) float32: raw mean each run was z-scored with
+RUNS_FMRI_STD = "runs/fmri_std"  # (R, S, V) float32: raw std each run was z-scored with
 SPLIT_GROUP = "splits"  # /splits/{train,val,test} int64 TR indices
 STATS_GROUP = "stats"  # /stats/{video,text,fmri}/{mean,var}, /stats/audio/counts
 
@@ -60,6 +80,11 @@ DTYPES: dict[str, np.dtype] = {
     FMRI_STATS_STD: np.dtype(np.float32),
     MASK: np.dtype(np.bool_),
     "splits": np.dtype(np.int64),
+    RUNS_FIRST: np.dtype(np.int64),
+    RUNS_N_TRS: np.dtype(np.int64),
+    RUNS_SUBJECTS: np.dtype(np.bool_),
+    RUNS_FMRI_MEAN: np.dtype(np.float32),
+    RUNS_FMRI_STD: np.dtype(np.float32),
     "stats/video/mean": np.dtype(np.float32),
     "stats/video/var": np.dtype(np.float32),
     "stats/text/mean": np.dtype(np.float32),

@@ -20,45 +20,29 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from giblet_ds.errors import StoreError
+from giblet_ds.errors import ConfigError, StoreError
 from giblet_ds.store import schema
-from giblet_ds.store.builder import align, audio, fmri, text, video
+from giblet_ds.store.builder import audio, fmri, text, video
+from giblet_ds.store.builder import run_stages as stages
+from giblet_ds.store.builder.confounds import check_fit_rows, regress_out
 from giblet_ds.store.builder.hashing import build_sha256, file_sha256, settings_sha256
+from giblet_ds.store.builder.inputs import BuildInputs, RunInputs, check_runs
 from giblet_ds.store.builder.normalize import zscore_train
-from giblet_ds.store.builder.settings import DEFAULT_TR, BuildSettings
-from giblet_ds.store.builder.splits import make_splits
+from giblet_ds.store.builder.run_stages import report_rows as _report_rows  # noqa: F401
+from giblet_ds.store.builder.settings import BuildSettings
+from giblet_ds.store.builder.splits import make_run_splits
 from giblet_ds.store.builder.weights import ENCODEC_CHECKPOINT
 from giblet_ds.store.builder.writer import StoreWriter, remove_stale_temps
 from giblet_ds.store.layout import StoreLayout
 from giblet_ds.store.reader import open_store
+from giblet_ds.store.runs import RunTable
 
-__all__ = ["BuildInputs", "BuildResult", "build_store", "hash_inputs"]
+__all__ = ["BuildInputs", "BuildResult", "RunInputs", "build_store", "hash_inputs"]
 
 RANDOM_WEIGHTS_WARNING = (
     "built with --no-pretrained: EnCodec and CLIP weights are RANDOM (fixed seed); audio codes and "
     "text embeddings carry no learned meaning. Use only for demos and tests."
 )
-
-
-@dataclass(frozen=True)
-class BuildInputs:
-    """The raw files of one build."""
-
-    video: Path
-    annotations: Path
-    fmri: tuple[Path, ...]
-    mask: Path | None = None
-    encodec_weights: Path | None = None
-    """A weight file (or a folder holding the package's checkpoint): pretrained EnCodec offline."""
-    clip_weights: Path | None = None
-    """A weight file for the CLIP text tower (a whole CLIP or its text tower's state dict)."""
-
-    def __post_init__(self) -> None:
-        if not self.fmri:
-            raise StoreError("--fmri", "at least one fMRI file is needed")
-        ids = [fmri.subject_id(p) for p in self.fmri]
-        if len(set(ids)) != len(ids):
-            raise StoreError("--fmri", "subject ids (file names) must be unique", actual=ids)
 
 
 @dataclass
@@ -98,10 +82,28 @@ def _bar(
         bar.close()
 
 
-def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
-    """SHA-256, name and size of every input file (the basis of the no-op rebuild check)."""
-    files: list[tuple[str, Path]] = [("video", inputs.video), ("annotations", inputs.annotations)]
-    files += [(f"fmri:{fmri.subject_id(p)}", p) for p in inputs.fmri]
+def hash_inputs(
+    inputs: BuildInputs, progress: bool = False, *, confounds: bool = False
+) -> dict[str, Any]:
+    """SHA-256, name and size of every input file (the basis of the no-op rebuild check).
+
+    A one-run build names its files as before runs existed (``video``, ``fmri:ID``), so its
+    hash is unchanged; a many-run build prefixes each run's files with the run id."""
+    files: list[tuple[str, Path]] = []
+    for run in inputs.run_list():
+        prefix = "" if inputs.single else f"{run.run_id}:"
+        files.append((f"{prefix}video", run.video))
+        if run.annotations is not None:
+            files.append((f"{prefix}annotations", run.annotations))
+        files += [
+            (f"{prefix}fmri:{sid}", p) for sid, p in zip(run.subject_ids, run.fmri, strict=True)
+        ]
+        if confounds:  # only when they are used: unused files do not change the store
+            files += [
+                (f"{prefix}confounds:{sid}", p)
+                for sid, p in zip(run.subject_ids, run.confounds, strict=False)
+                if p is not None
+            ]
     if inputs.mask is not None:
         files.append(("mask", inputs.mask))
     # Weight files are inputs too: another file gives other features, so another build hash.
@@ -114,7 +116,10 @@ def hash_inputs(inputs: BuildInputs, progress: bool = False) -> dict[str, Any]:
         files.append(("clip-weights", inputs.clip_weights))
     for role, path in files:
         if not path.is_file():
-            raise StoreError(path, "input file not found", dataset=f"--{role.split(':')[0]}")
+            parts = role.split(":")
+            kind = parts[0] if inputs.single or len(parts) == 1 else parts[1]
+            where = "" if inputs.single or len(parts) == 1 else f" (run {parts[0]})"
+            raise StoreError(path, f"input file not found{where}", dataset=f"--{kind}")
     total = sum(p.stat().st_size for _, p in files)
     out: dict[str, Any] = {}
     with _bar("hash inputs", total, "B", progress) as update:
@@ -138,10 +143,11 @@ def build_store(
 ) -> BuildResult:
     """Build (or confirm up to date) the store ``out`` from ``inputs`` with ``settings``.
 
-    ``encodec_weights`` is the older spelling of ``inputs.encodec_weights``. Memory stays near
-    one subject's masked series plus the subject sum (2 x T x V float32) whatever the number of
-    subjects: video is written to the file as it is decoded, fMRI is read a block of volumes at
-    a time, and each model is released once its stage is done.
+    Runs are concatenated in order (one run: the store of before runs existed, with a one-row
+    ``/runs`` table). ``encodec_weights`` is the older spelling of ``inputs.encodec_weights``.
+    Memory stays near one subject's masked series of one run plus the subject sum (2 x T x V
+    float32) whatever the number of subjects: video is written to the file as it is decoded,
+    fMRI is read a block of volumes at a time, and each model is released once its stage is done.
     """
     settings = settings or BuildSettings()
     if encodec_weights is not None and inputs.encodec_weights is None:
@@ -176,18 +182,31 @@ def build_store(
             expected="--encodec-weights/--clip-weights, or --no-pretrained",
             actual=[str(f) for f in offline],
         )
-    # Headers first (cheap): the TR they state decides whether the build may go on, and the
-    # resolved TR is what the settings hash records.
-    fmri_infos = fmri.probe_fmri(inputs.fmri)
-    tr, tr_source, tr_notes = fmri.resolve_tr(settings.tr, fmri_infos, DEFAULT_TR)
+    runs = inputs.run_list()
+    if settings.split_by == "run" and len(runs) < 2:
+        raise StoreError("split_by", "split_by: run needs at least 2 runs", actual=len(runs))
+    # Headers first (cheap): subjects, grid and TR of every run decide whether the build may go
+    # on, and the resolved TR is what the settings hash records.
+    run_infos = [stages.probe_run(run) for run in runs]
+    subjects = check_runs(runs, run_infos)
+    run_infos = [
+        stages.in_order(run, infos, subjects) for run, infos in zip(runs, run_infos, strict=True)
+    ]
+    tr, tr_source, tr_notes = stages.resolve_run_tr(settings.tr, runs, run_infos)
     settings = dataclasses.replace(settings, tr=tr)
     for note in tr_notes:
         _log(f"note: {note}")
-    subjects = tuple(fmri.subject_id(info.path) for info in fmri_infos)
-    volumes = {sid: info.n_volumes for sid, info in zip(subjects, fmri_infos, strict=True)}
-    input_hashes = hash_inputs(inputs, progress)
+    volumes = [
+        {sid: info.n_volumes for sid, info in zip(subjects, infos, strict=True)}
+        for infos in run_infos
+    ]
+    nuisance = stages.load_confounds_early(runs, run_infos, subjects, settings)
+    input_hashes = hash_inputs(inputs, progress, confounds=settings.confounds is not None)
     settings_hash = settings_sha256(settings.hashed())
-    build_hash = build_sha256(settings_hash, input_hashes, schema.SCHEMA_VERSION)
+    # A one-run build hashes with schema 1: the store it writes holds what a schema 1 store
+    # held (plus the one-row /runs table a schema 1 file is read with), so it is not rebuilt.
+    hash_schema = 1 if inputs.single else schema.SCHEMA_VERSION
+    build_hash = build_sha256(settings_hash, input_hashes, hash_schema)
     lap("hash")
     if out.exists():
         try:
@@ -223,31 +242,19 @@ def build_store(
     lap("load_models")
 
     # -- cheap checks of every input before the long stages ---------------------------------------
-    probe = video.probe_video(inputs.video)
-    n_frames = settings.frames_per_tr or video.frames_per_tr(tr, probe.fps, settings.frame_skip)
-    annotations, annotation_counts = text.read_annotations(
-        inputs.annotations,
-        settings.text_columns,
-        max_dropped_fraction=settings.max_dropped_fraction,
-    )
-    _report_rows(inputs.annotations, annotation_counts)
+    probes = [video.probe_video(run.video) for run in runs]
+    n_frames = settings.frames_per_tr or video.frames_per_tr(tr, probes[0].fps, settings.frame_skip)
+    sheets = [stages.read_sheet(run, settings) for run in runs]
 
     # Text first: the CLIP tower (1.4 GB for ViT-H-14) is released before audio and fMRI work.
-    texts = [a.text for a in annotations]
+    texts = [a.text for annotations, _ in sheets for a in annotations]
     with _bar("embed text", len(set(texts)), "text", progress) as update:
-        embeddings = text.embed_texts(texts, encode_text, progress=update)
+        if texts:
+            embeddings = text.embed_texts(texts, encode_text, progress=update)
+        else:  # no run has annotations: every text slot is empty, D from the tower
+            embeddings = np.zeros((0, encode_text([""]).shape[1]), dtype=np.float32)
     del encode_text
     lap("text")
-
-    audio_report: dict[str, int] = {}
-    wave = audio.decode_audio(inputs.video, report=audio_report)
-    if audio_report["bad_packets"]:
-        _log(f"WARNING: {audio_report['bad_packets']} damaged audio packets replaced by silence")
-    if audio_report["format_changes"]:
-        _log(f"note: the audio changed format {audio_report['format_changes']} time(s) mid-file "
-             "(channel layout or sample rate); followed")  # fmt: skip
-    lap("audio_decode")
-    audio_trs = align.whole_trs(len(wave) / audio.SAMPLE_RATE, tr)
 
     def planned(n_trs: int, n_voxels: int) -> StoreLayout:
         """The store's layout before the codes exist: n_q from the bandwidth (75 frames/s of
@@ -257,120 +264,154 @@ def build_store(
             width=settings.frame_width, n_q=max(1, round(settings.encodec_bandwidth / 0.75)),
             code_frames=int(tr * 75), text_slots=settings.annotations_per_tr,
             text_dim=int(embeddings.shape[1]), subjects=subjects, n_voxels=n_voxels,
-            mask_shape=fmri_infos[0].shape,
+            mask_shape=run_infos[0][0].shape, n_runs=len(runs),
         )  # fmt: skip
 
-    # Video streams into the file as it decodes (a whole Sherlock movie is 0.85 GB of frames).
+    # Video streams into the file as it decodes (a whole Sherlock movie is 0.85 GB of frames),
+    # run after run; each run is cropped to its common length before the next one starts.
     frame_shape = (n_frames, settings.frame_height, settings.frame_width)
-    with StoreWriter(out, frame_shape=frame_shape) as writer:
-        estimate = int(probe.duration_s * probe.fps) if np.isfinite(probe.duration_s) else None
-        # Before any frame is written: the store without its fMRI (the mask is not known yet).
-        video_guess = align.whole_trs(probe.duration_s, tr) if estimate else audio_trs
-        guess = min(video_guess, audio_trs, min(volumes.values()) - settings.lag)
-        writer.check_space(planned(max(guess, 0), 0), lower_bound=True)
-        with _bar("decode video", estimate, "frame", progress) as update:
-            video_trs, fps = video.stream_video(
-                inputs.video,
-                writer.write_video,
-                tr=tr,
-                frame_skip=settings.frame_skip,
-                n_frames=n_frames,
-                height=settings.frame_height,
-                width=settings.frame_width,
-                progress=update,
-            )
-        lap("video")
-        counts = align.common_trs(
-            video=video_trs,
-            audio=audio_trs,
-            fmri_volumes=min(volumes.values()),
-            lag=settings.lag,
-        )
-        n_trs = counts["n_trs"]
-        cropped, crop_lines = align.crop_report(counts, volumes, lag=settings.lag, tr=tr)
-        for line in crop_lines:
-            _log(line)
-        splits = make_splits(n_trs, settings.split_fractions, settings.gap)
-        first, stop = settings.lag, settings.lag + n_trs  # fMRI volumes paired with stimulus TRs
-        train_stop = first + int(splits["train"][-1]) + 1
 
-        # -- fMRI mask on the training volumes (every subject before any subject is written);
-        # before the audio encoding, so a store that cannot fit stops before the longest stage.
-        with _bar("fmri mask", len(fmri_infos), "subject", progress) as update:
-            mask = fmri.compute_mask(
-                fmri_infos, start=first, stop=stop, train_stop=train_stop,
-                rule=settings.mask_rule, mask_file=inputs.mask, progress=update,
+    def bar(desc: str, total: float | None, unit: str) -> Any:
+        return _bar(desc, total, unit, progress)
+
+    with StoreWriter(out, frame_shape=frame_shape) as writer:
+        decoded = []
+        for index, run in enumerate(runs):
+            decoded.append(
+                stages.decode_run(
+                    run, probes[index], volumes[index], writer, settings, planned, bar,
+                    keep_wave=len(runs) == 1,
+                )
             )  # fmt: skip
+        lap("video")
+        lengths = [(run.run_id, d["counts"]["n_trs"]) for run, d in zip(runs, decoded, strict=True)]
+        try:
+            splits, zscore_rows, assignment = make_run_splits(
+                lengths, settings.split_fractions, settings.gap, split_by=settings.split_by,
+                split_runs=settings.split_runs, seed=settings.split_seed,
+            )  # fmt: skip
+        except ConfigError as err:
+            raise StoreError("split", str(err)) from None
+        table = RunTable(
+            ids=tuple(run.run_id for run in runs),
+            stimuli=tuple(run.stimulus_name for run in runs),
+            first=np.concatenate([[0], np.cumsum([n for _, n in lengths])[:-1]]).astype(np.int64),
+            n_trs=np.array([n for _, n in lengths], dtype=np.int64),
+            subjects=np.ones((len(runs), len(subjects)), dtype=bool),
+        )
+        n_trs = int(table.n_trs.sum())
+        lag = settings.lag
+        for index, per_subject in enumerate(nuisance):  # before the long stages, not after
+            check_fit_rows(per_subject[0].shape[1], len(zscore_rows[index]),
+                           f"run {runs[index].run_id}")  # fmt: skip
+        # Volumes each run's statistics (and the mask's variance test) use: a leading stretch.
+        z_stop = [lag + int(rows[-1]) + 1 for rows in zscore_rows]
+
+        # -- fMRI mask on the z-scoring volumes of every run (every subject before any subject
+        # is written); before the audio encoding, so a store that cannot fit stops early.
+        with _bar("fmri mask", len(runs) * len(subjects), "scan", progress) as update:
+            mask = np.ones(run_infos[0][0].shape, dtype=bool)
+            for index, infos in enumerate(run_infos):
+                mask &= fmri.compute_mask(
+                    infos, start=lag, stop=lag + int(table.n_trs[index]), train_stop=z_stop[index],
+                    rule=settings.mask_rule, mask_file=inputs.mask, progress=update,
+                )  # fmt: skip
+            if not mask.any():
+                raise StoreError(runs[0].fmri[0], "the mask is empty: no voxel is valid in "
+                                 "every subject and run", dataset="--fmri")  # fmt: skip
         writer.check_space(planned(n_trs, int(mask.sum())))
         lap("fmri_mask")
 
-        if not settings.pretrained:
-            audio.init_random_codebooks(model, wave)
-        n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
-        with _bar("encode audio", n_segments, "segment", progress) as update:
-            codes = audio.encode_audio(
-                wave, model, segment_s=settings.audio_segment_s, device=settings.device,
-                progress=update,
-            )  # fmt: skip
-        # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
-        codes_tr = audio.codes_per_tr(codes, tr, n_trs)
-        del model, wave, codes
+        annotation_counts: list[dict[str, Any]] = []
+        audio_reports: list[dict[str, int]] = []
+        first_text = 0
+        for index, run in enumerate(runs):
+            wave = decoded[index].pop("wave", None)
+            report: dict[str, int] = {}
+            if wave is None:
+                wave = audio.decode_audio(run.video, report=report)
+            else:
+                report = decoded[index]["audio_report"]
+            audio_reports.append(report)
+            if index == 0 and not settings.pretrained:
+                audio.init_random_codebooks(model, wave)  # one codebook for every run
+            n_segments = int(np.ceil(len(wave) / (settings.audio_segment_s * audio.SAMPLE_RATE)))
+            with _bar(f"encode audio {run.run_id}", n_segments, "segment", progress) as update:
+                codes = audio.encode_audio(
+                    wave, model, segment_s=settings.audio_segment_s, device=settings.device,
+                    progress=update,
+                )  # fmt: skip
+            # n_q comes from the codes' shape, never from a bandwidth table (REFERENCE.md).
+            n_run = int(table.n_trs[index])
+            codes_tr = audio.codes_per_tr(codes, tr, n_run)
+            del wave, codes
+            annotations, counts = sheets[index]
+            run_embeddings = embeddings[first_text : first_text + len(annotations)]
+            first_text += len(annotations)
+            text_array, text_mask = stages.text_rows(
+                annotations, run_embeddings, counts, tr, n_run, settings
+            )
+            annotation_counts.append(counts)
+            if index == 0:
+                layout = StoreLayout(
+                    n_trs=n_trs,
+                    n_frames=n_frames,
+                    height=settings.frame_height,
+                    width=settings.frame_width,
+                    n_q=int(codes_tr.shape[1]),
+                    code_frames=int(codes_tr.shape[2]),
+                    text_slots=settings.annotations_per_tr,
+                    text_dim=int(text_array.shape[2]),
+                    subjects=subjects,
+                    n_voxels=int(mask.sum()),
+                    mask_shape=run_infos[0][0].shape,
+                    n_runs=len(runs),
+                )
+                writer.define(
+                    layout, mask=mask, affine=run_infos[0][0].affine, splits=splits, runs=table
+                )
+            first_row = int(table.first[index])
+            writer.write_audio_codes(codes_tr, start=first_row)
+            writer.write_text(text_array, text_mask, start=first_row)
+        del model
         lap("audio")
 
-        slot_report: dict[str, int] = {}
-        text_array, text_mask = text.annotations_per_tr(
-            annotations, embeddings, tr=tr, n_trs=n_trs, slots=settings.annotations_per_tr,
-            report=slot_report,
-        )  # fmt: skip
-        annotation_counts.update(slot_report)
-        if slot_report["never_in_a_slot"]:
-            _log(f"note: {slot_report['never_in_a_slot']} annotations are in no TR's "
-                 f"{settings.annotations_per_tr} text slots ({slot_report['trs_over_slots']} TRs "
-                 "overlap more annotations than slots; earliest first are kept; raise "
-                 "--annotations-per-tr to keep them)")  # fmt: skip
-        annotation_counts["after_movie_end"] = sum(a.start >= n_trs * tr for a in annotations)
-        if annotation_counts["after_movie_end"]:
-            _log(f"note: {annotation_counts['after_movie_end']} annotations start after the last "
-                 f"TR ({n_trs * tr:.1f} s) and are not used")  # fmt: skip
-
-        layout = StoreLayout(
-            n_trs=n_trs,
-            n_frames=n_frames,
-            height=settings.frame_height,
-            width=settings.frame_width,
-            n_q=int(codes_tr.shape[1]),
-            code_frames=int(codes_tr.shape[2]),
-            text_slots=settings.annotations_per_tr,
-            text_dim=int(text_array.shape[2]),
-            subjects=subjects,
-            n_voxels=int(mask.sum()),
-            mask_shape=fmri_infos[0].shape,
-        )
-        writer.define(layout, mask=mask, affine=fmri_infos[0].affine, splits=splits)
-        writer.write_audio_codes(codes_tr)
-        writer.write_text(text_array, text_mask)
-
-        with _bar("fmri z-score", len(fmri_infos), "subject", progress) as update:
-            for index, info in enumerate(fmri_infos):
-                series = fmri.masked_series(info, mask, start=first, stop=stop)
-                zscored, mean, std = zscore_train(series, splits["train"], inplace=True)
-                writer.write_subject(index, zscored, mean, std)
-                del series, zscored
-                update(1)
+        with _bar("fmri z-score", len(subjects) * len(runs), "scan", progress) as update:
+            for s_index in range(len(subjects)):
+                for index, infos in enumerate(run_infos):
+                    n_run = int(table.n_trs[index])
+                    series = fmri.masked_series(infos[s_index], mask, start=lag, stop=lag + n_run)
+                    if nuisance:  # before z-scoring, fitted on the z-scoring rows
+                        rows = nuisance[index][s_index][lag : lag + n_run]
+                        where = f"run {runs[index].run_id}, {subjects[s_index]}"
+                        regress_out(series, rows, zscore_rows[index], where)
+                    zscored, mean, std = zscore_train(series, zscore_rows[index], inplace=True)
+                    writer.write_subject(s_index, zscored, mean, std, run=index)
+                    del series, zscored
+                    update(1)
         lap("fmri")
 
         pretrained_note = "pretrained" if settings.pretrained else (
             "random weights; codebooks by k-means on the first 30 s of this movie"
         )  # fmt: skip
+
+        def per_run(values: list[Any]) -> Any:
+            """A one-run store records the value itself (as before runs), many runs by run id."""
+            return values[0] if len(runs) == 1 else {
+                run.run_id: value for run, value in zip(runs, values, strict=True)
+            }  # fmt: skip
+
         attrs: dict[str, Any] = {
             "tr": float(tr),
             "tr_source": tr_source,
-            "fps": float(fps),
+            "fps": float(decoded[0]["fps"]),
             "frame_skip": int(settings.frame_skip),
             "frames_per_tr": int(n_frames),
-            "lag": int(settings.lag),
+            "lag": int(lag),
             "split_gap": int(settings.gap),
             "split_fractions": list(settings.split_fractions),
+            "split_by": settings.split_by,
+            "split_runs": assignment,
             "encodec_model": audio.ENCODEC_MODEL,
             "encodec_bandwidth": float(settings.encodec_bandwidth),
             "encodec_pretrained": bool(settings.pretrained),
@@ -381,46 +422,39 @@ def build_store(
             "weight_files": {k: v for k, v in weight_files.items() if v is not None},
             "text_normalized": True,
             "text_columns": list(settings.text_columns),
-            "annotation_counts": annotation_counts,
-            "trs_available": counts,
-            "cropped": cropped,
-            "audio_bad_packets": audio_report["bad_packets"],
-            "audio_format_changes": audio_report["format_changes"],
-            "fmri_volumes": [first, stop],
-            "fmri_volume_counts": volumes,
-            "fmri_header_trs": {
-                sid: info.header_tr for sid, info in zip(subjects, fmri_infos, strict=True)
+            "annotation_counts": per_run(annotation_counts),
+            "trs_available": per_run([d["counts"] for d in decoded]),
+            "cropped": per_run([d["cropped"] for d in decoded]),
+            "fps_per_run": per_run([float(d["fps"]) for d in decoded]),
+            "audio_bad_packets": sum(r["bad_packets"] for r in audio_reports),
+            "audio_format_changes": sum(r["format_changes"] for r in audio_reports),
+            "fmri_volumes": [lag, lag + int(table.n_trs[0])] if len(runs) == 1 else {
+                run.run_id: [lag, lag + int(n)] for run, n in zip(runs, table.n_trs, strict=True)
             },
+            "fmri_volume_counts": per_run(volumes),
+            "fmri_header_trs": per_run([
+                {sid: info.header_tr for sid, info in zip(subjects, infos, strict=True)}
+                for infos in run_infos
+            ]),
+            "fmri_zscore_volumes": per_run([[lag, stop] for stop in z_stop]),
             "mask_rule": settings.mask_rule,
-            "mask_volumes": [first, train_stop] if settings.mask_rule == "intersection" else [],
+            "mask_volumes": per_run([[lag, stop] for stop in z_stop])
+            if settings.mask_rule == "intersection" else [],
             "input_hashes": input_hashes,
             "settings": settings.hashed(),
             "settings_hash": settings_hash,
             "build_hash": build_hash,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "warning": "" if settings.pretrained else RANDOM_WEIGHTS_WARNING,
-        }
+        }  # fmt: skip
         writer.finish(attrs)
     lap("stats_and_write")
     open_store(out)  # the gate every reader uses must accept what we wrote
-    _log(f"wrote {out}: {n_trs} TRs, {layout.n_voxels} voxels, {len(layout.subjects)} subjects")
+    _log(f"wrote {out}: {n_trs} TRs in {len(runs)} run(s), {layout.n_voxels} voxels, "
+         f"{len(layout.subjects)} subjects")  # fmt: skip
     return BuildResult(
         out, True, n_trs, build_hash, seconds, movie_seconds=n_trs * tr, peak_rss_mb=peaks
     )
-
-
-def _report_rows(path: Path, counts: dict[str, Any]) -> None:
-    """Name every annotation row the build leaves out (nothing is dropped silently), and a CSV
-    read in another encoding than UTF-8."""
-    if counts.get("encoding_note"):
-        _log(f"note: {counts['encoding_note']}")
-    if counts["duplicates"]:
-        _log(f"{path.name}: {counts['duplicates']} exact duplicate rows dropped")
-    if counts["dropped"]:
-        rows = "; ".join(f"row {row}: {why}" for row, why in counts["dropped_rows"][:50])
-        more = f"; and {counts['dropped'] - 50} more" if counts["dropped"] > 50 else ""
-        _log(f"WARNING: {path.name}: {counts['dropped']} of {counts['rows']} rows dropped "
-             f"({rows}{more})")  # fmt: skip
 
 
 def build_from_paths(

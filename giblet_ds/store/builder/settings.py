@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from giblet_ds.errors import ConfigError
+from giblet_ds.store.builder.confounds import check_confounds
 from giblet_ds.store.builder.sheet import MAX_DROPPED_FRACTION, TEXT_COLUMNS
-from giblet_ds.store.builder.splits import min_real_gap
+from giblet_ds.store.builder.splits import SPLIT_BY, min_real_gap
 
 __all__ = ["BuildSettings", "DEFAULT_TR", "MASK_RULES", "load_settings_yaml"]
 
@@ -60,6 +61,18 @@ class BuildSettings:
     """Relative sizes of the contiguous train, val and test segments."""
     split_gap: int | None = None
     """TRs left out between splits; None: lag + 10 (the minimum a real build accepts)."""
+    split_by: str = "time"
+    """'time': every run is cut into contiguous train, val, test segments; 'run': whole runs go
+    to a split (``split_runs``, or a seeded rule). Left out of the hash at 'time' (the old rule)."""
+    split_runs: Mapping[str, tuple[str, ...]] | None = None
+    """With split_by 'run': run ids per split, e.g. {train: [run-1], val: [run-2], test: [run-2]}
+    (val and test may share one run, cut in time); None: shuffled with ``split_seed``."""
+    split_seed: int = 0
+    """Seed of the rule that assigns runs to splits when ``split_runs`` is None."""
+    confounds: Mapping[str, Any] | None = None
+    """fMRIPrep confounds regressed out of each subject's run before z-scoring, through nilearn's
+    ``load_confounds``: ``{strategy: [motion, high_pass, compcor], motion: basic, ...}``
+    (load_confounds' options; volume-dropping strategies refused). None: none (not hashed)."""
     audio_segment_s: float = 30.0
     """EnCodec encodes the audio in segments of this length (with 1 s of left context)."""
     device: str = field(default="cpu", metadata={"hashed": False})
@@ -102,6 +115,11 @@ class BuildSettings:
             problems.append(
                 f"split_gap must be >= lag + 10 = {minimum} TRs (HRF leakage), got {self.split_gap}"
             )
+        if self.split_by not in SPLIT_BY:
+            problems.append(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
+        if self.split_runs is not None and self.split_by != "run":
+            problems.append("split_runs needs split_by: run")
+        problems += check_confounds(self.confounds)
         if not self.audio_segment_s > 0:
             problems.append(f"audio_segment_s must be > 0, got {self.audio_segment_s}")
         if not 0 <= self.max_dropped_fraction <= 1:
@@ -126,6 +144,19 @@ class BuildSettings:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         out["split_gap"] = self.gap
         out["tr"] = self.tr if self.tr is not None else DEFAULT_TR
+        if self.confounds is None:
+            out.pop("confounds")
+        else:
+            out["confounds"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self.confounds.items())
+            }
+        # Split-by-run keys only count when used: a split by time hashes as before they existed.
+        if self.split_by == "time":
+            for key in ("split_by", "split_runs", "split_seed"):
+                out.pop(key)
+        elif self.split_runs is not None:
+            out["split_runs"] = {k: list(v) for k, v in sorted(self.split_runs.items())}
+            out.pop("split_seed")
         return out
 
     @classmethod
@@ -139,6 +170,11 @@ class BuildSettings:
         for key in ("text_columns", "split_fractions"):
             if key in clean and clean[key] is not None:
                 clean[key] = tuple(clean[key])
+        if isinstance(clean.get("split_runs"), Mapping):
+            clean["split_runs"] = {
+                str(k): tuple(str(r) for r in (v if isinstance(v, list | tuple) else [v]))
+                for k, v in clean["split_runs"].items()
+            }
         return cls(**clean)
 
 

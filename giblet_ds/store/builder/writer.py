@@ -36,6 +36,7 @@ from giblet_ds.store import schema
 from giblet_ds.store.builder import disk
 from giblet_ds.store.builder.disk import create_unbuffered, io_reason
 from giblet_ds.store.layout import StoreLayout
+from giblet_ds.store.runs import RunTable, write_run_table
 from giblet_ds.store.stats import compute_target_stats
 
 __all__ = ["StoreWriter", "temp_path_for", "remove_stale_temps"]
@@ -125,8 +126,9 @@ class StoreWriter:
         self._frame_shape = tuple(int(x) for x in frame_shape)
         self._video_rows = 0
         self._video_done = np.zeros(0, dtype=bool)
-        self._done: set[str] = set()
         self._fmri_sum: np.ndarray | None = None
+        self._runs: RunTable | None = None
+        self._rows_done: dict[str, np.ndarray] = {}
         self._finished = False
         self._deferred: str | None = None
         self._hooks: tuple[Any, Any] | None = None
@@ -157,7 +159,7 @@ class StoreWriter:
         if self._pending is not None:
             layout, mask, affine, splits = self._pending
             self.file[schema.VIDEO].resize(layout.n_trs, axis=0)
-            self.define(layout, mask=mask, affine=affine, splits=splits)
+            self.define(layout, mask=mask, affine=affine, splits=splits, runs=None)
         return self
 
     def __exit__(
@@ -229,6 +231,29 @@ class StoreWriter:
         )
 
     @property
+    def video_rows(self) -> int:
+        """Video TRs written so far (where the next streamed run starts)."""
+        return self._video_rows
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """(F, H, W) of every streamed TR."""
+        return self._frame_shape
+
+    @_guarded
+    def crop_video(self, n_rows: int) -> None:
+        """Before ``define``: keep only the first ``n_rows`` streamed TRs (a run is cropped to
+        its common length before the next run streams after it)."""
+        if self._layout is not None or n_rows > self._video_rows:
+            raise StoreError(
+                self.path, "cannot crop the video here", dataset=schema.VIDEO,
+                expected=f"at most {self._video_rows} TRs before the layout", actual=n_rows,
+            )  # fmt: skip
+        self.file[schema.VIDEO].resize(n_rows, axis=0)
+        self._video_rows = n_rows
+        self._video_done = self._video_done[:n_rows]
+
+    @property
     def file(self) -> h5py.File:
         if self._file is None:
             raise RuntimeError("StoreWriter used outside its `with` block")
@@ -242,8 +267,17 @@ class StoreWriter:
         mask: np.ndarray,
         affine: np.ndarray,
         splits: Mapping[str, np.ndarray],
+        runs: RunTable | None = None,
     ) -> None:
-        """Fix the layout: crop streamed video to ``layout.n_trs`` and create every other dataset."""
+        """Fix the layout: crop streamed video to ``layout.n_trs`` and create every other dataset.
+
+        ``runs`` (None: one run of every row and subject) must have ``layout.n_runs`` rows."""
+        runs = runs if runs is not None else RunTable.single(layout.n_trs, layout.n_subjects)
+        problems = runs.problems(layout.n_trs, layout.n_subjects)
+        if len(runs) != layout.n_runs:
+            problems.append(f"{len(runs)} runs, the layout has {layout.n_runs}")
+        if problems:
+            raise StoreError(self.path, "; ".join(problems), dataset=schema.RUNS_GROUP)
         if (layout.n_frames, layout.height, layout.width) != self._frame_shape:
             raise StoreError(
                 self.path, "layout frame shape differs from the video being written",
@@ -277,6 +311,12 @@ class StoreWriter:
         self._mask = mask
         self._affine = np.asarray(affine, dtype=np.float64)
         self._splits = {name: np.asarray(splits[name], dtype=np.int64) for name in schema.SPLITS}
+        self._runs = runs
+        self._rows_done = {
+            name: np.zeros(layout.n_trs, dtype=bool) for name in (schema.AUDIO_CODES, schema.TEXT)
+        }
+        for index in range(layout.n_subjects):
+            self._rows_done[f"subject:{index}"] = np.zeros(layout.n_trs, dtype=bool)
         self._create_datasets(self.file)
 
     def _create_datasets(self, handle: h5py.File) -> None:
@@ -294,6 +334,10 @@ class StoreWriter:
             handle.create_dataset(name, shape=shapes[name], dtype=schema.DTYPES[name], chunks=chunk)
         for name in (schema.FMRI_STATS_MEAN, schema.FMRI_STATS_STD):
             handle.create_dataset(name, shape=shapes[name], dtype=schema.DTYPES[name])
+        for name in (schema.RUNS_FMRI_MEAN, schema.RUNS_FMRI_STD):
+            handle.create_dataset(name, shape=lay.runs_shapes()[name], dtype=schema.DTYPES[name])
+        assert self._runs is not None
+        write_run_table(handle, self._runs)
         handle.create_dataset(schema.MASK, data=self._mask)
         handle[schema.MASK].attrs["affine"] = self._affine
         for name, index in self._splits.items():
@@ -335,10 +379,12 @@ class StoreWriter:
         self._video_done[start:stop] = True
 
     @_guarded
-    def write_audio_codes(self, codes: np.ndarray) -> None:
-        """Write all codes (T, n_q, C); values must be EnCodec codes 0..1023."""
+    def write_audio_codes(self, codes: np.ndarray, start: int | None = None) -> None:
+        """Write codes (n, n_q, C) at rows ``start..start+n`` (None: all T rows at once); values
+        must be EnCodec codes 0..1023."""
         codes = np.asarray(codes)
-        self._check_block(schema.AUDIO_CODES, codes, 0, full=True)
+        first = 0 if start is None else start
+        self._check_block(schema.AUDIO_CODES, codes, first, full=start is None)
         if codes.size and (codes.min() < 0 or codes.max() >= schema.N_CODES):
             raise StoreError(
                 self.path,
@@ -347,30 +393,42 @@ class StoreWriter:
                 expected=f"0..{schema.N_CODES - 1}",
                 actual=f"{codes.min()}..{codes.max()}",
             )
-        self.file[schema.AUDIO_CODES][...] = codes.astype(np.int16)
-        self._done.add(schema.AUDIO_CODES)
+        stop = first + len(codes)
+        self.file[schema.AUDIO_CODES][first:stop] = codes.astype(np.int16)
+        self._rows_done[schema.AUDIO_CODES][first:stop] = True
 
     @_guarded
-    def write_text(self, text: np.ndarray, mask: np.ndarray) -> None:
-        """Write all text embeddings (T, K, D) and the mask of real slots (T, K)."""
-        self._check_block(schema.TEXT, np.asarray(text), 0, full=True)
-        self._check_block(schema.TEXT_MASK, np.asarray(mask), 0, full=True)
-        self.file[schema.TEXT][...] = np.asarray(text, dtype=np.float32)
-        self.file[schema.TEXT_MASK][...] = np.asarray(mask, dtype=bool)
-        self._done.add(schema.TEXT)
+    def write_text(self, text: np.ndarray, mask: np.ndarray, start: int | None = None) -> None:
+        """Write text embeddings (n, K, D) and the mask of real slots (n, K) at rows
+        ``start..start+n`` (None: all T rows at once)."""
+        first = 0 if start is None else start
+        self._check_block(schema.TEXT, np.asarray(text), first, full=start is None)
+        self._check_block(schema.TEXT_MASK, np.asarray(mask), first, full=start is None)
+        stop = first + len(text)
+        self.file[schema.TEXT][first:stop] = np.asarray(text, dtype=np.float32)
+        self.file[schema.TEXT_MASK][first:stop] = np.asarray(mask, dtype=bool)
+        self._rows_done[schema.TEXT][first:stop] = True
 
     @_guarded
     def write_subject(
-        self, index: int, zscored: np.ndarray, raw_mean: np.ndarray, raw_std: np.ndarray
+        self,
+        index: int,
+        zscored: np.ndarray,
+        raw_mean: np.ndarray,
+        raw_std: np.ndarray,
+        run: int = 0,
     ) -> None:
-        """Write one subject's z-scored series (T, V) and the raw train mean and std it used."""
+        """Write one subject's z-scored series over one run's rows (n_trs of the run, V) and the
+        raw mean and std that run was z-scored with (a one-run store: all T rows)."""
         lay = self.layout
+        assert self._runs is not None
         zscored = np.asarray(zscored, dtype=np.float32)
-        expected = (lay.n_trs, lay.n_voxels)
+        offset, n_rows = int(self._runs.first[run]), int(self._runs.n_trs[run])
+        expected = (n_rows, lay.n_voxels)
         if zscored.shape != expected:
             raise StoreError(
                 self.path,
-                f"subject {lay.subjects[index]} has the wrong shape",
+                f"subject {lay.subjects[index]} has the wrong shape in run {self._runs.ids[run]}",
                 dataset=schema.FMRI_SUBJECTS,
                 expected=expected,
                 actual=zscored.shape,
@@ -378,15 +436,16 @@ class StoreWriter:
         if self._fmri_sum is None:
             # float32 is exact enough for a mean of z-scores stored as float16, at half the
             # memory of float64 (0.66 GB for Sherlock, whatever the number of subjects).
-            self._fmri_sum = np.zeros(expected, dtype=np.float32)
+            self._fmri_sum = np.zeros((lay.n_trs, lay.n_voxels), dtype=np.float32)
         target = self.file[schema.FMRI_SUBJECTS]
-        for first in range(0, lay.n_trs, _WRITE_BLOCK_TRS):  # no full-size float16 copy
+        for first in range(0, n_rows, _WRITE_BLOCK_TRS):  # no full-size float16 copy
             rows = zscored[first : first + _WRITE_BLOCK_TRS]
-            target[index, first : first + len(rows)] = rows.astype(np.float16)
-            self._fmri_sum[first : first + len(rows)] += rows
-        self.file[schema.FMRI_STATS_MEAN][index] = raw_mean
-        self.file[schema.FMRI_STATS_STD][index] = raw_std
-        self._done.add(f"subject:{index}")
+            at = offset + first
+            target[index, at : at + len(rows)] = rows.astype(np.float16)
+            self._fmri_sum[at : at + len(rows)] += rows
+        self.file[schema.RUNS_FMRI_MEAN][run, index] = raw_mean
+        self.file[schema.RUNS_FMRI_STD][run, index] = raw_std
+        self._rows_done[f"subject:{index}"][offset : offset + n_rows] = True
 
     def _check_block(self, name: str, block: np.ndarray, start: int, full: bool = False) -> None:
         expected = self.layout.shapes()[name]
@@ -402,6 +461,24 @@ class StoreWriter:
             )
 
     # -- completion ---------------------------------------------------------------------------
+    def _write_subject_stats(self, handle: h5py.File) -> None:
+        """``/fmri/stats/{mean,std}`` (S, V): each run's raw statistics averaged over the runs,
+        weighted by their TR counts (one run: that run's, exactly). The exact per-run values
+        stay in ``/runs/fmri_{mean,std}``; this summary is what converts predictions for a new
+        stimulus back to raw units."""
+        assert self._runs is not None
+        for summary, per_run in (
+            (schema.FMRI_STATS_MEAN, schema.RUNS_FMRI_MEAN),
+            (schema.FMRI_STATS_STD, schema.RUNS_FMRI_STD),
+        ):
+            values = np.asarray(handle[per_run][()], dtype=np.float64)
+            if len(self._runs) == 1:
+                handle[summary][...] = values[0].astype(np.float32)
+                continue
+            weights = self._runs.n_trs.astype(np.float64)[:, None, None]
+            average = (values * weights).sum(axis=0) / weights.sum()
+            handle[summary][...] = average.astype(np.float32)
+
     @_guarded
     def finish(self, attrs: Mapping[str, Any]) -> Path:
         """Write the subject mean, training statistics and ``attrs``; rename into place."""
@@ -410,10 +487,11 @@ class StoreWriter:
         if not self._video_done.all():
             missing.append(f"{schema.VIDEO} TRs {np.flatnonzero(~self._video_done)[:5].tolist()}")
         for name in (schema.AUDIO_CODES, schema.TEXT):
-            if name not in self._done:
-                missing.append(name)
+            if not self._rows_done[name].all():
+                rows = np.flatnonzero(~self._rows_done[name])[:5].tolist()
+                missing.append(name if len(rows) == self.layout.n_trs else f"{name} TRs {rows}")
         for i, subject in enumerate(self.layout.subjects):
-            if f"subject:{i}" not in self._done:
+            if not self._rows_done[f"subject:{i}"].all():
                 missing.append(f"{schema.FMRI_SUBJECTS}[{subject}]")
         if missing:
             raise StoreError(self.path, f"build incomplete, never written: {', '.join(missing)}")
@@ -423,6 +501,7 @@ class StoreWriter:
             rows = self._fmri_sum[first : first + _WRITE_BLOCK_TRS]
             handle[schema.FMRI_MEAN][first : first + len(rows)] = rows.astype(np.float16)
         self._fmri_sum = None
+        self._write_subject_stats(handle)
         stats = compute_target_stats(handle, self._splits["train"])
         for modality, arrays in stats.items():
             for name, value in arrays.items():
