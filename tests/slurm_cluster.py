@@ -16,6 +16,7 @@ No slurmdbd, so no `sacct`: job states come from `scontrol show job`.
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
@@ -170,6 +171,13 @@ class SlurmCluster:
         return [line.split()[0] for line in out.splitlines() if line.split()[1:] == ["idle"]]
 
 
+def cluster_jobs(env: dict[str, str]) -> list[str]:
+    """Job ids the cluster still runs or holds (empty when its controller is gone)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True,
+                         timeout=30, check=False)  # fmt: skip
+    return out.stdout.split() if out.returncode == 0 else []
+
+
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> None:
     with log.open("ab") as out:
         subprocess.run(cmd, env=env, stdout=out, stderr=out, check=True, timeout=30)
@@ -261,5 +269,14 @@ def slurm_cluster(root: Path, timeout: float = 20) -> Iterator[SlurmCluster]:
             time.sleep(0.2)
         yield cluster
     finally:
+        # Jobs first: a batch shell and its srun outlive a controller that is gone (a failed test
+        # would leave them running).
+        subprocess.run(["scancel", "--full", "--signal=KILL", "--user", getpass.getuser()], env=env,
+                       capture_output=True, timeout=30, check=False)  # fmt: skip
+        subprocess.run(["scancel", "--user", getpass.getuser()], env=env, capture_output=True, timeout=30,
+                       check=False)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and cluster_jobs(env):
+            time.sleep(0.2)
         for pid_file in pid_files:
             _stop_by_pid_file(pid_file)

@@ -57,7 +57,9 @@ def init_distributed() -> None:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        # A site that binds one GPU per task (--gpus-per-task, --gpu-bind) shows each rank one
+        # device: it is device 0 whatever the rank's local index.
+        torch.cuda.set_device(local_rank() if torch.cuda.device_count() > 1 else 0)
 
 
 def launch_source() -> str:

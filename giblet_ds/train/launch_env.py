@@ -8,7 +8,7 @@ knows them:
 - ``srun`` (one task per GPU, launch/slurm_train.sbatch) sets SLURM's own variables, mapped as
   Lightning's ``SLURMEnvironment`` does: RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS,
   LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the first host of SLURM_JOB_NODELIST (unless the
-  batch script exported one), MASTER_PORT = 15000 + SLURM_JOB_ID mod 20000 (the same for a
+  batch script exported one), MASTER_PORT = 15000 + SLURM_JOB_ID mod 10000 (the same for a
   requeued job, unless exported); no ssh between nodes, no MPI;
 - a plain ``python launch/train.py`` is one process: rank 0 of 1 on a free local port.
 
@@ -31,7 +31,7 @@ __all__ = ["LaunchError", "ProcessEnv", "fill_process_env", "first_host", "proce
 
 PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_PORT_BASE = 15000
-SLURM_PORT_SPAN = 20000
+SLURM_PORT_SPAN = 10000  # 15000-24999: below Linux's ephemeral ports
 
 
 class LaunchError(GibletError):
