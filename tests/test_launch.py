@@ -206,29 +206,29 @@ def test_signal_latch_records_and_the_watch_sees_an_earlier_signal() -> None:
     assert signal.getsignal(signal.SIGUSR1) == previous[signal.SIGUSR1]
 
 
+def _train_py(store: Path, run_dir: Path, **env: str) -> tuple[list[str], dict[str, str]]:
+    """`python launch/train.py` on the tiny preset as a user starts it, outside any launcher or
+    SLURM (this repository's giblet_ds, whatever the venv's editable install points at)."""
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))
+    }
+    cmd = [sys.executable, str(TRAIN), "--config", str(TINY), "--deepspeed_config",
+           str(REPO / "ds_configs" / "zero2_fp32_cpu.json"), "--set", f"data.store={store}",
+           "--set", f"checkpoint.run_dir={run_dir}"]  # fmt: skip
+    extra = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    return cmd, {**clean, **extra}
+
+
 def test_sigusr1_while_importing_ends_in_exit_75_and_a_preempted_end_record(
     tiny_store: Path, tmp_path: Path
 ) -> None:
     """Before: the default action of SIGUSR1 killed the process (-10), nothing said why."""
     run_dir = tmp_path / "run"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))
-    }
+    cmd, env = _train_py(tiny_store, run_dir)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(TRAIN),
-            "--config",
-            str(TINY),
-            "--deepspeed_config",
-            str(REPO / "ds_configs" / "zero2_fp32_cpu.json"),
-            "--set",
-            f"data.store={tiny_store}",
-            "--set",
-            f"checkpoint.run_dir={run_dir}",
-        ],
+        cmd,
         cwd=REPO,
-        env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -248,25 +248,11 @@ def test_sigusr1_while_importing_ends_in_exit_75_and_a_preempted_end_record(
 
 
 def test_train_py_refuses_a_lone_task_of_a_two_task_job(tiny_store: Path, tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))
-    }
-    env.update(
-        {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "DS_ACCELERATOR": "cpu"}
+    cmd, env = _train_py(
+        tiny_store, tmp_path / "run", SLURM_JOB_ID="12", SLURM_NTASKS="2", SLURM_PROCID="0"
     )
     out = subprocess.run(
-        [
-            sys.executable,
-            str(TRAIN),
-            "--config",
-            str(TINY),
-            "--deepspeed_config",
-            str(REPO / "ds_configs" / "zero2_fp32_cpu.json"),
-            "--set",
-            f"data.store={tiny_store}",
-            "--set",
-            f"checkpoint.run_dir={tmp_path / 'run'}",
-        ],
+        cmd,
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from giblet_ds.errors import GibletError
+from giblet_ds.processes import pid_alive
 
 __all__ = ["LockHolder", "RunDirLockedError", "RunLock"]
 
@@ -78,16 +79,6 @@ class LockHolder:
         return f"host {self.host}, pid {self.pid}{job}, since {self.started}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """The lock of one run directory's ``run.lock`` file (see the module docstring)."""
 
@@ -129,7 +120,7 @@ class RunLock:
         me = self.holder
         if previous.slurm_job_id and previous.slurm_job_id == me.slurm_job_id:
             return  # a requeued job: SLURM ended the old tasks before requeueing
-        if previous.host == me.host and not _pid_alive(previous.pid):
+        if previous.host == me.host and not pid_alive(previous.pid):
             return
         if previous.host == me.host and previous.pid == me.pid:
             return

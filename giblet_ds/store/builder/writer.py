@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from giblet_ds.errors import StoreError
+from giblet_ds.processes import pid_alive
 from giblet_ds.store import schema
 from giblet_ds.store.builder import disk
 from giblet_ds.store.builder.disk import create_unbuffered, io_reason
@@ -75,21 +76,11 @@ def remove_stale_temps(path: Path) -> list[Path]:
     removed = []
     for candidate in path.parent.glob(f".{path.name}.tmp-*"):
         pid_text = candidate.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and pid_alive(int(pid_text)):
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StoreWriter:
