@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
+from giblet_ds import host
 from giblet_ds.errors import CheckpointError
-from giblet_ds.run import RunDir, resolve_checkpoint, save_space
+from giblet_ds.run import RunDir, resolve_checkpoint
 from giblet_ds.train.checkpointer import Checkpointer
 
 TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 3200 vs 3092"
@@ -57,7 +58,7 @@ def _saved_once(tmp_path: Path) -> tuple[RunDir, Checkpointer, int]:
 
 
 def _free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
-    monkeypatch.setattr(save_space.shutil, "disk_usage", lambda _: _Usage(10**9, 0, free))
+    monkeypatch.setattr(host.shutil, "disk_usage", lambda _: _Usage(10**9, 0, free))
 
 
 def test_a_save_that_does_not_fit_is_refused_before_writing(

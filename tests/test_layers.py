@@ -14,13 +14,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "giblet_ds"
 # layer -> giblet_ds layers it may import (itself always allowed)
 ALLOWED = {
     "errors": set(),
-    "processes": set(),
+    "host": set(),
     "config": {"errors"},
     "model": {"errors", "config"},
     "losses": {"errors", "config", "model"},
     "metrics": {"errors"},
-    "run": {"errors", "processes"},
-    "store": {"errors", "config", "processes"},
+    "run": {"errors", "host"},
+    "store": {"errors", "config", "host"},
     "resolve": {"errors", "config", "store"},
     "memory_estimate": {"errors", "config", "model"},
     "demo_data": {"errors", "store"},

@@ -254,7 +254,7 @@ def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]
 
 
 # The build runs in its own process: a fault inside HDF5 must not take pytest with it. EnCodec is
-# stubbed (the tests are about files); ``disk.free_space`` lies when asked to, so the write itself fails.
+# stubbed (the tests are about files); ``disk.free_bytes`` lies when asked to, so the write itself fails.
 DRIVER = """
 import sys
 import numpy as np
@@ -263,7 +263,7 @@ pipeline.audio.load_encodec = lambda *a, **k: (object(), None)
 pipeline.audio.init_random_codebooks = lambda *a, **k: None
 pipeline.audio.encode_audio = lambda wave, model, **k: np.zeros((2, len(wave) // 320 + 1), np.int16)
 if sys.argv[1] == "lie":
-    disk.free_space = lambda folder: 1 << 40
+    disk.free_bytes = lambda folder: 1 << 40
 sys.argv[0] = "tools/build_store.py"
 import runpy
 sys.argv = sys.argv[1:]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from giblet_ds.errors import GibletError
-from giblet_ds.processes import pid_alive
+from giblet_ds.host import pid_alive
 
 __all__ = ["LockHolder", "RunDirLockedError", "RunLock"]
 

@@ -10,14 +10,13 @@ space needed and free, and the tag the same command resumes from.
 from __future__ import annotations
 
 import errno
-import shutil
 from pathlib import Path
 
+from giblet_ds.host import free_bytes
 from giblet_ds.run.layout import BEST_TAG, RunDir
 
 __all__ = [
     "expected_tag_bytes",
-    "free_bytes",
     "is_write_failure",
     "record_write_failure",
     "space_problem",
@@ -37,14 +36,6 @@ def _human(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the file system of ``path`` (its nearest existing folder)."""
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            return int(shutil.disk_usage(folder).free)
-    return 0
 
 
 def expected_tag_bytes(run: RunDir) -> tuple[int, str] | None:

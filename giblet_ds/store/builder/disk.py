@@ -11,10 +11,11 @@ from pathlib import Path
 import h5py
 
 from giblet_ds.errors import StoreError
+from giblet_ds.host import free_bytes
 from giblet_ds.store.layout import StoreLayout
 
 __all__ = [
-    "free_space",
+    "free_bytes",
     "store_bytes",
     "check_free_space",
     "create_unbuffered",
@@ -31,12 +32,6 @@ _NO_SPACE = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "the file is too large for the file system",
 }
-
-
-def free_space(folder: Path) -> int:
-    """Bytes this process may still write in ``folder`` (``statvfs``: blocks free to users)."""
-    stats = os.statvfs(folder)
-    return int(stats.f_bavail * stats.f_frsize)
 
 
 def store_bytes(layout: StoreLayout) -> int:
@@ -69,7 +64,7 @@ def check_free_space(
     least")."""
     total = store_bytes(layout)
     need = max(0, total - written)
-    free = free_space(path.parent)
+    free = free_bytes(path.parent)
     if need > free:
         amount = ("at least " if lower_bound else "about ") + size_text(need)
         # Worth saying only once the video is on disk (the empty file is a few hundred bytes).

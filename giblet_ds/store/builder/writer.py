@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from giblet_ds.errors import StoreError
-from giblet_ds.processes import pid_alive
+from giblet_ds.host import pid_alive
 from giblet_ds.store import schema
 from giblet_ds.store.builder import disk
 from giblet_ds.store.builder.disk import create_unbuffered, io_reason
@@ -200,7 +200,7 @@ class StoreWriter:
         """Remove the temporary file and describe the failure: folder, need, free space."""
         self._abort()
         try:
-            free = disk.size_text(disk.free_space(self.path.parent))
+            free = disk.size_text(disk.free_bytes(self.path.parent))
         except OSError:
             free = "unknown"
         need = (
