@@ -17,7 +17,7 @@ import pytest
 
 from giblet_ds.run.lock import LockHolder, RunDirLockedError, RunLock
 from giblet_ds.train import signal_latch
-from giblet_ds.train.launch_env import LaunchError, first_host, process_env
+from giblet_ds.train.launch_env import LaunchError, first_host, process_env, slurm_job
 from giblet_ds.train.preemption import PreemptionWatch
 from tests.train_harness import REPO, TINY, TRAIN, records
 
@@ -100,6 +100,12 @@ def test_plain_process_is_one_rank_on_a_free_port() -> None:
 )
 def test_first_host_of_a_hostlist(nodelist: str, first: str) -> None:
     assert first_host(nodelist) == first
+
+
+def test_the_start_record_s_slurm_job() -> None:
+    assert slurm_job({}) == (None, None)
+    assert slurm_job({"SLURM_JOB_ID": "7"}) == ("7", 0)
+    assert slurm_job({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}) == ("7", 2)
 
 
 def test_unreadable_slurm_variables_are_named() -> None:

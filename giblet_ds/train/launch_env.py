@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 from giblet_ds.errors import GibletError
 
-__all__ = ["LaunchError", "ProcessEnv", "fill_process_env", "first_host", "process_env"]
+__all__ = [
+    "LaunchError",
+    "ProcessEnv",
+    "fill_process_env",
+    "first_host",
+    "process_env",
+    "slurm_job",
+]
 
 PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_PORT_BASE = 15000
@@ -132,3 +139,11 @@ def fill_process_env(env: MutableMapping[str, str] | None = None) -> ProcessEnv:
     resolved = process_env(target)
     target.update(resolved.values)
     return resolved
+
+
+def slurm_job(env: Mapping[str, str]) -> tuple[str | None, int | None]:
+    """The SLURM job a process runs in, for its start record: the job id (the same for every
+    requeue) and the restart count (0 on the first start); both None outside SLURM."""
+    job_id = env.get("SLURM_JOB_ID")
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    return job_id, int(restarts) if job_id and restarts.isdigit() else None

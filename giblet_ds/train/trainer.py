@@ -44,6 +44,7 @@ from giblet_ds.train.checkpointer import Checkpointer, check_store_hash
 from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flops, read_devices
 from giblet_ds.train.engine import build_engine
 from giblet_ds.train.hrf_start import mixer_start
+from giblet_ds.train.launch_env import slurm_job
 from giblet_ds.train.preemption import PreemptionWatch
 from giblet_ds.train.resume import (
     apply_resumed_settings,
@@ -234,6 +235,7 @@ class Trainer:
     def train(self) -> str:
         """Run to max_steps or early stop; returns the end status."""
         status, reason = "failed", "exception"
+        job_id, restarts = slurm_job(os.environ)
         self.run_log.write(
             StartRecord(
                 world_size=self.world_size,
@@ -249,7 +251,8 @@ class Trainer:
                 peak_flops=self.peak_flops,
                 mixer_start=None if self.mixer_start is None else self.mixer_start.tolist(),
                 launch=dist.launch_source(),
-                **_slurm_job(),
+                slurm_job_id=job_id,
+                slurm_restart_count=restarts,
                 resume_changes=self.resume_changes,
                 resume_notes=self.resume_notes,
             )
@@ -559,16 +562,6 @@ class Trainer:
         self.run_log.close()
         if self.run_lock is not None:
             self.run_lock.release()
-
-
-def _slurm_job() -> dict[str, Any]:
-    """The start record's SLURM fields: job id and requeue count (None outside SLURM)."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return {
-        "slurm_job_id": job_id,
-        "slurm_restart_count": int(restarts) if job_id and restarts.isdigit() else None,
-    }
 
 
 @functools.cache
