@@ -9,12 +9,17 @@ shards of one step are the same 16 TRs), validation after each epoch and the tra
 stopping (min_delta, patience) choosing the best state on the reliable-voxel r. No DeepSpeed, no
 checkpoint files, one dropout stream instead of one per rank: a run takes about 2 minutes here and
 matches a 2-rank run up to the dropout masks.
-Each best state is scored on the test split's reliable voxels (training-TR ISC > 0.1, the
-subject-mean target, as tools/evaluate.py), on the voxels each planted feature drives most (weight
-> 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``) linearly decode
-each planted feature (ridge, training TRs -> test TRs).
+Each best state is scored on the validation and test splits' reliable voxels (training-TR ISC >
+0.1, the subject-mean target, as tools/evaluate.py; with subject heads, data.target=subjects, the
+average-subject output), on the planted ROI (``--roi``), on the voxels each planted feature drives
+most (weight > 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``)
+linearly decode each planted feature (ridge, training TRs -> test TRs). The seeds of a setting are
+also scored as an ensemble (their predictions averaged, as tools/evaluate.py RUN_A RUN_B ...), and
+the ridge baseline and the planted oracle are printed on the same TRs and voxels. Settings are to
+be compared on validation; the test columns are for the record.
 
     .venv/bin/python bench/bench_context_seeds.py --store demo_out/store.h5 \
+        --roi demo_out/raw/roi_mask.nii.gz \
         --setting k12: --setting k1:model.context_trs=1 --seeds 1234 1 2 [--json F]
 
 A setting is NAME:[OVERRIDE,...]: `--set` overrides over launch/configs/small.yaml and make demo's
@@ -25,6 +30,7 @@ only (the ground truth must lie beside the store). Exit 2 on a bad store, settin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -40,11 +46,13 @@ from giblet_ds.config import RunConfig, load_config
 from giblet_ds.demo_data.brain import weight_maps
 from giblet_ds.demo_data.features import FEATURES
 from giblet_ds.errors import GibletError
-from giblet_ds.evaluation.evaluate import DEFAULT_RELIABLE_ISC, predict_split
-from giblet_ds.evaluation.truth import find_ground_truth
+from giblet_ds.evaluation.evaluate import DEFAULT_RELIABLE_ISC, predict_split, roi_voxels
+from giblet_ds.evaluation.ridge import fit_ridge_baseline, read_target
+from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import pairwise_isc, voxel_r
 from giblet_ds.model import GibletAutoencoder
+from giblet_ds.resolve import resolve
 from giblet_ds.store import (
     StoreDataset,
     load_mask,
@@ -53,6 +61,7 @@ from giblet_ds.store import (
     read_split_subjects,
 )
 from giblet_ds.store.reader import StoreInfo
+from giblet_ds.store.stats import subject_variances
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import weight_decay_groups
 from giblet_ds.train.hrf_start import mixer_start
@@ -97,10 +106,11 @@ def run_config(overrides: list[str], seed: int) -> RunConfig:
     return load_config(PRESET, [*DEMO_OVERRIDES, *overrides, f"train.seed={seed}"])
 
 
-def voxel_groups(store: Path) -> dict[str, np.ndarray]:
+def voxel_groups(store: Path, roi: Path | None = None) -> dict[str, np.ndarray]:
     """Reliable voxels (training-TR ISC > the evaluation's default threshold, 0.1) and, within
     them, those each planted feature drives most with weight > 0.3 (``weak``: the reliable voxels
-    below that)."""
+    below that); with ``roi`` (the demo's planted ROI NIfTI) also ``roi``, its voxels as
+    tools/evaluate.py --roi takes them (not cut to the reliable ones)."""
     info = open_store(store)
     if find_ground_truth(info) is None:
         raise GibletError(
@@ -115,7 +125,27 @@ def voxel_groups(store: Path) -> dict[str, np.ndarray]:
     groups = {"reliable": reliable}
     groups.update({f: reliable & strong & (dominant == i) for i, f in enumerate(FEATURES)})
     groups["weak"] = reliable & ~strong
+    if roi is not None:
+        groups["roi"] = roi_voxels(roi, info)
     return groups
+
+
+def references(info: StoreInfo, groups: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """The ridge baseline (tools/evaluate.py's, fitted on the training TRs, cached beside the
+    store) and the planted oracle, per split and voxel group, on the subject-mean target at
+    the split's TRs: the references every setting is divided by."""
+    ridge = fit_ridge_baseline(info)
+    truth = find_ground_truth(info)
+    assert truth is not None
+    out = {}
+    for split in ("val", "test"):
+        rows = np.asarray(info.splits[split])
+        target = torch.from_numpy(read_target(info, rows, None))
+        for name, series in (("ridge", ridge.predictions[split]),
+                             ("oracle", oracle_series(truth, info, rows))):  # fmt: skip
+            r = voxel_r(torch.from_numpy(np.asarray(series, np.float32)), target).numpy()
+            out[f"{name}_{split}"] = {g: float(r[v].mean()) for g, v in groups.items()}
+    return out
 
 
 def feature_decoding(model: GibletAutoencoder, info: StoreInfo) -> dict[str, float]:
@@ -158,7 +188,11 @@ def train_and_score(
     score it on the test split."""
     torch.set_num_threads(1)
     stats = load_target_stats(info.path, info=info)
-    model_cfg = cfg.model.with_input_sizes(info.model_input_sizes())
+    # the trainer's resolution: input sizes and, with data.target=subjects, n_subjects
+    cfg = resolve(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=str(info.path)))
+    ).cfg
+    model_cfg = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = GibletAutoencoder(model_cfg)
     means = {k: torch.from_numpy(stats[k]["mean"]).float() for k in ("fmri", "video", "text")}
@@ -177,19 +211,22 @@ def train_and_score(
     scheduler = make_scheduler(optimizer, peak_lr=cfg.optim.lr, warmup_steps=s.warmup_steps,
                                warmup_start_lr=s.warmup_start_lr, min_lr=s.min_lr,
                                total_steps=steps)  # fmt: skip
+    per_subject = subject_variances(info.path, info=info) if cfg.data.target == "subjects" else None
     loss_fn = NormalizedLoss(
-        TargetVariances.from_stats(stats), cfg.loss.weights(), cfg.model.codebook_size
+        TargetVariances.from_stats(stats, per_subject), cfg.loss.weights(), cfg.model.codebook_size
     )
     es = cfg.train.early_stopping
     stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
     device = torch.device("cpu")
 
-    def scores(split: str) -> dict[str, float]:
+    def predict(split: str) -> tuple[np.ndarray, np.ndarray]:
         model.eval()
         prediction, target = predict_split(model, cfg, info, split, device=device)
         model.train()
-        r = voxel_r(torch.from_numpy(prediction), torch.from_numpy(target)).numpy()
-        return {name: float(r[voxels].mean()) for name, voxels in groups.items()}
+        return prediction, target
+
+    def scores(split: str) -> dict[str, float]:
+        return group_means(*predict(split), groups)
 
     step, epoch, best_state = 0, 0, None
     clock = time.perf_counter()
@@ -219,9 +256,35 @@ def train_and_score(
             break
     assert best_state is not None
     model.load_state_dict(best_state)
+    predictions = {split: predict(split) for split in ("val", "test")}
     return {"seed": cfg.train.seed, "best_val_r": stopping.best, "best_step": stopping.best_step,
-            "test_r": scores("test"), "decoding_r": feature_decoding(model, info),
-            "seconds": time.perf_counter() - clock}  # fmt: skip
+            "val_r": group_means(*predictions["val"], groups),
+            "test_r": group_means(*predictions["test"], groups),
+            "decoding_r": feature_decoding(model, info),
+            "seconds": time.perf_counter() - clock,
+            "predictions": {split: p for split, (p, _) in predictions.items()},
+            "targets": {split: t for split, (_, t) in predictions.items()}}  # fmt: skip
+
+
+def group_means(
+    prediction: np.ndarray, target: np.ndarray, groups: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Mean per-voxel r of ``prediction`` against ``target`` (T, V) over each voxel group."""
+    r = voxel_r(torch.from_numpy(prediction), torch.from_numpy(target)).numpy()
+    return {name: float(r[voxels].mean()) for name, voxels in groups.items()}
+
+
+def ensemble_scores(runs: list[dict[str, Any]], groups: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The seeds' average prediction (tools/evaluate.py RUN_A RUN_B ...'s ensemble), scored per
+    split and group on the same TRs and voxels as each member."""
+    return {
+        f"{split}_r": group_means(
+            np.mean([run["predictions"][split] for run in runs], axis=0),
+            runs[0]["targets"][split],
+            groups,
+        )
+        for split in ("val", "test")
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,36 +292,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--setting", type=parse_setting, action="append", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    p.add_argument("--roi", type=Path, help="the demo's planted ROI (RAW/roi_mask.nii.gz)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     try:  # every store and config problem before the first minute of training
         info = open_store(args.store)
-        groups = voxel_groups(args.store)
+        groups = voxel_groups(args.store, args.roi)
         configs = {name: [run_config(overrides, seed) for seed in args.seeds]
                    for name, overrides in args.setting}  # fmt: skip
+        refs = references(info, groups)
     except GibletError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-                               "store": str(args.store), "runs": {}}  # fmt: skip
-    print("| setting | test r (reliable) per seed | mean | sd | "
-          + " | ".join(groups) + " | decoding r: " + " / ".join(FEATURES) + " |")  # fmt: skip
+                               "store": str(args.store), "references": refs, "runs": {}}  # fmt: skip
+    shown = [g for g in ("reliable", "roi") if g in groups]
+    for name in ("ridge", "oracle"):
+        print(f"{name}: " + ", ".join(f"{split} {g} {refs[f'{name}_{split}'][g]:.4f}"
+                                      for split in ("val", "test") for g in shown))  # fmt: skip
+    print("| setting | val r (reliable) per seed | val mean " + " ".join(shown)
+          + " | test r (reliable) per seed | test mean " + " ".join(shown)
+          + " | ensemble val " + " ".join(shown) + " | ensemble test " + " ".join(shown)
+          + " | groups (test mean) " + " / ".join(groups)
+          + " | decoding r: " + " / ".join(FEATURES) + " |")  # fmt: skip
     for name, overrides in args.setting:
         runs = [train_and_score(info, cfg, groups) for cfg in configs[name]]
-        results["runs"][name] = {"overrides": overrides, "seeds": runs}
-        test = [run["test_r"]["reliable"] for run in runs]
-        sd = statistics.stdev(test) if len(test) > 1 else float("nan")
-        per_group = [statistics.mean(run["test_r"][g] for run in runs) for g in groups]
+        ensemble = ensemble_scores(runs, groups)
+
+        def mean(split: str, group: str, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.mean(run[f"{split}_r"][group] for run in runs)
+
+        results["runs"][name] = {
+            "overrides": overrides,
+            "seeds": [
+                {k: v for k, v in run.items() if k not in ("predictions", "targets")}
+                for run in runs
+            ],  # fmt: skip
+            "ensemble": ensemble,
+        }
         decoding = [statistics.mean(run["decoding_r"][f] for run in runs) for f in FEATURES]
         print(
-            f"| {name} | {' / '.join(f'{r:.4f}' for r in test)} | {statistics.mean(test):.4f} "
-            f"| {sd:.4f} | "
-            + " | ".join(f"{v:.3f}" for v in per_group)
-            + " | "
-            + " / ".join(f"{v:.2f}" for v in decoding)
-            + " |",
+            f"| {name} | "
+            + " / ".join(f"{run['val_r']['reliable']:.4f}" for run in runs)
+            + " | " + " ".join(f"{mean('val', g):.4f}" for g in shown)
+            + " | " + " / ".join(f"{run['test_r']['reliable']:.4f}" for run in runs)
+            + " | " + " ".join(f"{mean('test', g):.4f}" for g in shown)
+            + " | " + " ".join(f"{ensemble['val_r'][g]:.4f}" for g in shown)
+            + " | " + " ".join(f"{ensemble['test_r'][g]:.4f}" for g in shown)
+            + " | " + " / ".join(f"{mean('test', g):.3f}" for g in groups)
+            + " | " + " / ".join(f"{v:.2f}" for v in decoding) + " |",
             flush=True,
-        )
+        )  # fmt: skip
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 
 from tests.bench_modules import load_bench
@@ -35,3 +36,24 @@ def test_runs_take_make_demos_steps_and_the_seed_and_the_settings_last() -> None
     assert (cfg.train.seed, cfg.model.context_trs) == (7, 12)
     assert cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * bench.RANKS == 16
     assert bench.run_config(["train.max_steps=88"], seed=1).train.max_steps == 88
+
+
+def test_the_ensemble_scores_the_seeds_average_on_the_members_trs_and_voxels() -> None:
+    bench = load_bench("bench_context_seeds")
+    rng = np.random.default_rng(0)
+    target = rng.standard_normal((20, 4)).astype(np.float32)
+    noise = rng.standard_normal((20, 4)).astype(np.float32)
+    # two members whose errors cancel: each alone is target +- noise, their average is the target
+    runs = [
+        {"predictions": {s: target + sign * noise for s in ("val", "test")},
+         "targets": {s: target for s in ("val", "test")}}
+        for sign in (1.0, -1.0)
+    ]  # fmt: skip
+    groups = {"all": np.ones(4, bool), "first": np.array([True, False, False, False])}
+    scores = bench.ensemble_scores(runs, groups)
+    assert scores["val_r"]["all"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["test_r"]["first"] == pytest.approx(1.0, abs=1e-6)
+    member = bench.group_means(target + noise, target, groups)
+    by_hand = np.corrcoef(target[:, 0] + noise[:, 0], target[:, 0])[0, 1]
+    assert member["first"] == pytest.approx(by_hand, abs=1e-6)
+    assert member["all"] < 0.9  # a member alone is far from the ensemble
