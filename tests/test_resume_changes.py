@@ -167,3 +167,21 @@ def test_a_new_early_stopping_metric_restarts_the_best(
         f"{old_best:.6g} at step {saved['step']} measured something else; the next validation "
         "sets the new best of loss and replaces the `best` tag"
     ]
+
+
+def test_a_length_that_ends_before_the_saved_step_is_refused_by_name() -> None:
+    from giblet_ds.config import load_config
+    from giblet_ds.errors import ConfigError
+    from giblet_ds.train.resume import run_length
+
+    where = {"step": 6, "epoch": 2, "steps_left_in_epoch": 1, "steps_per_epoch": 3}
+    assert run_length(load_config(None, ["train.max_steps=6"]), **where) == 6  # done: no error
+    assert run_length(load_config(None, ["train.epochs=3"]), **where) == 7  # 6 + the 1 left
+    with pytest.raises(ConfigError) as shorter:
+        run_length(load_config(None, ["train.max_steps=4"]), **where)
+    assert str(shorter.value).startswith(
+        "train.max_steps=4 ends the run at step 4, before the resumed checkpoint's step 6: the "
+        "run already trained past it."
+    )
+    with pytest.raises(ConfigError, match=r"^train\.epochs=2 ends the run at step 4, before"):
+        run_length(load_config(None, ["train.epochs=2"]), **where)  # 6 + 1 + (2 - 1 - 2) * 3

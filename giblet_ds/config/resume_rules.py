@@ -80,7 +80,8 @@ _LENGTH = ResumeRule(
     "convert",
     "the run ends at the new length; the cosine is re-planned from the resumed step: it starts "
     "at the lr the run had reached there and decays to schedule.min_lr at the new last step (no "
-    "jump; a finished run extended goes on at min_lr)",
+    "jump; a finished run extended goes on at min_lr); a length that ends before the saved step "
+    "is refused",
 )
 _LOSS_WEIGHT = ResumeRule(
     "apply",

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from giblet_ds.config import RunConfig
+from giblet_ds.errors import ConfigError
 from giblet_ds.train.engine import set_optimizer_settings
 from giblet_ds.train.schedule import Schedule, set_schedule
 
@@ -30,10 +31,23 @@ def run_length(
     """The run's last optimizer step as resumed: ``train.max_steps``, or with ``train.epochs`` the
     saved step + the steps left in its epoch + the later epochs, all at this run's batches. (The
     saved step count says nothing about a step's size: after a change of world size or batch,
-    ``epochs x steps_per_epoch`` would end the run before or after its last epoch.)"""
+    ``epochs x steps_per_epoch`` would end the run before or after its last epoch.)
+
+    Raises ConfigError when the new length ends before the saved step: the weights already went
+    past it, and ending there would report a run of that length that it is not."""
     if cfg.train.max_steps:
-        return cfg.train.max_steps
-    return step + steps_left_in_epoch + (cfg.train.epochs - 1 - epoch) * steps_per_epoch
+        length, key = cfg.train.max_steps, f"train.max_steps={cfg.train.max_steps}"
+    else:
+        length = step + steps_left_in_epoch + (cfg.train.epochs - 1 - epoch) * steps_per_epoch
+        key = f"train.epochs={cfg.train.epochs}"
+    if length < step:
+        raise ConfigError(
+            f"{key} ends the run at step {length}, before the resumed checkpoint's step {step}: "
+            "the run already trained past it. Resume with a length of at "
+            "least the saved step, or start a new run (another checkpoint.run_dir) to train "
+            "a shorter one"
+        )
+    return length
 
 
 def saved_schedule(state: dict[str, Any], saved: RunConfig) -> Schedule:
