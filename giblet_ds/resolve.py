@@ -2,7 +2,8 @@
 -> what a run (or a dry run, or a tool) uses.
 
 Model input sizes left null in the config are taken from the store, every cross-section check runs
-once (:func:`giblet_ds.config.cross_check`), and the DeepSpeed dict is built from the JSON's engine
+once (:func:`giblet_ds.config.cross_check`, with the checks of a config about to train: the
+early-stopping metric must be one validation logs), and the DeepSpeed dict is built from the JSON's engine
 knobs and the run config's numbers.
 """
 
@@ -80,6 +81,7 @@ def resolve(
         store_sizes=store_sizes,
         ds_config=ds_json,
         store_subjects=store_subjects,
+        training=True,
     )
     from_store = {k: v for k, v in (store_sizes or {}).items() if k in missing}
     model = cfg.model.with_input_sizes(from_store)

@@ -331,3 +331,50 @@ def test_cross_check_learning_rate_order() -> None:
         "  - schedule.warmup_start_lr=0.01 exceeds optim.lr=0.001\n"
         "  - schedule.min_lr=0.02 exceeds optim.lr=0.001"
     )
+
+
+# ------------------------------------------------------- early stopping on a metric never logged
+
+
+@pytest.mark.parametrize("term", ["fmri", "video", "audio", "text"])
+def test_early_stopping_on_an_untrained_loss_term_is_a_config_error(term: str) -> None:
+    # Validation logs loss_<term> only for a term with a weight > 0: the metric would be missing
+    # at the first validation (a KeyError there before). Refused when a run resolves its config.
+    other = "video" if term == "fmri" else "fmri"  # one weight must stay > 0
+    cfg = load_config(
+        None, [f"train.early_stopping.metric=loss_{term}", f"loss.{term}=0", f"loss.{other}=1"]
+    )
+    with pytest.raises(ConfigError) as info:
+        cross_check(cfg, store_sizes=TINY_SIZES, training=True)
+    assert str(info.value) == (
+        "invalid run configuration:\n"
+        f"  - train.early_stopping.metric=loss_{term} but loss.{term}=0.0: validation logs "
+        f"loss_{term} only for a term with a weight > 0; set train.early_stopping.metric to loss "
+        f"or fmri_r_reliable, or loss.{term} > 0"
+    )
+    # A tool loading saved weights (training=False) is not refused for it.
+    cross_check(cfg, store_sizes=TINY_SIZES)
+
+
+@pytest.mark.parametrize(
+    "metric", ["fmri_r_reliable", "fmri_r_normalized", "fmri_r_mean", "fmri_r_median", "loss"]
+)
+def test_metrics_validation_always_logs_pass_with_the_fmri_weight_at_zero(metric: str) -> None:
+    # The fMRI head predicts whatever loss.fmri is, so the fMRI scores are always logged; so is
+    # the total; train.evaluate_split only concerns the end-of-training evaluation.
+    cfg = load_config(
+        None,
+        [f"train.early_stopping.metric={metric}", "loss.fmri=0", "train.evaluate_split=none"],
+    )
+    cross_check(cfg, store_sizes=TINY_SIZES, training=True, store_subjects=2)
+
+
+def test_early_stopping_on_normalized_r_needs_a_second_subject() -> None:
+    cfg = load_config(None, ["train.early_stopping.metric=fmri_r_normalized", "data.store=one.h5"])
+    with pytest.raises(ConfigError) as info:
+        cross_check(cfg, store_sizes=TINY_SIZES, training=True, store_subjects=1)
+    assert str(info.value) == (
+        "invalid run configuration:\n"
+        "  - train.early_stopping.metric=fmri_r_normalized needs a noise ceiling, but the store "
+        "one.h5 holds one subject; set train.early_stopping.metric=fmri_r_reliable"
+    )

@@ -170,3 +170,22 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_the_same_command_resumes(
     assert [r["start_step"] for r in records(run_dir, "start")] == [0, 2]
     assert records(run_dir, "end")[-1]["status"] == "finished"
     assert (ckpts / "latest").read_text() == "step-00000006"
+
+
+def test_early_stopping_on_an_untrained_term_exits_2_before_training(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    result = run_training(
+        tmp_path / "run",
+        tiny_store,
+        world=1,
+        sets=("train.early_stopping.metric=loss_video", "loss.video=0"),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        "error: invalid run configuration:\n  - train.early_stopping.metric=loss_video but "
+        "loss.video=0.0: validation logs loss_video only for a term with a weight > 0; set "
+        "train.early_stopping.metric to loss or fmri_r_reliable, or loss.video > 0\n"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step

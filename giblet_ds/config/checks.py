@@ -10,7 +10,7 @@ from giblet_ds.config.model_section import MODEL_INPUT_KEYS
 from giblet_ds.config.sections import RunConfig
 from giblet_ds.errors import ConfigError
 
-__all__ = ["cross_check", "subject_problems", "zero_engine_problems"]
+__all__ = ["cross_check", "early_stopping_problems", "subject_problems", "zero_engine_problems"]
 
 
 def cross_check(
@@ -20,12 +20,18 @@ def cross_check(
     store_sizes: Mapping[str, int] | None = None,
     ds_config: Mapping[str, Any] | None = None,
     store_subjects: int | None = None,
+    training: bool = False,
 ) -> None:
     """Checks that span sections; every problem is collected and raised once.
 
     ``store_subjects``: the store's subject count (None: no store), which subject heads
-    (``model.n_subjects``) must match when ``data.target`` is ``subjects``."""
+    (``model.n_subjects``) must match when ``data.target`` is ``subjects``. ``training``: the
+    config of a run about to train (:func:`giblet_ds.resolve.resolve`), so its early-stopping
+    metric must be one that validation logs (:func:`early_stopping_problems`); tools that only
+    load saved weights leave it False, so a saved config is never refused for it."""
     problems: list[str] = list(subject_problems(cfg, store_subjects))
+    if training:
+        problems.extend(early_stopping_problems(cfg, store_subjects))
     if world_size is not None:
         o = cfg.optim
         derived = o.global_batch(world_size)
@@ -86,6 +92,31 @@ def subject_problems(cfg: RunConfig, store_subjects: int | None) -> list[str]:
             "a trained model through giblet_ds.train.add_subject, not through a config)"
         ]
     return []
+
+
+def early_stopping_problems(cfg: RunConfig, store_subjects: int | None = None) -> list[str]:
+    """``train.early_stopping.metric`` against what validation logs, which it reads at every
+    validation to choose ``best`` (whatever the patience). Validation logs ``loss``, the fMRI
+    scores (whatever loss.fmri is: the fMRI head always predicts), ``loss_<term>`` only for a term
+    whose loss weight is > 0 (a term not trained is not computed), and ``fmri_r_normalized`` only
+    with a noise ceiling, which a store of one subject cannot give."""
+    metric = cfg.train.early_stopping.metric
+    problems = []
+    if metric.startswith("loss_"):
+        term = metric.removeprefix("loss_")
+        weight = cfg.loss.weights()[term]
+        if weight <= 0:
+            problems.append(
+                f"train.early_stopping.metric={metric} but loss.{term}={weight}: validation "
+                f"logs {metric} only for a term with a weight > 0; set "
+                f"train.early_stopping.metric to loss or fmri_r_reliable, or loss.{term} > 0"
+            )
+    if metric == "fmri_r_normalized" and store_subjects == 1:
+        problems.append(
+            f"train.early_stopping.metric=fmri_r_normalized needs a noise ceiling, but the store "
+            f"{cfg.data.store} holds one subject; set train.early_stopping.metric=fmri_r_reliable"
+        )
+    return problems
 
 
 def zero_engine_problems(ds: Mapping[str, Any]) -> list[str]:

@@ -187,8 +187,10 @@ class EarlyStoppingConfig:
 
     metric: str = "fmri_r_reliable"
     """Validation metric: fmri_r_reliable (mean r on the reliable voxels, see
-    data.reliable_isc_threshold), fmri_r_normalized (that r over their ceiling), fmri_r_mean,
-    fmri_r_median, loss, or loss_<term>."""
+    data.reliable_isc_threshold), fmri_r_normalized (that r over their ceiling; needs >= 2
+    subjects), fmri_r_mean, fmri_r_median, loss, or loss_<term> (a term with a loss weight > 0:
+    validation logs no other; a run refuses it when it resolves its config). With subject heads
+    the fMRI metrics score the average subject against the subject mean."""
     mode: str = "max"
     """max: larger is better; min: smaller is better."""
     patience: int = 20

@@ -4,8 +4,9 @@ Reads the run's metric records, its config, its checkpoint tags and the store na
 and writes markdown: status, progress and ETA, a loss table per epoch, throughput, device health,
 normalization status, parameter counts, checkpoints, a weight audit of the newest checkpoint, and
 warnings. It is honest by construction: the verdict is HEALTHY only when no check warns, and a
-near-zero fMRI r or a flat loss always warns, whatever the epoch. The sections live in
-:mod:`health_records` (from metrics) and :mod:`health_disk` (from files).
+near-zero fMRI r or a flat loss always warns, whatever the epoch; with subject heads a failing
+subject warns however good the subject mean is. The sections live in :mod:`health_records` (from
+metrics), :mod:`health_disk` (from files), :mod:`health_evaluation` and :mod:`health_subjects`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from giblet_ds.report import health_records as records
 from giblet_ds.report import markdown as fmt
 from giblet_ds.report.health_checks import ICON, Check, HealthReport, Thresholds
 from giblet_ds.report.health_evaluation import evaluation_section
+from giblet_ds.report.health_subjects import subjects_section
 from giblet_ds.run.records import read_metrics
 
 __all__ = ["Check", "HealthReport", "Thresholds", "build_health_report"]
@@ -58,7 +60,9 @@ def build_health_report(
         disk.weights(newest, audit_moments) if audit else (["Skipped."], [])
     )
     eval_lines, eval_checks = evaluation_section(rec.run_dir, evaluation)
-    report.checks = checks + eval_checks + dev_checks + store_checks + ckpt_checks + weight_checks
+    subject_lines, subject_checks = subjects_section(rec, evaluation, th)
+    report.checks = [*checks, *eval_checks, *subject_checks, *dev_checks, *store_checks,
+                     *ckpt_checks, *weight_checks]  # fmt: skip
     if rec.bad_lines:
         report.checks.append(Check("Run", "info", f"unreadable metrics.jsonl line(s) {rec.bad_lines} "
                                    "skipped (a write cut short)"))  # fmt: skip
@@ -71,6 +75,7 @@ def build_health_report(
           "### Progress", "", *progress, "",
           "### Loss per epoch", "", *records.epoch_table(rec), *records.terms_table(rec), "",
           "### Held-out evaluation (model, ridge, ceiling, oracle)", "", *eval_lines, "",
+          *(["### Per subject (subject heads)", "", *subject_lines] if subject_lines else []),
           "### Throughput", "", *records.throughput(rec), "",
           "### Device health", "", *dev_lines, "",
           "### Normalization status", "", *store_lines, "",

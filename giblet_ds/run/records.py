@@ -143,6 +143,11 @@ class ValRecord(Record):
     """How many voxels are reliable."""
     fmri_constant_term: float | None = None
     """Normalized fMRI loss of the training-mean constant on these TRs: the score to beat."""
+    fmri_r_reliable_by_subject: dict[str, float] | None = None
+    """Subject heads (data.target=subjects): subject id -> mean r of that subject's own head
+    against that subject's own volumes over the reliable voxels, in store order; None (null) for
+    a subject-mean target. The fmri_r_* fields above score the average-subject output against the
+    subject mean, and they alone drive early stopping and ``best``."""
     is_best: bool = False
     best_metric: float | None = None
     patience_left: int | None = None

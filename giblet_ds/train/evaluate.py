@@ -3,6 +3,10 @@
 Besides the mean r over every mask voxel, validation reports the r on the reliable voxels (chosen
 on the training TRs only, by inter-subject correlation) and the noise-normalized r (that r over the
 mean ceiling of the same voxels on the validation TRs): :class:`ValReference` holds what those need.
+With subject heads (data.target=subjects) these score the average-subject output against the
+subject mean, and they alone drive early stopping and the ``best`` checkpoint; beside them each
+subject's own head is scored against that subject's own volumes on the same reliable voxels
+(recorded, never used to choose a checkpoint).
 """
 
 from __future__ import annotations
@@ -106,7 +110,11 @@ def evaluate(
     with repeats that are masked out. Per-sample loss sums, counts and the voxel-correlation sums
     are all-reduced, so the result is exact, not an average of averages. ``keep`` (a dict) receives
     ``per_voxel_r`` (V,) and ``frames``: (true, reconstructed) last frames of this rank's first
-    ``KEEP_FRAMES`` samples, flattened, for the dashboard.
+    ``KEEP_FRAMES`` samples, flattened, for the dashboard; and with subject heads (a dataset of
+    data.target=subjects) ``fmri_r_reliable_by_subject``: per subject in store order, the mean
+    per-voxel r of that subject's own head against its own volumes over the reliable voxels (all
+    voxels without a reference). The returned fMRI scores are the average subject's against the
+    subject mean either way: what early stopping reads.
     """
     rank, world = dist.rank(), dist.world_size()
     engine.eval()
@@ -116,6 +124,9 @@ def evaluate(
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
     real = [True] * len(mine) + [False] * (per_rank - len(mine))
     scores = VoxelCorrelation(dataset.info.n_voxels)
+    # Subject heads: one running r per (subject, voxel), every subject's volumes side by side.
+    n_subjects = dataset.info.n_subjects if dataset.subjects else 0
+    subject_scores = VoxelCorrelation(n_subjects * dataset.info.n_voxels) if n_subjects else None
     sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)  # terms..., total, count
     for start in range(0, per_rank, micro_batch_size):
         items = [dataset[i] for i in padded[start : start + micro_batch_size]]
@@ -138,8 +149,15 @@ def evaluate(
             sums[-2] += result.total.item()
             sums[-1] += 1
             scores.update(output.fmri[j : j + 1].float().cpu(), batch["fmri"][j : j + 1].cpu())
+            if subject_scores is not None:
+                subject_scores.update(
+                    _own_heads(output, n_subjects)[j : j + 1].float().cpu().flatten(1),
+                    batch["fmri_subjects"][j : j + 1].cpu().flatten(1),
+                )
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(scores.state)
+    if subject_scores is not None:
+        dist.all_reduce_sum(subject_scores.state)
     count = sums[-1].item()
     metrics = {"loss": sums[-2].item() / count}
     for i, name in enumerate(TERMS):
@@ -156,8 +174,24 @@ def evaluate(
             metrics["fmri_r_normalized"] = metrics["fmri_r_reliable"] / ceiling
     else:
         metrics["fmri_r_reliable"] = metrics["fmri_r_mean"]
+    if subject_scores is not None and keep is not None:
+        per_subject = subject_scores.per_voxel_r().view(n_subjects, -1).numpy()
+        voxels = reference.reliable if reference is not None else slice(None)
+        keep["fmri_r_reliable_by_subject"] = [float(r_s[voxels].mean()) for r_s in per_subject]
     engine.train()
     return metrics
+
+
+def _own_heads(output: GibletOutput, n_subjects: int) -> torch.Tensor:
+    """(B, S, V): each subject's own head, checked against the store's subject count."""
+    heads = output.fmri_subjects
+    if heads is None or heads.shape[1] != n_subjects:
+        got = "no subject heads" if heads is None else f"{heads.shape[1]} subject heads"
+        raise ValueError(
+            f"validation with data.target=subjects scores {n_subjects} subject heads but the "
+            f"model has {got}: model.n_subjects must be the store's subject count"
+        )
+    return heads
 
 
 def _select(output: GibletOutput, j: int) -> GibletOutput:

@@ -33,7 +33,12 @@ ToDevice = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 class Validator:
     """The validation split, its reference (reliable voxels, ceiling, the constant's term) and
-    early stopping on ``train.early_stopping.metric``."""
+    early stopping on ``train.early_stopping.metric``.
+
+    With subject heads the metric is still the average-subject output's score against the subject
+    mean (fmri_r_reliable by default): it picks ``best``. Each subject's own head is scored beside
+    it on the same reliable voxels and written to the val record
+    (``fmri_r_reliable_by_subject``), for the record and the health report only."""
 
     def __init__(
         self, cfg: RunConfig, store: StoreInfo, data: StoreDataset, loss_fn: NormalizedLoss
@@ -68,14 +73,22 @@ class Validator:
             log.info("validation reference: %s; the training-mean constant scores %.4f (fMRI "
                      "term) on the validation TRs", ref.note, ref.constant_term)  # fmt: skip
         reference: ValReference = dist.broadcast_object(ref)
-        if (
-            self.cfg.train.early_stopping.metric == "fmri_r_normalized"
-            and reference.ceiling is None
-        ):
-            raise GibletError(
-                "train.early_stopping.metric=fmri_r_normalized needs a noise ceiling, but the "
-                f"store {self.store.path} holds one subject; use fmri_r_reliable"
-            )
+        if self.cfg.train.early_stopping.metric == "fmri_r_normalized":
+            # resolve() refuses a store of one subject; a ceiling of 0 on the reliable voxels
+            # (subjects that do not agree on the validation TRs) is known only now, and validation
+            # would log no fmri_r_normalized to stop on.
+            ceiling = reference.ceiling_reliable
+            if ceiling is None or ceiling <= 0:
+                why = (
+                    f"the store {self.store.path} holds one subject"
+                    if reference.ceiling is None
+                    else f"the mean ceiling of the reliable voxels on the validation TRs is "
+                    f"{ceiling:.4g}"
+                )
+                raise GibletError(
+                    f"train.early_stopping.metric=fmri_r_normalized needs a noise ceiling > 0, "
+                    f"but {why}; set train.early_stopping.metric=fmri_r_reliable"
+                )
         return reference
 
     def scores(
@@ -113,6 +126,7 @@ class Validator:
                 fmri_noise_ceiling_r=self.noise_ceiling,
                 fmri_n_reliable=self.reference.n_reliable,
                 fmri_constant_term=self.reference.constant_term,
+                fmri_r_reliable_by_subject=self._by_subject(keep),
                 is_best=is_best,
                 best_metric=self.early_stopping.best,
                 patience_left=self.early_stopping.patience_left,
@@ -128,6 +142,13 @@ class Validator:
         )
         self._log_images(run_log, keep, step)
         return is_best, stop
+
+    def _by_subject(self, keep: dict[str, Any]) -> dict[str, float] | None:
+        """Each subject's own-head r on the reliable voxels by subject id (subject heads only)."""
+        values = keep.get("fmri_r_reliable_by_subject")
+        if values is None:
+            return None
+        return dict(zip(self.store.subjects, values, strict=True))
 
     def stop_reason(self) -> str:
         es = self.cfg.train.early_stopping
