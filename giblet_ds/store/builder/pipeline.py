@@ -448,6 +448,12 @@ def build_store(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "warning": "" if settings.pretrained else RANDOM_WEIGHTS_WARNING,
         }  # fmt: skip
+        if any(run.sidecar_trs for run in runs):  # --bids: what each file's sidecar stated
+            attrs["bids_sidecar_trs"] = per_run([
+                {sid: dict(zip(run.subject_ids, run.sidecar_trs, strict=False)).get(sid)
+                 for sid in subjects}
+                for run in runs
+            ])  # fmt: skip
         # The gate every reader uses must accept what we wrote, before it replaces anything.
         writer.finish(attrs, validate=open_store)
     lap("stats_and_write")
