@@ -2,7 +2,7 @@
 """Sherlock-scale store build (not a test): time per stage and peak RSS from generated raw files.
 
     nice -n 19 python bench/bench_store_sherlock.py WORK_DIR [--minutes 49.4] [--subjects 5]
-        [--generate-only] [--keep]
+        [--runs 1] [--generate-only] [--keep]
 
 Makes, under WORK_DIR (put it on a disk with ~15 GB free; /tmp here), files the size of the lab's:
 - ``movie.m4v``: ffmpeg's ``testsrc2`` at 640 x 360, 25 fps, H.264, with an AAC tone track whose
@@ -12,9 +12,15 @@ Makes, under WORK_DIR (put it on a disk with ~15 GB free; /tmp here), files the 
   an ellipsoid "brain" of ~83,000 voxels (baseline + noise), zeros outside; streamed to gzip
   one volume at a time so the generator itself stays small.
 
-Then runs ``tools/build_store.py`` with the default settings and random weights (nothing is
-downloaded) in a child process and reads its stage times and the running peak RSS recorded at the
-end of each stage (``ru_maxrss``; the build's own process only). Prints one JSON line.
+``--runs N`` (N > 1) cuts that length into N runs of whole TRs (the last takes the remainder):
+``movie_run-K.m4v``, ``annotations_run-K.xlsx`` (its share of the rows), ``sub-N_run-K.nii.gz``
+(the run's TRs + 6 volumes) and a ``runs.yaml`` listing them (docs/store.md, "Many runs").
+
+Then runs the build with the default settings and random weights (nothing is downloaded) in a
+child process (one run: ``build_from_paths``; many: ``tools/build_store.py --runs runs.yaml``,
+its own argument handling) and reads its stage times and the running peak RSS recorded at the
+end of each stage (``ru_maxrss``; the build's own process only). Prints one JSON line, with
+``build_s_per_movie_minute`` (wall seconds of the child per minute of movie stored).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ def make_movie(path: Path, seconds: float) -> None:
 
 
 def make_annotations(path: Path, seconds: float, rows: int = 1000) -> None:
+    """``rows`` rows in the lab's columns over ``seconds``; rows 47.8%..96.1% of the sheet
+    repeat earlier ones (rows 479-961 of the lab's 1,000)."""
     import openpyxl
 
     book = openpyxl.Workbook()
@@ -73,7 +81,8 @@ def make_annotations(path: Path, seconds: float, rows: int = 1000) -> None:
     sheet.append(
         ["Start Time (s) ", "End Time (s) ", "Scene Details - A Level ", "Name - All", "Location"]
     )
-    first_repeat, last_repeat = 478, 961  # rows 479-961 (1-based, header is row 1) repeat
+    # rows 479-961 (1-based, header is row 1) of 1,000 repeat; the same share of fewer rows
+    first_repeat, last_repeat = round(0.478 * rows), round(0.961 * rows)
     unique = rows - 1 - (last_repeat - first_repeat)
     span = seconds / unique
     body = [
@@ -120,30 +129,64 @@ def make_subject(path: Path, n_volumes: int, seed: int, mask: np.ndarray) -> Non
             handle.write(volume.tobytes(order="F"))  # NIfTI is x-fastest
 
 
-def generate(folder: Path, minutes: float, subjects: int) -> dict[str, Any]:
+def generate(folder: Path, minutes: float, subjects: int, runs: int = 1) -> dict[str, Any]:
+    """The raw files (kept between calls: a file already there is not made again). ``runs`` > 1:
+    the length cut into that many runs of whole TRs, listed in ``runs.yaml``."""
     folder.mkdir(parents=True, exist_ok=True)
     seconds = minutes * 60
     n_trs = int(seconds // TR)
     clock = time.perf_counter()
-    movie = folder / "movie.m4v"
-    if not movie.exists():
-        make_movie(movie, seconds)
-    make_annotations(folder / "annotations.xlsx", seconds)
     mask = brain_mask()
-    fmri = []
-    for s in range(1, subjects + 1):
-        path = folder / f"sub-{s}.nii.gz"
-        if not path.exists():
-            make_subject(path, n_trs + EXTRA_VOLUMES, seed=s, mask=mask)
-        fmri.append(path)
+    if runs == 1:
+        movie = folder / "movie.m4v"
+        if not movie.exists():
+            make_movie(movie, seconds)
+        make_annotations(folder / "annotations.xlsx", seconds)
+        fmri = []
+        for s in range(1, subjects + 1):
+            path = folder / f"sub-{s}.nii.gz"
+            if not path.exists():
+                make_subject(path, n_trs + EXTRA_VOLUMES, seed=s, mask=mask)
+            fmri.append(path)
+        return {
+            "movie": str(movie),
+            "annotations": str(folder / "annotations.xlsx"),
+            "fmri": [str(p) for p in fmri],
+            "n_trs": n_trs,
+            "mask_voxels": int(mask.sum()),
+            "generate_s": round(time.perf_counter() - clock, 1),
+            "input_gb": round(sum(Path(p).stat().st_size for p in [movie, *fmri]) / 1e9, 2),
+        }
+    if n_trs < 2 * runs:
+        raise SystemExit(f"{minutes:g} minutes ({n_trs} TRs) is too short for {runs} runs")
+    run_trs = [n_trs // runs] * (runs - 1) + [n_trs - (n_trs // runs) * (runs - 1)]
+    entries, files = [], []
+    for k, trs in enumerate(run_trs, start=1):
+        movie = folder / f"movie_run-{k}.m4v"
+        if not movie.exists():
+            make_movie(movie, trs * TR)
+        sheet = folder / f"annotations_run-{k}.xlsx"
+        make_annotations(sheet, trs * TR, rows=max(20, round(1000 * trs / n_trs)))
+        fmri = {}
+        for s in range(1, subjects + 1):
+            path = folder / f"sub-{s}_run-{k}.nii.gz"
+            if not path.exists():  # run 1 of a subject: the one-run file's seed
+                make_subject(path, trs + EXTRA_VOLUMES, seed=s + 1000 * (k - 1), mask=mask)
+            fmri[f"sub-{s}"] = path.name
+        files += [movie, *(folder / name for name in fmri.values())]
+        entries.append(
+            {"id": f"run-{k}", "video": movie.name, "annotations": sheet.name, "fmri": fmri}
+        )
+    runs_yaml = folder / "runs.yaml"
+    runs_yaml.write_text(json.dumps({"runs": entries}, indent=1) + "\n")  # JSON is YAML
     return {
-        "movie": str(movie),
-        "annotations": str(folder / "annotations.xlsx"),
-        "fmri": [str(p) for p in fmri],
+        "movie": str(folder / "movie_run-1.m4v"),
+        "runs_yaml": str(runs_yaml),
         "n_trs": n_trs,
+        "run_trs": run_trs,
         "mask_voxels": int(mask.sum()),
         "generate_s": round(time.perf_counter() - clock, 1),
-        "input_gb": round(sum(Path(p).stat().st_size for p in [movie, *fmri]) / 1e9, 2),
+        "input_gb": round(sum(p.stat().st_size for p in files) / 1e9, 2),
     }
 
 
@@ -181,22 +224,48 @@ def run_encodec_fraction(movie: str, minutes: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+_BUILD_ONE_RUN = """
+import json, sys
+from giblet_ds.store.builder.pipeline import build_from_paths
+from giblet_ds.store.builder.settings import BuildSettings
+f = json.loads(sys.argv[1])
+r = build_from_paths(f['movie'], f['annotations'], f['fmri'], sys.argv[2],
+    BuildSettings(pretrained=False, clip_model=sys.argv[3]), progress=False)
+print(json.dumps({'seconds': r.seconds, 'peak_rss_mb': r.peak_rss_mb,
+    'n_trs': r.n_trs, 'movie_seconds': r.movie_seconds}))
+"""
+
+# tools/build_store.py itself (its flags, read_runs_yaml, BuildInputs); its build_store call
+# is wrapped only to keep the BuildResult the tool prints a summary of.
+_BUILD_RUNS = """
+import importlib.util, json, sys
+from giblet_ds.store.builder import pipeline
+spec = importlib.util.spec_from_file_location("build_store_cli", "tools/build_store.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+kept = []
+cli.build_store = lambda *a, **k: kept.append(pipeline.build_store(*a, **k)) or kept[-1]
+f = json.loads(sys.argv[1])
+code = cli.main(["--runs", f["runs_yaml"], "--out", sys.argv[2], "--no-pretrained",
+                 "--clip-model", sys.argv[3], "--quiet"])
+if code != 0 or not kept:
+    sys.exit(code or 1)
+r = kept[0]
+print(json.dumps({'seconds': r.seconds, 'peak_rss_mb': r.peak_rss_mb,
+    'n_trs': r.n_trs, 'movie_seconds': r.movie_seconds}))
+"""
+
+
 def run_build(
     files: dict[str, Any], out: Path, stub_encodec: bool = False, clip_model: str = "ViT-H-14"
 ) -> dict[str, Any]:
     """The build in a child process, so its peak RSS is the build's alone. ``stub_encodec``
-    replaces EnCodec's encoder by zero codes of the right shape (measured apart instead)."""
+    replaces EnCodec's encoder by zero codes of the right shape (measured apart instead).
+    ``files`` with ``runs_yaml``: built by ``tools/build_store.py --runs``."""
     out.unlink(missing_ok=True)
     repo = Path(__file__).resolve().parents[1]
-    code = (
-        (_STUB_ENCODEC if stub_encodec else "") + "import json, sys\n"
-        "from giblet_ds.store.builder.pipeline import build_from_paths\n"
-        "from giblet_ds.store.builder.settings import BuildSettings\n"
-        "f = json.loads(sys.argv[1])\n"
-        "r = build_from_paths(f['movie'], f['annotations'], f['fmri'], sys.argv[2],\n"
-        "    BuildSettings(pretrained=False, clip_model=sys.argv[3]), progress=False)\n"
-        "print(json.dumps({'seconds': r.seconds, 'peak_rss_mb': r.peak_rss_mb,\n"
-        "    'n_trs': r.n_trs, 'movie_seconds': r.movie_seconds}))\n"
+    code = (_STUB_ENCODEC if stub_encodec else "") + (
+        _BUILD_RUNS if "runs_yaml" in files else _BUILD_ONE_RUN
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
@@ -225,6 +294,9 @@ def main() -> None:
     p.add_argument("work_dir", type=Path)
     p.add_argument("--minutes", type=float, default=49.4)
     p.add_argument("--subjects", type=int, default=5)
+    p.add_argument(
+        "--runs", type=int, default=1, help="cut the movie length into this many runs (runs.yaml)"
+    )
     p.add_argument("--generate-only", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the generated files and the store")
     p.add_argument("--clip-model", default="ViT-H-14", help="text tower (default: the real one)")
@@ -234,19 +306,23 @@ def main() -> None:
         help="stub EnCodec in the full build and time it apart on this many minutes of the audio",
     )
     args = p.parse_args()
+    if args.runs < 1:
+        p.error(f"--runs must be >= 1, got {args.runs}")
     free = shutil.disk_usage(args.work_dir.parent if not args.work_dir.exists() else args.work_dir)
-    files = generate(args.work_dir, args.minutes, args.subjects)
+    files = generate(args.work_dir, args.minutes, args.subjects, args.runs)
     record: dict[str, Any] = {
         "bench": "store_sherlock",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "minutes": args.minutes,
         "subjects": args.subjects,
+        "runs": args.runs,
         "disk_free_gb_before": round(free.free / 1e9, 1),
-        **{k: v for k, v in files.items() if k not in ("fmri",)},
+        **{k: v for k, v in files.items() if k not in ("fmri", "runs_yaml")},
     }
     if not args.generate_only:
-        out = args.work_dir / f"store_{args.subjects}subj_{args.minutes:g}min.h5"
+        runs = f"_{args.runs}runs" if args.runs > 1 else ""
+        out = args.work_dir / f"store_{args.subjects}subj_{args.minutes:g}min{runs}.h5"
         if args.encodec_minutes:
             record["encodec_fraction"] = run_encodec_fraction(files["movie"], args.encodec_minutes)
         record["clip_model"] = args.clip_model

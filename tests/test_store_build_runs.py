@@ -8,6 +8,7 @@ Sizes: run-1 is a 24 s movie, run-2 a 20 s one (TR 0.5 s, lag 1); subjects have 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,9 +94,10 @@ def bids_root(runs: tuple[RunInputs, ...], tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def built(bids_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 2-run store, built from the BIDS layout by tools/build_store.py --bids."""
+    """The 2-run store, built from the BIDS layout by tools/build_store.py --bids (no tr: the
+    sidecar's RepetitionTime, 0.5 s, as the NIfTI headers say)."""
     folder = tmp_path_factory.mktemp("store-runs")
-    (folder / "build.yaml").write_text(CONFIG)
+    (folder / "build.yaml").write_text(BIDS_CONFIG)  # the TR from the BIDS sidecar
     out = folder / "runs.h5"
     assert _cli().main([*_bids_argv(bids_root, folder), "--out", str(out)]) == 0
     return out
@@ -135,6 +137,9 @@ def test_runs_table_and_time_splits(built: Path) -> None:
     assert info.splits["test"].tolist() == list(range(42, 48)) + list(range(84, 88))
     assert info.attrs["cropped"]["run-2"]["limited_by"] == "video"
     assert info.attrs["annotation_counts"]["run-2"]["rows"] == 0
+    assert (info.tr, info.tr_source) == (0.5, "bids_sidecar")
+    assert info.sidecar_trs == {run: dict.fromkeys(SUBJECTS, 0.5) for run in RUNS}
+    assert info.header_trs == {run: dict.fromkeys(SUBJECTS, 0.5) for run in RUNS}
     with h5py.File(built) as handle:
         assert not handle["text_mask"][48:].any()  # run-2 has no sheet: every slot empty
         assert handle["text_mask"][:48].any()
@@ -241,9 +246,10 @@ CONFIG = (
     "clip_model: ViT-S-32-alt\nannotations_per_tr: 2\nsplit_fractions: [0.5, 0.25, 0.25]\n"
     "split_gap: 11\naudio_segment_s: 5.0\npretrained: false\n"
 )
+BIDS_CONFIG = CONFIG.replace("tr: 0.5\n", "")
 
 
-def _bids(runs: tuple[RunInputs, ...], root: Path) -> Path:
+def _bids(runs: tuple[RunInputs, ...], root: Path, tr: float | None = 0.5) -> Path:
     from giblet_ds.demo_data.bids import BidsRun, write_bids_dataset
 
     bids_runs = [
@@ -255,7 +261,7 @@ def _bids(runs: tuple[RunInputs, ...], root: Path) -> Path:
         )
         for run, (seconds, _) in zip(runs, RUNS.values(), strict=True)
     ]
-    return write_bids_dataset(root, "movie", bids_runs)
+    return write_bids_dataset(root, "movie", bids_runs, repetition_time=tr)
 
 
 def test_bids_layout_finds_the_runs_listed_by_hand(
@@ -269,6 +275,7 @@ def test_bids_layout_finds_the_runs_listed_by_hand(
     assert found[0].annotations == bids_root / "stimuli" / "run-1.csv"
     assert found[1].annotations is None
     assert found[0].subjects == SUBJECTS
+    assert [r.sidecar_trs for r in found] == [(0.5, 0.5, 0.5)] * 2  # task-movie_bold.json
     func = bids_root / "sub-02" / "func"
     assert found[1].fmri[1] == func / "sub-02_task-movie_run-2_bold.nii.gz"
     for mine, theirs in zip(found, runs, strict=True):  # the very bytes of the hand-listed files
@@ -325,6 +332,133 @@ def test_malformed_bids_layouts_are_named(
     ):
         find_bids_runs(root, "movie", derivatives="fmriprep")
     assert not out.exists()
+
+
+def test_bids_sidecar_tr_that_disagrees_is_named(
+    runs: tuple[RunInputs, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --tr the sidecars' RepetitionTime decides; a sidecar that differs from another
+    run's, or from its own NIfTI header beyond rounding, stops the build (exit 2) naming the
+    file and the fix, and no store (nor temporary file) is written."""
+    from giblet_ds.store.builder.bids_layout import find_bids_runs
+    from giblet_ds.store.builder.run_stages import probe_run, resolve_run_tr
+
+    root = _bids(runs, tmp_path / "bids")
+    config = tmp_path / "build.yaml"
+    config.write_text(BIDS_CONFIG)
+    out = tmp_path / "bad.h5"
+    argv = ["--bids", str(root), "--task", "movie", "--config", str(config), "--out", str(out),
+            "--quiet"]  # fmt: skip
+
+    def refused(*extra: str) -> str:
+        capsys.readouterr()
+        assert _cli().main([*argv, *extra]) == 2
+        assert not out.exists() and not list(tmp_path.glob(".bad.h5.tmp-*"))
+        return capsys.readouterr().err
+
+    # one file's own sidecar overrides the inherited one (BIDS inheritance) with another TR
+    func = root / "sub-02" / "func"
+    own = func / "sub-02_task-movie_run-2_bold.json"
+    own.write_text('{"RepetitionTime": 2.0}')
+    expected = (
+        f"{func / 'sub-02_task-movie_run-2_bold.nii.gz'} [--bids]: run run-2: its BIDS sidecar "
+        "says RepetitionTime 2 s, the sidecar of sub-01_task-movie_run-1_bold.nii.gz (run run-1) "
+        "0.5 s; one store holds one TR: build the runs of each TR into a store of their own "
+        "(--runs runs.yaml lists them), or correct the RepetitionTime of the sidecar that is wrong"
+    )
+    assert expected in refused()
+    assert expected in refused("--tr", "0.5")  # no one TR is right for both acquisitions
+    own.unlink()
+    # every sidecar says 1 s, every header 0.5 s
+    (root / "task-movie_bold.json").write_text('{"RepetitionTime": 1.0, "TaskName": "movie"}')
+    first = root / "sub-01" / "func" / "sub-01_task-movie_run-1_bold.nii.gz"
+    assert (
+        f"{first} [--bids]: run run-1: the NIfTI header says TR 0.5 s, the BIDS sidecars "
+        "RepetitionTime 1 s. Correct the one that is wrong (the sidecar's RepetitionTime, or the "
+        "header's pixdim[4] and time unit), or decide with --tr: --tr 1 if the sidecar is right"
+    ) in refused()
+    # --tr decides (explicit > sidecar > header): the sidecar and the headers are noted
+    found = find_bids_runs(root, "movie")
+    infos = [probe_run(run) for run in found]
+    tr, source, notes = resolve_run_tr(0.5, found, infos)
+    assert (tr, source) == (0.5, "given")
+    assert notes == ["the BIDS sidecars say RepetitionTime 1 s; using the given tr 0.5 s"]
+    # a sidecar within header rounding (1%) is used as it is
+    (root / "task-movie_bold.json").write_text('{"RepetitionTime": 0.502}')
+    found = find_bids_runs(root, "movie")
+    assert resolve_run_tr(None, found, infos) == (0.502, "bids_sidecar", [])
+    # no sidecar states a TR: the headers decide, as outside BIDS (0.5 s is not the default)
+    (root / "task-movie_bold.json").unlink()
+    found = find_bids_runs(root, "movie")
+    assert [r.sidecar_trs for r in found] == [(None, None, None)] * 2
+    with pytest.raises(StoreError, match=r"every NIfTI header says TR 0.5 s"):
+        resolve_run_tr(None, found, infos)
+    # a RepetitionTime that is no number of seconds
+    own.write_text('{"RepetitionTime": "fast"}')
+    with pytest.raises(
+        StoreError,
+        match=r"sub-02_task-movie_run-2_bold.nii.gz \[--bids\]: its BIDS sidecar's "
+        r"RepetitionTime is 'fast', not a positive number of seconds",
+    ):
+        find_bids_runs(root, "movie")
+
+
+def test_runs_yaml_run_missing_a_subject_is_named(
+    runs: tuple[RunInputs, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--runs: a run that lacks a subject the first run has is named with the subject; exit 2,
+    no store."""
+    one, two = runs
+    listed = tmp_path / "runs.yaml"
+    fmri = [", ".join(f"{s}: {p}" for s, p in zip(SUBJECTS[:n], run.fmri, strict=False))
+            for run, n in ((one, 3), (two, 2))]  # fmt: skip
+    listed.write_text(
+        f"runs:\n  - id: run-1\n    video: {one.video}\n    fmri: {{{fmri[0]}}}\n"
+        f"  - id: run-2\n    video: {two.video}\n    fmri: {{{fmri[1]}}}\n"
+    )
+    config = tmp_path / "build.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "bad.h5"
+    argv = ["--runs", str(listed), "--config", str(config), "--out", str(out), "--quiet"]
+    assert _cli().main(argv) == 2
+    assert (
+        "error: run run-2 [--fmri]: subjects differ from run run-1: missing ['sub-03'], extra [] "
+        "(expected ['sub-01', 'sub-02', 'sub-03'], got ['sub-01', 'sub-02'])"
+    ) in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".bad.h5.tmp-*"))
+
+
+def test_a_store_that_fails_validation_is_never_published(
+    runs: tuple[RunInputs, ...], built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The written file is validated before it is renamed into place: a store open_store
+    refuses (here: a NaN planted in its training statistics) leaves an earlier store at the
+    path byte for byte, and its temporary file is removed."""
+    from giblet_ds.store.builder import writer
+
+    out = tmp_path / "runs.h5"
+    shutil.copyfile(built, out)  # a good store of other inputs: the build replaces it
+    before = out.read_bytes()
+    real = writer.compute_target_stats
+
+    def poisoned(handle: h5py.File, train: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        stats = real(handle, train)
+        stats["fmri"]["mean"][3] = np.nan
+        return stats
+
+    monkeypatch.setattr(writer, "compute_target_stats", poisoned)
+    with pytest.raises(
+        StoreError,
+        match=rf"{re.escape(str(out))}: the written store failed validation and was not published "
+        rf"\(.*\.runs\.h5\.tmp-\d+ \[stats/fmri/mean\]: .*\); its temporary file removed",
+    ):
+        build_store(BuildInputs(runs=runs), out, SETTINGS, progress=False)
+    assert out.read_bytes() == before
+    assert not list(tmp_path.glob(".runs.h5.tmp-*"))
+    fresh = tmp_path / "fresh.h5"  # no store before: none after
+    with pytest.raises(StoreError, match="failed validation and was not published"):
+        build_store(BuildInputs(runs=runs), fresh, SETTINGS, progress=False)
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh.h5.tmp-*"))
 
 
 def test_runs_yaml(runs: tuple[RunInputs, ...], tmp_path: Path) -> None:

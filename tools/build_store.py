@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument(
         "--tr",
         type=float,
-        help="seconds per TR (default 1.5; needed when the NIfTI headers say another TR)",
+        help="seconds per TR (default: with --bids the sidecars' RepetitionTime, else 1.5;\n"
+        "needed when the NIfTI headers say another TR); overrides both",
     )
     s.add_argument("--lag", type=int, help="pair stimulus TR t with fMRI volume t + lag")
     s.add_argument("--frame-skip", type=int)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         except GibletError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        root = write_bids_dataset(paths.root / "bids", "movie", runs)
+        root = write_bids_dataset(paths.root / "bids", "movie", runs, repetition_time=params.tr)
         runs_store = f"{args.out_dir.rstrip('/')}/store_runs.h5"
         command = ["python", "tools/build_store.py", "--bids", str(root), "--task", "movie",
                    "--config", str(paths.settings_yaml), "--out", runs_store]  # fmt: skip

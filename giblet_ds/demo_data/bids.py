@@ -1,6 +1,7 @@
 """Write raw runs as a BIDS dataset (``tools/make_demo_data.py --bids``, and the tests).
 
     dataset_description.json
+    task-T_bold.json                            (RepetitionTime, inherited by every BOLD file)
     stimuli/NAME.m4v, stimuli/NAME.csv          (the sheet: same stem, beside the movie)
     sub-XX/func/sub-XX_task-T_run-N_bold.nii.gz
     sub-XX/func/sub-XX_task-T_run-N_events.tsv  (onset, duration, trial_type, stim_file)
@@ -39,13 +40,22 @@ class BidsRun:
     seconds: float
 
 
-def write_bids_dataset(root: str | Path, task: str, runs: Sequence[BidsRun]) -> Path:
-    """Copy ``runs`` into a BIDS layout at ``root`` (run numbers 1..R in order)."""
+def write_bids_dataset(
+    root: str | Path, task: str, runs: Sequence[BidsRun], *, repetition_time: float | None = None
+) -> Path:
+    """Copy ``runs`` into a BIDS layout at ``root`` (run numbers 1..R in order).
+
+    ``repetition_time`` (s): written to the top-level ``task-T_bold.json`` sidecar, which every
+    BOLD file inherits (BIDS requires it; None: no sidecar, as in a dataset that lacks one)."""
     root = Path(root)
     (root / "stimuli").mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(
         json.dumps({"Name": "giblet-ds demo", "BIDSVersion": "1.9.0"}, indent=1) + "\n"
     )
+    if repetition_time is not None:
+        (root / f"task-{task}_bold.json").write_text(
+            json.dumps({"RepetitionTime": repetition_time, "TaskName": task}, indent=1) + "\n"
+        )
     for number, run in enumerate(runs, start=1):
         stim = root / "stimuli" / run.stimulus.name
         if not stim.exists():

@@ -78,28 +78,50 @@ class StoreInfo(StoreLayout):
         }
 
     # What the build dropped or took from the inputs: absent (None) in stores built before
-    # these attributes were recorded; such stores stay valid, a rebuild adds them.
+    # these attributes were recorded; such stores stay valid, a rebuild adds them. A store of
+    # one run records each value itself; a store of many runs records a map from run id (the
+    # order of ``runs.ids``) to that run's value.
     @property
     def tr_source(self) -> str | None:
-        """``"given"`` (--tr, the YAML) or ``"default"`` (1.5 s, no header contradicting it)."""
+        """``"given"`` (--tr, the YAML), ``"bids_sidecar"`` (the BIDS sidecars'
+        ``RepetitionTime``, every NIfTI header agreeing) or ``"default"`` (1.5 s, no header
+        contradicting it). One value for the whole store (one store holds one TR)."""
         value = self.attrs.get("tr_source")
         return None if value is None else str(value)
 
     @property
-    def header_trs(self) -> dict[str, float | None] | None:
-        """Per subject, the TR its NIfTI header states in seconds (None: it states none)."""
+    def header_trs(self) -> dict[str, Any] | None:
+        """Per subject, the TR its NIfTI header states in seconds (None: it states none).
+        Many runs: ``{run_id: {subject: tr}}``."""
         return self.attrs.get("fmri_header_trs")
 
     @property
-    def fmri_volume_counts(self) -> dict[str, int] | None:
-        """Per subject, the number of volumes in its NIfTI (before cropping to the store)."""
+    def sidecar_trs(self) -> dict[str, Any] | None:
+        """``--bids`` builds: per subject, the ``RepetitionTime`` its BIDS JSON sidecar states
+        (inheritance applied; None: none states one). Many runs: ``{run_id: {subject: tr}}``.
+        None for stores not built from BIDS."""
+        return self.attrs.get("bids_sidecar_trs")
+
+    @property
+    def fmri_volume_counts(self) -> dict[str, Any] | None:
+        """Per subject, the number of volumes in its NIfTI (before cropping to the store).
+        Many runs: ``{run_id: {subject: count}}`` (each run's own NIfTI files)."""
         return self.attrs.get("fmri_volume_counts")
 
     @property
     def cropped(self) -> dict[str, Any] | None:
-        """What cropping to the common length dropped: ``limited_by`` (the shortest source:
-        ``video``, ``audio`` or ``fmri:SUBJECT``) and per cropped source ``available``,
-        ``kept``, ``dropped`` ([first, stop) TRs or volumes) and ``unit``."""
+        """What cropping to the common length dropped.
+
+        One run: ``{"limited_by": SOURCE, SOURCE: {...}, ...}``: ``limited_by`` is the shortest
+        source (``video``, ``audio`` or ``fmri:SUBJECT``), and each source that lost anything at
+        its end (``video``, ``audio``, ``fmri:SUBJECT``) has ``available``, ``kept``,
+        ``dropped`` ([first, stop) TRs of the movie, or volumes of the subject's NIfTI) and
+        ``unit`` (``"TRs"`` or ``"volumes"``).
+
+        Many runs: ``{run_id: <that dict for the run>}``, one entry per run in ``runs.ids``
+        order. Each run is cropped on its own, so its ``available``, ``kept`` and ``dropped``
+        count TRs of that run's movie and volumes of that run's NIfTI files (``kept`` is the
+        run's ``runs.n_trs``), never store rows; add ``runs.first`` for those."""
         return self.attrs.get("cropped")
 
     def model_input_sizes(self) -> dict[str, int]:

@@ -3,13 +3,17 @@ path parsing: ``sub-*/[ses-*/]func/*_task-TASK_[run-*_]*bold.nii.gz``.
 
 Each run's stimulus is what BIDS names it: the ``stim_file`` column of the run's
 ``_events.tsv``, relative to the dataset's ``stimuli/`` folder; its annotations are a sheet of
-the same stem beside it (``stimuli/NAME.xlsx`` or ``.csv``), when there is one. Every problem
+the same stem beside it (``stimuli/NAME.xlsx`` or ``.csv``), when there is one. Each BOLD
+file's ``RepetitionTime`` comes from its JSON sidecar (pybids' ``get_metadata``: BIDS
+inheritance applied, so a top-level ``task-T_bold.json`` counts); the builder checks it against
+the other runs and the NIfTI headers (``run_stages.resolve_run_tr``). Every problem
 (a subject missing a run, two spaces, a stimulus that is not there) names the run, the subject
 and the file, and is raised before anything is decoded.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -120,9 +124,29 @@ def find_bids_runs(
                 fmri=tuple(Path(by_run[name][s].path) for s in subjects),
                 subjects=tuple(subjects),
                 stimulus=stimulus.relative_to(root / "stimuli").as_posix(),
+                sidecar_trs=tuple(_sidecar_tr(layout, by_run[name][s]) for s in subjects),
             )
         )
     return tuple(runs)
+
+
+def _sidecar_tr(layout: Any, bold: Any) -> float | None:
+    """The ``RepetitionTime`` (s) the JSON sidecars of a BOLD file state, inheritance applied
+    (None: none states one); StoreError naming the file when it is not a positive number."""
+    value = layout.get_metadata(bold.path).get("RepetitionTime")
+    if value is None:
+        return None
+    try:
+        tr = float(value)
+    except (TypeError, ValueError):
+        tr = math.nan
+    if isinstance(value, bool) or not (math.isfinite(tr) and tr > 0):
+        raise StoreError(
+            bold.path, f"its BIDS sidecar's RepetitionTime is {value!r}, not a positive number "
+            "of seconds; correct the sidecar (task-T_bold.json or the file's own .json)",
+            dataset="--bids",
+        )  # fmt: skip
+    return tr
 
 
 def _confounds_file(layout: Any, bold: Any) -> Path | None:

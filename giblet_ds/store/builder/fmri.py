@@ -25,6 +25,7 @@ __all__ = [
     "subject_id",
     "header_tr",
     "resolve_tr",
+    "same_tr",
     "compute_mask",
     "masked_series",
 ]
@@ -65,7 +66,8 @@ def header_tr(header: Any) -> float | None:
     return float(zooms[3]) * _TIME_UNITS.get(unit, 1.0)
 
 
-def _same(a: float, b: float) -> bool:
+def same_tr(a: float, b: float) -> bool:
+    """Whether two TRs in seconds are the same within header rounding (1%)."""
     return abs(a - b) <= _TR_TOLERANCE * b
 
 
@@ -83,7 +85,7 @@ def resolve_tr(
     stated: dict[float, list[str]] = {}
     for info in infos:
         if info.header_tr is not None:
-            key = next((t for t in stated if _same(info.header_tr, t)), info.header_tr)
+            key = next((t for t in stated if same_tr(info.header_tr, t)), info.header_tr)
             stated.setdefault(key, []).append(subject_id(info.path))
 
     def says(tr: float, ids: list[str]) -> str:
@@ -93,7 +95,7 @@ def resolve_tr(
         notes = [
             f"the NIfTI headers say {says(tr, ids)}; using the given tr {given:g} s"
             for tr, ids in stated.items()
-            if not _same(tr, given)
+            if not same_tr(tr, given)
         ]
         return float(given), "given", notes
     if len(stated) > 1:
@@ -105,7 +107,7 @@ def resolve_tr(
         )
     if stated:
         ((tr, ids),) = stated.items()
-        if not _same(tr, default):
+        if not same_tr(tr, default):
             every = "every NIfTI header says" if len(ids) == len(infos) else "the NIfTI headers say"
             raise StoreError(
                 "--tr",

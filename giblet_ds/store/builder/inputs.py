@@ -32,6 +32,9 @@ class RunInputs:
     """The stimulus's name in the ``/runs`` table; empty: the movie's file name."""
     confounds: tuple[Path | None, ...] = ()
     """Per subject, fMRIPrep's ``desc-confounds_timeseries.tsv`` (or None); empty: none."""
+    sidecar_trs: tuple[float | None, ...] = ()
+    """Per subject (``fmri`` order), the ``RepetitionTime`` of its BIDS JSON sidecar in
+    seconds, inheritance applied (None: no sidecar states one); empty: not read from BIDS."""
 
     def __post_init__(self) -> None:
         if not self.fmri:
@@ -43,6 +46,8 @@ class RunInputs:
             )
         if self.subjects and len(self.subjects) != len(self.fmri):
             raise StoreError(f"run {self.run_id}", "one subject id per fMRI file is needed")
+        if self.sidecar_trs and len(self.sidecar_trs) != len(self.fmri):
+            raise StoreError(f"run {self.run_id}", "one sidecar TR per fMRI file is needed")
 
     @property
     def subject_ids(self) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """``build_store``: raw movie, annotations and fMRI -> one validated HDF5 store.
 
 Stages (each with a progress bar): hash inputs (a matching existing store makes the build a no-op),
-decode video, encode audio, embed text, mask and z-score fMRI, write statistics, rename into place.
+decode video, encode audio, embed text, mask and z-score fMRI, write statistics, validate the
+written file with ``open_store`` and only then rename it into place.
 """
 
 from __future__ import annotations
@@ -447,9 +448,15 @@ def build_store(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "warning": "" if settings.pretrained else RANDOM_WEIGHTS_WARNING,
         }  # fmt: skip
-        writer.finish(attrs)
+        if any(run.sidecar_trs for run in runs):  # --bids: what each file's sidecar stated
+            attrs["bids_sidecar_trs"] = per_run([
+                {sid: dict(zip(run.subject_ids, run.sidecar_trs, strict=False)).get(sid)
+                 for sid in subjects}
+                for run in runs
+            ])  # fmt: skip
+        # The gate every reader uses must accept what we wrote, before it replaces anything.
+        writer.finish(attrs, validate=open_store)
     lap("stats_and_write")
-    open_store(out)  # the gate every reader uses must accept what we wrote
     _log(f"wrote {out}: {n_trs} TRs in {len(runs)} run(s), {layout.n_voxels} voxels, "
          f"{len(layout.subjects)} subjects")  # fmt: skip
     return BuildResult(

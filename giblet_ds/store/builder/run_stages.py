@@ -56,10 +56,22 @@ def in_order(
 def resolve_run_tr(
     given: float | None, runs: Sequence[RunInputs], infos: Sequence[Sequence[fmri.FmriInfo]]
 ) -> tuple[float, str, list[str]]:
-    """``fmri.resolve_tr`` per run; runs whose headers (or resolved TRs) differ name each other.
+    """The TR of the build: ``(tr, source, notes)``, decided in this order:
 
-    Runs whose headers agree within the run but not between runs stop the build even before a
-    TR is resolved: one store holds one TR, and the header difference is the likelier truth."""
+    1. ``given`` (--tr, the YAML): used; sidecars and headers that differ are noted.
+    2. the BIDS sidecars' ``RepetitionTime`` (``--bids``; source ``"bids_sidecar"``): used when
+       every sidecar that states one agrees and every NIfTI header that states a TR agrees with
+       it (within rounding); a header that differs stops the build naming the file.
+    3. the NIfTI headers (``fmri.resolve_tr`` per run; source ``"default"``): runs whose headers
+       (or resolved TRs) differ name each other.
+
+    Sidecars that differ between files stop the build even with ``given``: they describe
+    different acquisitions, and one store holds one TR. Runs whose headers agree within the run
+    but not between runs stop it too (without ``given``): the header difference is the likelier
+    truth."""
+    sidecar = _sidecar_tr(runs, infos, check_headers=given is None)
+    if sidecar is not None and given is None:
+        return sidecar, "bids_sidecar", []
     stated = {
         run.run_id: sorted({round(i.header_tr, 3) for i in run_infos if i.header_tr is not None})
         for run, run_infos in zip(runs, infos, strict=True)
@@ -83,7 +95,50 @@ def resolve_run_tr(
             "--tr", f"runs have different TRs: {trs}; one store holds one TR (build one per TR)"
         )
     notes = [note for _, _, run_notes in resolved for note in run_notes]
+    if sidecar is not None and given is not None and not fmri.same_tr(sidecar, given):
+        notes.insert(0, f"the BIDS sidecars say RepetitionTime {sidecar:g} s; using the given "
+                        f"tr {given:g} s")  # fmt: skip
     return resolved[0][0], resolved[0][1], notes
+
+
+def _sidecar_tr(
+    runs: Sequence[RunInputs], infos: Sequence[Sequence[fmri.FmriInfo]], *, check_headers: bool
+) -> float | None:
+    """The ``RepetitionTime`` every BIDS sidecar that states one agrees on (None: none does).
+
+    StoreError naming the BOLD file whose sidecar differs from the first one's, or (with
+    ``check_headers``) whose NIfTI header states another TR than the sidecars."""
+    stated: list[tuple[RunInputs, fmri.FmriInfo, float]] = []
+    for run, run_infos in zip(runs, infos, strict=True):
+        by_path = dict(zip(run.fmri, run.sidecar_trs, strict=False))
+        stated += [(run, i, tr) for i in run_infos if (tr := by_path.get(i.path)) is not None]
+    if not stated:
+        return None
+    first_run, first_info, tr = stated[0]
+    for run, info, value in stated[1:]:
+        if not fmri.same_tr(value, tr):
+            raise StoreError(
+                info.path,
+                f"run {run.run_id}: its BIDS sidecar says RepetitionTime {value:g} s, the "
+                f"sidecar of {first_info.path.name} (run {first_run.run_id}) {tr:g} s; one "
+                "store holds one TR: build the runs of each TR into a store of their own "
+                "(--runs runs.yaml lists them), or correct the RepetitionTime of the sidecar "
+                "that is wrong",
+                dataset="--bids",
+            )
+    if check_headers:
+        for run, run_infos in zip(runs, infos, strict=True):
+            for info in run_infos:
+                if info.header_tr is not None and not fmri.same_tr(info.header_tr, tr):
+                    raise StoreError(
+                        info.path,
+                        f"run {run.run_id}: the NIfTI header says TR {info.header_tr:g} s, the "
+                        f"BIDS sidecars RepetitionTime {tr:g} s. Correct the one that is wrong "
+                        "(the sidecar's RepetitionTime, or the header's pixdim[4] and time "
+                        f"unit), or decide with --tr: --tr {tr:g} if the sidecar is right",
+                        dataset="--bids",
+                    )
+    return tr
 
 
 def load_confounds_early(

@@ -471,8 +471,14 @@ class StoreWriter:
             handle[summary][...] = average.astype(np.float32)
 
     @_guarded
-    def finish(self, attrs: Mapping[str, Any]) -> Path:
-        """Write the subject mean, training statistics and ``attrs``; rename into place."""
+    def finish(
+        self, attrs: Mapping[str, Any], *, validate: Callable[[Path], object] | None = None
+    ) -> Path:
+        """Write the subject mean, training statistics and ``attrs``; rename into place.
+
+        ``validate`` (e.g. ``open_store``) is called on the closed temporary file before the
+        rename: a store it refuses never reaches ``path`` (an earlier store there stays as it
+        was), the temporary file is removed and the refusal is raised as ``StoreError``."""
         handle = self.file
         missing = []
         if not self._video_done.all():
@@ -508,6 +514,16 @@ class StoreWriter:
         self._file = None
         with open(self.temp_path, "rb") as raw:
             os.fsync(raw.fileno())
+        if validate is not None:
+            try:
+                validate(self.temp_path)
+            except StoreError as err:
+                self._abort()
+                raise StoreError(
+                    self.path,
+                    f"the written store failed validation and was not published "
+                    f"({err}); its temporary file removed",
+                ) from None
         os.replace(self.temp_path, self.path)
         self._finished = True
         self._restore_hooks()
