@@ -18,6 +18,7 @@ from typing import Any
 from giblet_ds.config import RunConfig, build_ds_config, cross_check
 from giblet_ds.errors import ConfigError
 from giblet_ds.store import StoreInfo, open_store
+from giblet_ds.store.run_splits import with_split_runs
 
 __all__ = ["ResolvedRun", "resolve"]
 
@@ -66,7 +67,8 @@ def resolve(
                 "point --set data.store=PATH at a store, or set the sizes in the model section "
                 "(e.g. --set model.n_voxels=83138)"
             )
-        store = open_store(store_path)
+        # a leave-one-run-out fold: the same store with its runs assigned by data.split_runs
+        store = with_split_runs(open_store(store_path), cfg.data.split_runs)
     elif missing:
         raise ConfigError(
             f"model input sizes {missing} are null and data.store is not set: set data.store to a "

@@ -19,6 +19,16 @@ Exit codes: 0 written, 2 unreadable checkpoint, store, ROI or ground truth.
 
 --leave-one-run-out (a store of many runs): also fit the ridge baseline on all runs but one and
 score it on the held-out run, for every run; writes leave_one_run_out.json and prints a table.
+
+--folds RUN_1 ... RUN_R (leave-one-run-out of trained models): one run dir per held-out run, each
+trained with data.split_runs holding out that run as its test (docs/store.md, "Leave-one-run-
+out"). Each fold's best checkpoint is scored on its own held-out run beside a ridge fitted on that
+fold's training runs; per fold and pooled over folds (mean of the folds' mean r; r over the
+concatenated held-out series). Writes evaluation.json, table.txt and the pooled model_r /
+ridge_r maps. Refused (exit 2, nothing written): folds of another store or mask, a fold without
+data.split_runs, two folds holding out one run, a run no fold holds out.
+
+    tools/evaluate.py runs/loro-run-1 runs/loro-run-2 runs/loro-run-3 --folds --store S --out E
 """
 
 from __future__ import annotations
@@ -51,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ridge fitted on all runs but one, scored on that run, for each run",
     )  # fmt: skip
     p.add_argument(
+        "--folds", action="store_true",
+        help="the run dirs are leave-one-run-out folds (data.split_runs): score and pool them",
+    )  # fmt: skip
+    p.add_argument(
         "--ridge-cache", type=Path, help="ridge cache folder (default: STORE_DIR/.giblet_cache)"
     )
     p.add_argument(
@@ -79,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print("evaluate: error: --shifts must be >= 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[evaluate] %(message)s", stream=sys.stderr)
+    if args.folds:
+        return _folds(args)
     from giblet_ds.evaluation import evaluate, format_table, write_evaluation
 
     try:
@@ -99,6 +115,41 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nwrote {paths['json']} and maps, figure in {args.out} ({result.seconds['total']:.1f} s)"
     )
+    return 0
+
+
+def _folds(args: argparse.Namespace) -> int:
+    """Score leave-one-run-out folds; write evaluation.json, table.txt and the pooled maps."""
+    if args.leave_one_run_out or args.subjects or args.config or args.truth or args.split != "test":
+        print("evaluate: error: --folds scores each fold's test split (its held-out run); it "
+              "takes no --split, --config, --truth, --subjects or --leave-one-run-out",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    import json
+
+    from giblet_ds.evaluation.leave_one_run_out import evaluate_folds, format_folds
+    from giblet_ds.report.brain_maps import save_voxel_map
+    from giblet_ds.store import load_mask
+
+    try:
+        data = evaluate_folds(
+            args.checkpoint, args.store, roi=args.roi, ridge=not args.no_ridge,
+            ridge_cache=args.ridge_cache, reliable_isc=args.reliable_isc, n_shifts=args.shifts,
+            device=args.device, verify=not args.no_verify,
+        )  # fmt: skip
+    except GibletError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    table = format_folds(data)
+    maps = data.pop("maps")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evaluation.json").write_text(json.dumps(data, indent=2) + "\n")
+    (args.out / "table.txt").write_text(table + "\n")
+    mask, affine = load_mask(args.store)
+    for name, values in maps.items():
+        save_voxel_map(values, mask, affine, args.out / f"{name}.nii.gz")
+    print(table)
+    print(f"\nwrote {args.out / 'evaluation.json'}, table.txt and the pooled r maps")
     return 0
 
 

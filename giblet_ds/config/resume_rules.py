@@ -142,6 +142,12 @@ RESUME_RULES: dict[str, ResumeRule] = {
         "loss's variances and the validation reference were set from the saved one",
         _NEW_RUN,
     ),
+    "data.split_runs": ResumeRule(
+        "refuse",
+        "another assignment of runs to splits: the steps so far trained on runs that would now "
+        "be held out (and the training statistics came from the saved training runs)",
+        _NEW_RUN,
+    ),
     "data.num_workers": _CADENCE,
     "data.reliable_isc_threshold": ResumeRule(
         "apply",

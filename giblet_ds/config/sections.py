@@ -46,6 +46,12 @@ class DataConfig:
     reliable_isc_threshold: float = 0.1
     """Reliable voxels: mean pairwise inter-subject r on the training TRs above this. Validation
     (fmri_r_reliable, early stopping) and tools/evaluate.py score the model on them."""
+    split_runs: dict[str, list[str]] | None = None
+    """Train on another assignment of a ``split_by: run`` store's runs to splits:
+    ``{train: [ids], val: [ids], test: [ids]}``, every run exactly once (val and test may name
+    the same single run, cut in time), as the build's ``split_runs``. One leave-one-run-out fold
+    holds out one run as its test (docs/store.md, "Leave-one-run-out"). The store's training
+    statistics are then computed on these training runs. null: the store's own splits."""
 
     def __post_init__(self) -> None:
         require(
@@ -63,6 +69,21 @@ class DataConfig:
             "set data.subject=null, or data.target=mean to train on one subject",
         )
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        require(
+            self.split_runs is None
+            or (
+                isinstance(self.split_runs, dict)
+                and set(self.split_runs) <= {"train", "val", "test"}
+                and all(
+                    isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                    for ids in self.split_runs.values()
+                )
+            ),
+            "data.split_runs",
+            self.split_runs,
+            "must be null or a mapping of train, val, test to lists of run ids",
+            "e.g. --set 'data.split_runs={train: [run-1], val: [run-2], test: [run-3]}'",
+        )
         require(
             -1.0 <= self.reliable_isc_threshold < 1.0,
             "data.reliable_isc_threshold",

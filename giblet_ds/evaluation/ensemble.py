@@ -21,6 +21,7 @@ from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.subjects import SplitPrediction, predict_with_subjects
 from giblet_ds.report.store_match import StoreMatch, check_store_match
 from giblet_ds.store import StoreInfo
+from giblet_ds.store.run_splits import with_split_runs
 
 __all__ = ["Member", "average_predictions", "predict_members"]
 
@@ -35,6 +36,8 @@ class Member:
     prediction: SplitPrediction
     store_match: StoreMatch
     """How the evaluated store relates to this member's training store."""
+    info: StoreInfo
+    """The store as this member was trained on it: its runs assigned by its data.split_runs."""
 
 
 def average_predictions(members: Sequence[SplitPrediction]) -> SplitPrediction:
@@ -77,12 +80,14 @@ def predict_members(
     """Load each checkpoint (one at a time: one model in memory) and predict ``split``.
 
     ``config`` applies to a single checkpoint only (an ensemble's members each carry theirs).
+    A member trained with ``data.split_runs`` predicts that assignment's ``split`` (a
+    leave-one-run-out fold: its own held-out run); members must share one assignment.
     Raises GibletError for a member that does not fit the store (naming it).
     """
     if config is not None and len(checkpoints) > 1:
         raise GibletError("--config names one run's config: an ensemble's members each need "
                           "their own beside their weights")  # fmt: skip
-    members = []
+    members: list[Member] = []
     for checkpoint in checkpoints:
         model, cfg, location = load_model(checkpoint, config=config, device=device, verify=verify)
         try:
@@ -90,7 +95,17 @@ def predict_members(
         except GibletError as exc:
             raise GibletError(f"{checkpoint}: {exc}") from exc
         match = check_store_match(location, cfg, info)  # another mask: refused here
-        prediction = predict_with_subjects(model, cfg, info, split, device=device)
+        try:  # a leave-one-run-out fold is scored on its own held-out run
+            fold = with_split_runs(info, cfg.data.split_runs)
+        except GibletError as exc:
+            raise GibletError(f"{checkpoint}: {exc}") from exc
+        if members and fold.split_override != members[0].info.split_override:
+            raise GibletError(
+                f"{checkpoint} was trained on other run splits (data.split_runs "
+                f"{fold.split_override}) than {members[0].checkpoint} "
+                f"({members[0].info.split_override}): an ensemble's members share one split"
+            )
+        prediction = predict_with_subjects(model, cfg, fold, split, device=device)
         del model
-        members.append(Member(str(location.path), cfg, prediction, match))
+        members.append(Member(str(location.path), cfg, prediction, match, fold))
     return members

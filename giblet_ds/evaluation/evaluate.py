@@ -66,9 +66,18 @@ class EvaluationResult:
     and voxels); the rest of the result scores their averaged prediction. None: one model."""
     store_match: dict[str, Any] = field(default_factory=dict)
     """How ``store`` relates to the (first member's) training store (report.store_match)."""
+    split_runs: dict[str, list[str]] | None = None
+    """The runs each split held when the model was trained on another assignment of the store's
+    runs (data.split_runs: a leave-one-run-out fold); None: the store's own splits."""
+    series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """The scored time series on the split's TRs, float32 (T, V): ``target``, ``model`` and
+    (with the baseline) ``ridge``; what pooling over folds needs (not written to the JSON)."""
+    voxel_sets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """Each summarized voxel set as bool (V,) (not written to the JSON)."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if k not in ("sets", "maps")}
+        skip = ("sets", "maps", "series", "voxel_sets")
+        out = {k: v for k, v in vars(self).items() if k not in skip}
         out["sets"] = {name: s.as_dict() for name, s in self.sets.items()}
         return out
 
@@ -149,6 +158,7 @@ def evaluate(
     # Each member is checked against the store (another mask: refused) before it predicts.
     members = predict_members(checkpoints, info, split, device=dev, config=config, verify=verify)
     cfg = members[0].cfg
+    info = members[0].info  # the runs as the members were trained on them (data.split_runs)
     combined = average_predictions([m.prediction for m in members])
     match = next((m.store_match for m in members if not m.store_match.is_training_store),
                  members[0].store_match)  # fmt: skip
@@ -206,7 +216,8 @@ def evaluate(
         ridge_r = voxel_r(torch.from_numpy(ridge_pred), torch.from_numpy(target)).numpy()
         ridge_info = {"backend": baseline.backend, "cache": str(baseline.cache),
                       "from_cache": baseline.from_cache, "fit_seconds": baseline.fit_seconds,
-                      "alpha_median": float(np.median(baseline.alphas))}  # fmt: skip
+                      "alpha_median": float(np.median(baseline.alphas)),
+                      "fit_trs": len(info.splits["train"])}  # fmt: skip
     seconds["ridge"] = time.perf_counter() - clock - sum(seconds.values())
 
     oracle_r = None
@@ -279,4 +290,11 @@ def evaluate(
         subjects=subject_rows,
         members=member_scores,
         store_match=match.as_dict(),
+        split_runs=info.split_override,
+        series={
+            "target": target,
+            "model": pred,
+            **({"ridge": ridge_pred} if ridge_pred is not None else {}),
+        },
+        voxel_sets=sets,
     )

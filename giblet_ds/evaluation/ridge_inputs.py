@@ -126,6 +126,8 @@ def ridge_design(info: StoreInfo) -> tuple[np.ndarray, dict[str, object]]:
     }
     if len(runs) > 1:  # one-run stores keep their cache key
         description["runs"] = runs.n_trs.tolist()
+    if info.split_override is not None:  # a fold's training runs: its own fit and cache
+        description["split_runs"] = info.split_override
     return design, description
 
 

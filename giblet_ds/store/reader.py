@@ -53,6 +53,9 @@ class StoreInfo(StoreLayout):
     attrs: dict[str, Any] = field(repr=False)
     runs: RunTable = field(repr=False, kw_only=True)
     """The runs the rows concatenate (one run in a schema 1 file)."""
+    split_override: dict[str, list[str]] | None = field(default=None, repr=False, kw_only=True)
+    """The runs each split holds when a run config re-assigned them (``data.split_runs``,
+    giblet_ds.store.run_splits); None: the splits written in the file."""
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -321,7 +324,7 @@ class _Checker:
         # the sizes read from the datasets above; every other shape must follow from them
         # (subject ids are checked against S below, with the other attributes)
         mask_shape = (int(mask_ds.shape[0]), int(mask_ds.shape[1]), int(mask_ds.shape[2]))
-        sizes = dict(n_trs=t, n_frames=f, height=h, width=w, n_q=n_q, code_frames=n_c,
+        sizes: dict[str, Any] = dict(n_trs=t, n_frames=f, height=h, width=w, n_q=n_q, code_frames=n_c,
                      text_slots=k, text_dim=d, n_voxels=v)  # fmt: skip
         layout = StoreLayout(**sizes, mask_shape=mask_shape, subjects=("",) * s)
         expected = {**layout.shapes(), **layout.stats_shapes()}

@@ -105,19 +105,27 @@ def load_target_stats(
 
     ``subject`` (index or id) replaces the fMRI statistics with those of that subject's z-scored
     series on the training TRs, for runs that train on one subject instead of the subject mean.
-    ``info``: the store already validated by the caller (validation reads every fMRI value).
+    ``info``: the store already validated by the caller (validation reads every fMRI value); a
+    store seen with another assignment of its runs (``info.split_override``) has its statistics
+    computed on that assignment's training rows.
     """
     from giblet_ds.store.reader import open_read_only, open_store  # no import cycle
 
     info = info if info is not None else open_store(path)
     out: dict[str, dict[str, np.ndarray]] = {}
     with open_read_only(info.path) as handle:
+        if info.split_override is not None:
+            # another assignment of runs (data.split_runs): /stats holds the build's training
+            # runs, which may now be held out; the fold's own training rows are read instead
+            out = compute_target_stats(handle, np.asarray(info.splits["train"]))
         for modality, names in (
             ("video", ("mean", "var")),
             ("text", ("mean", "var")),
             ("fmri", ("mean", "var")),
             ("audio", ("counts",)),
         ):
+            if modality in out:
+                continue
             out[modality] = {
                 name: np.asarray(handle[f"{schema.STATS_GROUP}/{modality}/{name}"][()])
                 for name in names
