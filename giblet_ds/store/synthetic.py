@@ -17,6 +17,7 @@ from giblet_ds.store.builder.normalize import zscore_train
 from giblet_ds.store.builder.splits import make_splits
 from giblet_ds.store.builder.writer import StoreWriter
 from giblet_ds.store.layout import StoreLayout
+from giblet_ds.store.reader import open_store
 
 __all__ = ["write_synthetic_store", "synthetic_mask_shape"]
 
@@ -162,5 +163,6 @@ def write_synthetic_store(
                 "settings": settings,
                 "settings_hash": settings_hash,
                 "build_hash": build_sha256(settings_hash, {}, schema.SCHEMA_VERSION),
-            }
+            },
+            validate=open_store,  # as the real builder: a store the reader refuses is never published
         )
