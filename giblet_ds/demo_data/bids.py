@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from giblet_ds.errors import GibletError
+from giblet_ds.store.builder.sheet import END_COLUMN, START_COLUMN, header_key
 
 __all__ = ["BidsRun", "write_bids_dataset", "cut_into_runs"]
 
@@ -109,6 +110,10 @@ def cut_into_runs(
             ["" if v is None else str(v) for v in row] for row in sheet.iter_rows(values_only=True)
         ]
         header, rows = table[0], table[1:]
+        # the times by their headers, as the builder reads them (the demo's first column is the
+        # segment number, not a time)
+        keys = [header_key(cell) for cell in header]
+        times = [keys.index(header_key(name)) for name in (START_COLUMN, END_COLUMN)]
     runs = []
     for k in range(n_runs):
         start, stop = edges[k], edges[k + 1]
@@ -128,14 +133,16 @@ def cut_into_runs(
                 writer.writerow(header)
                 for row in rows:
                     try:
-                        begin, end = float(row[0]), float(row[1])
-                    except ValueError:
+                        begin, end = (float(row[i]) for i in times)
+                    except (ValueError, IndexError):
                         if k == 0:  # a row without times: the builder names it (run 1's sheet)
                             writer.writerow(row)
                         continue
                     if start * tr <= begin < stop * tr:
-                        shifted = [f"{begin - start * tr:.3f}", f"{end - start * tr:.3f}"]
-                        writer.writerow(shifted + row[2:])
+                        shifted = list(row)
+                        shifted[times[0]] = f"{begin - start * tr:.3f}"
+                        shifted[times[1]] = f"{end - start * tr:.3f}"
+                        writer.writerow(shifted)
         parts = {}
         for label, path in bold.items():
             img: Any = nib.load(str(path))

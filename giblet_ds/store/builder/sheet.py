@@ -33,6 +33,7 @@ __all__ = [
     "Annotation",
     "read_annotations",
     "format_rows",
+    "header_key",
 ]
 
 START_COLUMN = "Start Time (s)"
@@ -51,8 +52,9 @@ class Annotation:
     text: str
 
 
-def _key(header: object) -> str:
-    # Lab sheets carry trailing spaces and doubled spaces in headers; compare normalized.
+def header_key(header: object) -> str:
+    """A column header as the builder matches it: whitespace runs collapsed, stripped, lower case
+    (lab sheets carry trailing and doubled spaces in headers)."""
     return re.sub(r"\s+", " ", str(header if header is not None else "")).strip().lower()
 
 
@@ -198,11 +200,11 @@ def read_annotations(
     rows, formulas, encoding = _rows(path)
     if not rows:
         raise StoreError(path, "annotation file is empty", dataset="--annotations")
-    header = [_key(cell) for cell in rows[0]]
+    header = [header_key(cell) for cell in rows[0]]
     wanted = [START_COLUMN, END_COLUMN, *text_columns]
     index = {}
     for name in wanted:
-        if _key(name) not in header:
+        if header_key(name) not in header:
             raise StoreError(
                 path,
                 f"missing column {name!r}",
@@ -210,7 +212,7 @@ def read_annotations(
                 expected=wanted,
                 actual=[str(cell).strip() for cell in rows[0] if cell is not None],
             )
-        index[name] = header.index(_key(name))
+        index[name] = header.index(header_key(name))
     if formulas is not None:
         uncached = _uncached_formulas(rows, formulas, [index[name] for name in wanted])
         if uncached:
