@@ -141,6 +141,23 @@ def test_another_zero_stage_is_refused_by_name(
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000004"
 
 
+def test_a_shorter_run_than_the_saved_step_is_refused_before_anything_is_written(
+    killed_at_4: Path, tiny_store: Path, tmp_path: Path
+) -> None:
+    resolved = (killed_at_4 / "config.resolved.yaml").read_text()
+    run_dir, result = _resume(killed_at_4, tmp_path, tiny_store, "train.max_steps=3")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (
+        "error: train.max_steps=3 ends the run at step 3, before the resumed checkpoint's step 4: "
+        "the run already trained past it." in result.stderr
+    )
+    # refused with the resume table's checks: the run's config and checkpoints as they were
+    assert (run_dir / "config.resolved.yaml").read_text() == resolved
+    assert not list((run_dir / "checkpoints").glob("*universal*"))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000004"
+
+
 def test_a_new_early_stopping_metric_restarts_the_best(
     killed_at_4: Path, tiny_store: Path, tmp_path: Path
 ) -> None:

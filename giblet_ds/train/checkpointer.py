@@ -45,6 +45,7 @@ from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
+from giblet_ds.train.resume import check_resumed_length
 
 __all__ = ["Checkpointer", "ResumeTarget", "check_store_hash"]
 
@@ -109,6 +110,8 @@ class Checkpointer:
                 sampler.check_state(meta.sampler)
             except ValueError as exc:
                 raise CheckpointError(f"cannot resume from {location.path}: {exc}") from None
+            # the run's new length against the saved step, before a universal copy is made
+            check_resumed_length(cfg, step=meta.step, sampler=sampler, sampler_state=meta.sampler)
         if self.needs_universal(location, sampler.num_replicas):
             location = self.to_universal(location)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True

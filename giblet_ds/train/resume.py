@@ -8,6 +8,7 @@ set them again, and a changed run length re-plans the cosine without a jump in t
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -48,6 +49,25 @@ def run_length(
             "a shorter one"
         )
     return length
+
+
+def check_resumed_length(
+    cfg: RunConfig, *, step: int, sampler: Any, sampler_state: dict[str, Any]
+) -> int:
+    """:func:`run_length` from a tag's metadata (its step and sampler position), before anything
+    is loaded or converted, so a length ending before the saved step is refused while nothing has
+    been touched. ``sampler``: this run's fresh ResumableDistributedSampler (left unchanged)."""
+    per_step = cfg.optim.samples_per_rank_step
+    probe = copy.deepcopy(sampler)
+    steps_per_epoch = probe.num_samples // per_step
+    probe.load_state_dict(sampler_state)
+    return run_length(
+        cfg,
+        step=step,
+        epoch=probe.epoch,
+        steps_left_in_epoch=len(probe) // per_step,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def saved_schedule(state: dict[str, Any], saved: RunConfig) -> Schedule:
