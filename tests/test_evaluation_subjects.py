@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from giblet_ds.config import config_to_dict, load_config
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation import evaluate, fit_ridge_baseline
-from giblet_ds.metrics import subject_ceiling_r, voxel_r
+from giblet_ds.metrics import pairwise_isc, subject_ceiling_r, voxel_r
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.resolve import resolve
 from giblet_ds.store import load_mask, open_store, write_synthetic_store
@@ -128,6 +128,7 @@ def test_per_subject_scores_maps_and_ceiling_by_hand(
     test = info.splits["test"]
     with h5py.File(store, "r") as f:
         volumes = f["/fmri/subjects"][:, test].astype(np.float32)  # (3, 17, 41)
+        train_volumes = f["/fmri/subjects"][:, info.splits["train"]].astype(np.float32)
     _, subjects, _ = predictions(heads, store)
     assert subjects is not None and subjects.shape == (3, 17, 41)
     ceiling = subject_ceiling_r(torch.from_numpy(volumes)).numpy()
@@ -138,9 +139,15 @@ def test_per_subject_scores_maps_and_ceiling_by_hand(
         scores = row["sets"]["all"]
         own_r = voxel_r(torch.from_numpy(subjects[s]), torch.from_numpy(volumes[s])).numpy()
         assert scores["model_r"] == pytest.approx(float(own_r.mean()), abs=1e-6)
-        assert scores["ceiling_r"] == pytest.approx(float(ceiling[s].mean()), abs=1e-9)
-        assert scores["model_r_normalized"] == pytest.approx(
-            float(own_r.mean()) / float(ceiling[s].mean()), abs=1e-6
+        # no ceiling averaged over the whole mask, as in the subject-mean table
+        assert scores["ceiling_r"] is None and scores["model_r_normalized"] is None
+        reliable = pairwise_isc(torch.from_numpy(train_volumes)).numpy() > 0.1
+        assert row["sets"]["reliable"]["n_voxels"] == int(reliable.sum()) > 0
+        assert row["sets"]["reliable"]["ceiling_r"] == pytest.approx(
+            float(ceiling[s][reliable].mean()), abs=1e-9
+        )
+        assert row["sets"]["reliable"]["model_r_normalized"] == pytest.approx(
+            float(own_r[reliable].mean()) / float(ceiling[s][reliable].mean()), abs=1e-6
         )
         ridge = fit_ridge_baseline(info, subject=s)  # the cached per-subject fit
         assert scores["ridge_r"] == pytest.approx(

@@ -96,7 +96,8 @@ def score_subjects(
 
     Returns (rows, maps): one row per subject (``subject``, ``prediction``: "own head" or
     "subject mean", ``sets``: name -> numbers), and per-voxel maps ``<id>_model_r``,
-    ``<id>_ridge_r``, ``<id>_ceiling_r`` (V,). The ceiling needs >= 2 subjects (None with one).
+    ``<id>_ridge_r``, ``<id>_ceiling_r`` (V,). The ceiling needs >= 2 subjects (None with one)
+    and is not averaged over the set ``all`` (the whole mask), as in the subject-mean table.
     Raises ValueError when the heads' subject count is not the store's.
     """
     volumes = read_split_subjects(info.path, split, info=info)  # (S, T_split, V)
@@ -129,7 +130,11 @@ def score_subjects(
                 "n_voxels": int(voxels.sum()),
                 "model_r": float(model_r[voxels].mean()),
                 "ridge_r": None if ridge_r is None else float(ridge_r[voxels].mean()),
-                "ceiling_r": None if ceiling is None else float(ceiling[voxels].mean()),
+                # the subject-mean table's rule (scores.summarize_set): no ceiling averaged over
+                # the whole mask, where most voxels carry no stimulus-driven signal
+                "ceiling_r": None
+                if ceiling is None or name == "all"
+                else float(ceiling[voxels].mean()),
             }
             top = entry["ceiling_r"]
             entry["model_r_normalized"] = (
