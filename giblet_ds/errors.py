@@ -29,8 +29,10 @@ class StoreError(GibletError):
         if dataset is not None:
             parts.append(f"[{dataset}]")
         text = " ".join(parts) + f": {message}"
-        if expected is not None or actual is not None:
+        if expected is not None:
             text += f" (expected {expected}, got {actual})"
+        elif actual is not None:
+            text += f" (got {actual})"
         super().__init__(text)
         self.path = path
         self.dataset = dataset

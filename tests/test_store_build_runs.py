@@ -305,6 +305,18 @@ def test_malformed_bids_layouts_are_named(
     assert _cli().main([*argv, "--quiet"]) == 2
     assert "run run-2: no BOLD file for sub-03" in capsys.readouterr().err
     (tmp_path / "kept.nii.gz").rename(gone)
+    # one subject's events of a run name another stimulus
+    events = root / "sub-02" / "func" / "sub-02_task-movie_run-2_events.tsv"
+    original = events.read_text()
+    events.write_text(original.replace("run-2.m4v", "run-1.m4v"))
+    with pytest.raises(StoreError) as other:
+        find_bids_runs(root, "movie")
+    assert str(other.value) == (
+        f"{root} [--bids]: run run-2: the events name 2 stimuli, one is needed (expected one "
+        "stim_file named in every subject's events of the run, got {'run-1.m4v': ['sub-02'], "
+        "'run-2.m4v': ['sub-01', 'sub-03']})"
+    )
+    events.write_text(original)
     # a stimulus that is not there
     (root / "stimuli" / "run-2.m4v").unlink()
     with pytest.raises(

@@ -182,7 +182,8 @@ def _stimulus(layout: Any, root: Path, name: str, task: str, files: list[Any]) -
     if len(names) != 1:
         raise StoreError(
             root, f"run {name}: the events name {len(names)} stimuli, one is needed",
-            dataset="--bids", actual=dict(names),
+            dataset="--bids", expected="one stim_file named in every subject's events of the run",
+            actual=dict(sorted(names.items())),
         )  # fmt: skip
     (stim,) = names
     path = root / "stimuli" / stim
