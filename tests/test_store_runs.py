@@ -130,3 +130,23 @@ def test_one_run_settings_hash_as_before_runs_existed() -> None:
     assert "confounds" not in by_run
     cleaned = BuildSettings(tr=0.5, lag=1, confounds={"strategy": ["motion"]}).hashed()
     assert cleaned["confounds"] == {"strategy": ["motion"]} and "split_by" not in cleaned
+
+
+def test_split_runs_with_an_empty_split_say_how_two_runs_are_split() -> None:
+    from giblet_ds.errors import ConfigError
+    from giblet_ds.store.builder.splits import make_run_splits
+
+    runs = [("run-1", 40), ("run-2", 50)]
+    with pytest.raises(ConfigError) as empty:  # a leave-one-run-out loop's fold on 2 runs
+        make_run_splits(runs, (0.6, 0.2, 0.2), 2, split_by="run",
+                        split_runs={"train": [], "val": ["run-1"], "test": ["run-2"]})  # fmt: skip
+    assert str(empty.value) == (
+        "split_runs: the train split holds no run (2 runs: ['run-1', 'run-2']); every split needs "
+        "one. With 2 runs, train on one and name the other as both val and test (it is then cut "
+        "in time into val | gap | test)"
+    )
+    splits, _, _ = make_run_splits(runs, (0.6, 0.2, 0.2), 2, split_by="run",
+                                   split_runs={"train": ["run-1"], "val": ["run-2"],
+                                               "test": ["run-2"]})  # fmt: skip
+    assert splits["train"].tolist() == list(range(40))
+    assert splits["val"].max() < splits["test"].min() - 2  # run-2 cut: val | gap | test

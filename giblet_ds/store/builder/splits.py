@@ -156,7 +156,11 @@ def _assign_runs(
             )
         for name in ("train", "val", "test"):
             if not out[name]:
-                raise ConfigError(f"split_runs: the {name} split holds no run")
+                raise ConfigError(
+                    f"split_runs: the {name} split holds no run ({len(ids)} runs: {ids}); every "
+                    "split needs one. With 2 runs, train on one and name the other as both val "
+                    "and test (it is then cut in time into val | gap | test)"
+                )
         return out
     if len(ids) < 2:
         raise ConfigError(
