@@ -237,3 +237,18 @@ def test_split_runs_needs_a_store_split_by_run(tmp_path: Path) -> None:
     fold = with_split_runs(runs, _fold("run-a"))
     assert fold.split_override == _fold("run-a")
     assert fold.splits["test"].tolist() == list(range(19))
+
+
+def test_a_folds_reconstructions_read_its_own_held_out_run(
+    trained: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """tools/plot_reconstructions.py (and export) see the store through the fold's data.split_runs:
+    fold run-a's test split is run-a's 19 TRs, not the build's test run (run-c, 26 TRs)."""
+    from giblet_ds.report.reconstructions import render_reconstructions
+
+    store, runs = trained
+    result = render_reconstructions(
+        runs["run-a"] / "checkpoints" / "best", store, tmp_path / "plots", split="test",
+        num_samples=2, device="cpu", verify=False,
+    )  # fmt: skip
+    assert (result.metrics["split"], result.metrics["n_trs"]) == ("test", LENGTHS[0])

@@ -28,6 +28,7 @@ from giblet_ds.run.resolver import find_run_config
 from giblet_ds.store import export_mask_nifti, load_target_stats, open_store
 from giblet_ds.store.builder.hashing import file_sha256
 from giblet_ds.store.reader import open_read_only
+from giblet_ds.store.run_splits import with_split_runs
 
 __all__ = ["export_model"]
 
@@ -56,7 +57,10 @@ def export_model(
         raise GibletError(f"--out {out} exists; choose a new folder (nothing is overwritten)")
     model, cfg, location = load_model(checkpoint, verify=verify)
     config_path = find_run_config(location.path)
-    info = open_store(store if store is not None else cfg.data.store)
+    # a leave-one-run-out fold (data.split_runs) sees the store with its own runs' splits: its
+    # training statistics and split sizes, as it was trained
+    info = with_split_runs(open_store(store if store is not None else cfg.data.store),
+                           cfg.data.split_runs)  # fmt: skip
     metadata = read_metadata(location.path) if location.kind == "tag" else None
     if metadata is not None and metadata.store_hash and metadata.store_hash != info.build_hash:
         raise GibletError(
@@ -82,6 +86,7 @@ def export_model(
         "target": target,
         "n_trs": info.n_trs,
         "splits": info.split_sizes,
+        "split_runs": cfg.data.split_runs,
     }
     eval_json, table = _find_evaluation(evaluation, location, config_path)
 

@@ -28,6 +28,7 @@ from giblet_ds.report import sample_figures as figs
 from giblet_ds.report.brain_maps import plot_brain_map, save_voxel_map
 from giblet_ds.report.store_match import check_store_match
 from giblet_ds.store import StoreDataset, load_mask, open_store
+from giblet_ds.store.run_splits import with_split_runs
 
 __all__ = ["ReconstructionResult", "render_reconstructions"]
 
@@ -71,7 +72,8 @@ def render_reconstructions(
     """Everything in the module docstring; returns where it went."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, location = load_model(checkpoint, config=config, device=dev, verify=verify)
-    info = open_store(store)
+    # a leave-one-run-out fold (data.split_runs) plots its own validation and test runs
+    info = with_split_runs(open_store(store), cfg.data.split_runs)
     cross_check(cfg, store_sizes=info.model_input_sizes())
     match = check_store_match(location, cfg, info)  # another mask: refused here
     ds = StoreDataset.for_run(info, split, cfg)
