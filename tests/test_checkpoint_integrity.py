@@ -107,6 +107,12 @@ class _FakeEngine:
     def zero_optimization_stage(self) -> int:
         return 2
 
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
     def save_checkpoint(self, save_dir: str, *, tag: str, client_state: Any, save_latest: bool):
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +145,9 @@ def test_checkpointer_save_order_metadata_and_script(tmp_path: Path) -> None:
         "run_config.yaml", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
     ]  # fmt: skip
     meta = read_metadata(tag)
-    assert meta == TagMetadata("step-00000002", 2, 1, 2, "abc", {"consumed_global": 4})
+    assert meta == TagMetadata(
+        "step-00000002", 2, 1, 2, "abc", {"consumed_global": 4}, precision="fp32"
+    )
     verify_manifest(tag)
     (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"stale")
     assert checkpoint_world_size(tag) == 1  # 2 optimizer files, the metadata says 1

@@ -158,6 +158,25 @@ def test_a_shorter_run_than_the_saved_step_is_refused_before_anything_is_written
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000004"
 
 
+def test_another_precision_is_refused_before_anything_is_loaded(
+    killed_at_4: Path, tiny_store: Path, tmp_path: Path
+) -> None:
+    """fp32 tag, bf16 JSON: DeepSpeed would look for bf16 optimizer files the tag does not have
+    (a FileNotFoundError traceback before the precision was compared)."""
+    tag = killed_at_4 / "checkpoints" / "step-00000004"
+    assert json.loads((tag / "metadata.json").read_text())["precision"] == "fp32"
+    run_dir, result = _resume(killed_at_4, tmp_path, tiny_store, ds_config="zero2_bf16.json")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (
+        "  - deepspeed.precision: saved 'fp32', now 'bf16' (DeepSpeed 0.19.8 saves a bf16 run's "
+        "ZeRO optimizer state in its own files" in result.stderr
+    )
+    assert "resume with a DeepSpeed JSON of fp32 precision" in result.stderr
+    assert not list((run_dir / "checkpoints").glob("*universal*"))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000004"
+
+
 def test_a_new_early_stopping_metric_restarts_the_best(
     killed_at_4: Path, tiny_store: Path, tmp_path: Path
 ) -> None:

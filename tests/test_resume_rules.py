@@ -13,6 +13,7 @@ import torch
 
 from giblet_ds.config import RunConfig, config_to_dict, load_config
 from giblet_ds.config.resume_rules import (
+    PRECISION_KEY,
     RESUME_RULES,
     WORLD_SIZE_KEY,
     ZERO_STAGE_KEY,
@@ -36,7 +37,7 @@ def test_every_config_key_has_a_resume_rule() -> None:
     assert len(keys) == 69
     missing = sorted(keys - set(RESUME_RULES))
     assert missing == [], f"add a row to giblet_ds/config/resume_rules.py for {missing}"
-    assert set(RESUME_RULES) - keys == {ZERO_STAGE_KEY, WORLD_SIZE_KEY}
+    assert set(RESUME_RULES) - keys == {ZERO_STAGE_KEY, PRECISION_KEY, WORLD_SIZE_KEY}
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -206,3 +207,29 @@ def test_a_tag_saved_before_the_schedule_was_gets_it_from_its_config() -> None:
     assert saved_schedule(state, saved) == Schedule(1e-2, 2, 1e-3, 1e-4, total_steps=10)
     planned = Schedule(1e-2, 2, 1e-3, 1e-4, total_steps=44, decay_start=4, decay_start_factor=0.5)
     assert saved_schedule({"schedule": planned.state_dict()}, saved) == planned
+
+
+def test_another_precision_is_refused_and_old_bf16_tags_are_known_by_their_files(
+    tmp_path: Path,
+) -> None:
+    from giblet_ds.config import precision
+    from giblet_ds.train.checkpointer import saved_precision
+
+    assert [precision(ds) for ds in ({}, {"bf16": {"enabled": True}},
+            {"fp16": {"enabled": True}}, {"bf16": {"enabled": False}})] == [
+        "fp32", "bf16", "fp16", "fp32"]  # fmt: skip
+    cfg = load_config(TINY)
+    with pytest.raises(CheckpointError) as caught:
+        check_resume(cfg, cfg, where="RUN/step-4", outside={PRECISION_KEY: ("bf16", "fp32")})
+    assert str(caught.value) == (
+        "cannot resume from RUN/step-4: this run changes settings a resume cannot change:\n"
+        "  - deepspeed.precision: saved 'bf16', now 'fp32' (DeepSpeed 0.19.8 saves a bf16 run's "
+        "ZeRO optimizer state in its own files (bf16_zero_pp_rank_*) that the fp32 and fp16 "
+        "loaders do not read, and the reverse; the fp16 loss scaler has no fp32 counterpart; "
+        "resume with a DeepSpeed JSON of bf16 precision (ds_configs/ holds bf16 and fp32 ones), "
+        "or consolidate the weights (tools/zero_to_fp32.py) and start a new checkpoint.run_dir)"
+    )
+    # a tag from before precision was recorded: bf16 by its optimizer files, else unknown
+    assert saved_precision(tmp_path, None) is None
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert saved_precision(tmp_path, None) == "bf16"

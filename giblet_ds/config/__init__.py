@@ -13,7 +13,7 @@ JSON and a world size into what a run uses.
 """
 
 from giblet_ds.config.checks import cross_check, zero_engine_problems
-from giblet_ds.config.deepspeed_json import build_ds_config, load_ds_json, zero_stage
+from giblet_ds.config.deepspeed_json import build_ds_config, load_ds_json, precision, zero_stage
 from giblet_ds.config.loading import apply_overrides, config_to_dict, load_config
 from giblet_ds.config.model_section import MODEL_INPUT_KEYS, ModelConfig
 from giblet_ds.config.sections import (
@@ -47,5 +47,6 @@ __all__ = [
     "load_config",
     "load_ds_json",
     "zero_engine_problems",
+    "precision",
     "zero_stage",
 ]

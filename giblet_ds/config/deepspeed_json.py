@@ -71,6 +71,15 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def precision(ds: dict[str, Any]) -> str:
+    """The engine's training precision: ``bf16`` or ``fp16`` when that section is enabled, else
+    ``fp32`` (the weights; ZeRO keeps fp32 master weights in every case)."""
+    for name in ("bf16", "fp16"):
+        if ds.get(name, {}).get("enabled", False):
+            return name
+    return "fp32"
+
+
 def _validate(ds: dict[str, Any]) -> list[str]:
     problems = []
     unknown = sorted(set(ds) - ENGINE_KEYS)

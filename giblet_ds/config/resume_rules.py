@@ -27,6 +27,7 @@ from giblet_ds.errors import CheckpointError
 
 __all__ = [
     "RESUME_RULES",
+    "PRECISION_KEY",
     "WORLD_SIZE_KEY",
     "ZERO_STAGE_KEY",
     "ResumePlan",
@@ -38,6 +39,9 @@ __all__ = [
 
 ZERO_STAGE_KEY = "deepspeed.zero_optimization.stage"
 """The DeepSpeed JSON's ZeRO stage (not a run config key): saved in the tag's metadata.json."""
+PRECISION_KEY = "deepspeed.precision"
+"""The DeepSpeed JSON's bf16 / fp16 / fp32 (not a run config key): saved in the tag's
+metadata.json (older tags: bf16 when its optimizer files are DeepSpeed's bf16 ones)."""
 WORLD_SIZE_KEY = "world_size"
 """Data-parallel ranks (not a run config key): saved in the tag's metadata.json."""
 
@@ -209,6 +213,15 @@ RESUME_RULES: dict[str, ResumeRule] = {
         "per-rank model files a stage 0-2 tag does not have, and its universal checkpoint "
         "(which converts a tag to another world size) does not convert between stages either",
         "resume with a DeepSpeed JSON of ZeRO stage {saved} (ds_configs/ holds stage 2 and 3 "
+        "ones), or consolidate the weights (tools/zero_to_fp32.py) and start a new "
+        "checkpoint.run_dir",
+    ),
+    PRECISION_KEY: ResumeRule(
+        "refuse",
+        "DeepSpeed 0.19.8 saves a bf16 run's ZeRO optimizer state in its own files "
+        "(bf16_zero_pp_rank_*) that the fp32 and fp16 loaders do not read, and the reverse; the "
+        "fp16 loss scaler has no fp32 counterpart",
+        "resume with a DeepSpeed JSON of {saved} precision (ds_configs/ holds bf16 and fp32 "
         "ones), or consolidate the weights (tools/zero_to_fp32.py) and start a new "
         "checkpoint.run_dir",
     ),

@@ -140,6 +140,8 @@ class TagMetadata:
     store_hash: str | None = None
     sampler: dict[str, Any] | None = None
     mask_hash: str | None = None
+    precision: str | None = None
+    """``bf16``, ``fp16`` or ``fp32`` (tags written before it was recorded: None)."""
 
 
 def write_metadata(tag_dir: Path, meta: TagMetadata) -> None:
@@ -161,6 +163,7 @@ def read_metadata(tag_dir: Path) -> TagMetadata | None:
             store_hash=body.get("store_hash"),
             sampler=body.get("sampler"),
             mask_hash=body.get("mask_hash"),
+            precision=body.get("precision"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed tag metadata ({exc!r})") from None

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from giblet_ds.config import RunConfig, load_config, zero_stage
+from giblet_ds.config import RunConfig, load_config, precision, zero_stage
 from giblet_ds.config.resume_rules import (
+    PRECISION_KEY,
     WORLD_SIZE_KEY,
     ZERO_STAGE_KEY,
     ResumePlan,
@@ -98,6 +99,7 @@ class Checkpointer:
         meta = read_metadata(location.path)
         outside = {
             ZERO_STAGE_KEY: (None if meta is None else meta.zero_stage, zero_stage(ds_config)),
+            PRECISION_KEY: (saved_precision(location.path, meta), precision(ds_config)),
             WORLD_SIZE_KEY: (None if meta is None else meta.world_size, sampler.num_replicas),
         }
         plan = check_resume(
@@ -189,6 +191,7 @@ class Checkpointer:
                         store_hash=store_hash,
                         sampler=state.get("sampler"),
                         mask_hash=mask_hash,
+                        precision=engine_precision(engine),
                     ),
                 )
                 entries.update(manifest_entries(staged, [TAG_CONFIG_NAME, METADATA_NAME]))
@@ -235,3 +238,19 @@ def check_store_hash(saved: str, store: StoreInfo) -> None:
             f"{store.path} has {store.build_hash}; resume with the same store or start a new run "
             "directory"
         )
+
+
+def engine_precision(engine: Any) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what a DeepSpeed engine trains in (saved with each tag)."""
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
+def saved_precision(tag_dir: Path, meta: TagMetadata | None) -> str | None:
+    """The precision a tag was written in: its metadata's; for tags written before that was
+    recorded, ``bf16`` when its optimizer files are DeepSpeed's bf16 ones, else None (fp16 and
+    fp32 ZeRO files share their names: unknown, not compared)."""
+    if meta is not None and meta.precision is not None:
+        return meta.precision
+    return "bf16" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else None
