@@ -252,3 +252,15 @@ def test_a_folds_reconstructions_read_its_own_held_out_run(
         num_samples=2, device="cpu", verify=False,
     )  # fmt: skip
     assert (result.metrics["split"], result.metrics["n_trs"]) == ("test", LENGTHS[0])
+
+
+def test_a_folds_health_report_shows_the_splits_it_trained_with(
+    trained: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    store, runs = trained
+    health = load_tool("health_report")
+    out = tmp_path / "health.md"
+    health.main([str(runs["run-a"]), "--out", str(out), "--no-audit"])
+    text = out.read_text()
+    # fold run-a: train run-c (26 TRs), val run-b (23), test run-a (19); the build's were 19/23/26
+    assert "; splits train 26, val 23, test 19;" in text

@@ -226,10 +226,17 @@ def test_another_precision_is_refused_and_old_bf16_tags_are_known_by_their_files
         "  - deepspeed.precision: saved 'bf16', now 'fp32' (DeepSpeed 0.19.8 saves a bf16 run's "
         "ZeRO optimizer state in its own files (bf16_zero_pp_rank_*) that the fp32 and fp16 "
         "loaders do not read, and the reverse; the fp16 loss scaler has no fp32 counterpart; "
-        "resume with a DeepSpeed JSON of bf16 precision (ds_configs/ holds bf16 and fp32 ones), "
-        "or consolidate the weights (tools/zero_to_fp32.py) and start a new checkpoint.run_dir)"
+        "resume with a DeepSpeed JSON of bf16 precision (ds_configs/ holds bf16 and fp32 ones; "
+        "fp16: its fp16.enabled), or consolidate the weights (tools/zero_to_fp32.py) and start a "
+        "new checkpoint.run_dir)"
     )
-    # a tag from before precision was recorded: bf16 by its optimizer files, else unknown
-    assert saved_precision(tmp_path, None) is None
+    # tags from before precision was recorded, by DeepSpeed's optimizer file names
+    assert saved_precision(tmp_path, None, now="bf16") is None  # no optimizer files: unknown
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert saved_precision(plain, None, now="fp32") == "fp32"  # fp32 and fp16 share the names
+    assert saved_precision(plain, None, now="fp16") == "fp16"
+    assert saved_precision(plain, None, now="bf16") == "fp32 or fp16"  # refused against bf16
     (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    assert saved_precision(tmp_path, None) == "bf16"
+    assert saved_precision(tmp_path, None, now="fp32") == "bf16"

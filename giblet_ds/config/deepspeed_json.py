@@ -13,7 +13,7 @@ from giblet_ds.config.checks import zero_engine_problems
 from giblet_ds.config.sections import RunConfig
 from giblet_ds.errors import ConfigError
 
-__all__ = ["build_ds_config", "load_ds_json", "zero_stage"]
+__all__ = ["build_ds_config", "load_ds_json", "precision", "zero_stage"]
 
 ENGINE_KEYS = {
     "bf16",

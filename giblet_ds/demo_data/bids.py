@@ -113,6 +113,9 @@ def cut_into_runs(
         # the times by their headers, as the builder reads them (the demo's first column is the
         # segment number, not a time)
         keys = [header_key(cell) for cell in header]
+        absent = [n for n in (START_COLUMN, END_COLUMN) if header_key(n) not in keys]
+        if absent:
+            raise GibletError(f"{annotations}: no column {absent} to cut the sheet into runs by")
         times = [keys.index(header_key(name)) for name in (START_COLUMN, END_COLUMN)]
     runs = []
     for k in range(n_runs):

@@ -57,10 +57,7 @@ def export_model(
         raise GibletError(f"--out {out} exists; choose a new folder (nothing is overwritten)")
     model, cfg, location = load_model(checkpoint, verify=verify)
     config_path = find_run_config(location.path)
-    # a leave-one-run-out fold (data.split_runs) sees the store with its own runs' splits: its
-    # training statistics and split sizes, as it was trained
-    info = with_split_runs(open_store(store if store is not None else cfg.data.store),
-                           cfg.data.split_runs)  # fmt: skip
+    info = open_store(store if store is not None else cfg.data.store)
     metadata = read_metadata(location.path) if location.kind == "tag" else None
     if metadata is not None and metadata.store_hash and metadata.store_hash != info.build_hash:
         raise GibletError(
@@ -68,6 +65,9 @@ def export_model(
             f"{location.path} was trained on ({metadata.store_hash[:12]}); pass --store with "
             "the training store"
         )
+    # a leave-one-run-out fold (data.split_runs) sees the store with its own runs' splits: its
+    # training statistics and split sizes, as it was trained
+    info = with_split_runs(info, cfg.data.split_runs)
     cross_check(cfg, store_sizes=info.model_input_sizes())
     features = FeatureSettings.from_store(info)
     codebooks, extractors = _extractor_records(

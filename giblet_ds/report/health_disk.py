@@ -30,8 +30,11 @@ def store(rec: RunRecords) -> tuple[list[str], list[Check]]:
         ]
     try:
         from giblet_ds.store import load_target_stats, open_store
+        from giblet_ds.store.run_splits import with_split_runs
 
-        info = open_store(path)
+        # a leave-one-run-out fold reports the splits and statistics it trained with
+        split_runs = (rec.config.get("data") or {}).get("split_runs")
+        info = with_split_runs(open_store(path), split_runs)
         stats = load_target_stats(path, info=info)
     except (GibletError, OSError) as exc:
         return [f"Store `{path}` unreadable: {exc}"], [

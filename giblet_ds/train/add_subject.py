@@ -21,6 +21,7 @@ from giblet_ds.config import RunConfig
 from giblet_ds.errors import GibletError
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.store import StoreDataset, StoreInfo, load_mask, load_target_stats
+from giblet_ds.store.run_splits import with_split_runs
 
 __all__ = ["AddedSubject", "add_subject"]
 
@@ -71,6 +72,8 @@ def add_subject(
             "from: train it with data.target=subjects"
         )
     _check_store(cfg, store)
+    # a leave-one-run-out fold's model trains the new head on that fold's training runs only
+    store = with_split_runs(store, cfg.data.split_runs)
     index = store.subject_index(subject)
     slot = heads.n_subjects
     new = copy.deepcopy(model).eval()  # eval: no dropout, no subject dropout, frozen norms

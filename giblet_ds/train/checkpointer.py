@@ -46,7 +46,7 @@ from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
-from giblet_ds.train.resume import check_resumed_length
+from giblet_ds.train.resume import check_resumed_length, run_length
 
 __all__ = ["Checkpointer", "ResumeTarget", "check_store_hash"]
 
@@ -87,7 +87,8 @@ class Checkpointer:
         verify: bool,
     ) -> ResumeTarget | None:
         """The tag ``checkpoint.resume`` names, checked (manifest, every changed setting against
-        the resume table, store, sampler) before anything is converted; on a new world size its
+        the resume table, store, sampler, the run's length against the saved step) before
+        anything is converted or written; on a new world size its
         universal copy (and ``ds_config`` is switched to universal loading). None: start fresh."""
         location = resolve_resume(resume, self.run.path)
         if location is None:
@@ -99,7 +100,10 @@ class Checkpointer:
         meta = read_metadata(location.path)
         outside = {
             ZERO_STAGE_KEY: (None if meta is None else meta.zero_stage, zero_stage(ds_config)),
-            PRECISION_KEY: (saved_precision(location.path, meta), precision(ds_config)),
+            PRECISION_KEY: (
+                saved_precision(location.path, meta, now=precision(ds_config)),
+                precision(ds_config),
+            ),
             WORLD_SIZE_KEY: (None if meta is None else meta.world_size, sampler.num_replicas),
         }
         plan = check_resume(
@@ -114,6 +118,8 @@ class Checkpointer:
                 raise CheckpointError(f"cannot resume from {location.path}: {exc}") from None
             # the run's new length against the saved step, before a universal copy is made
             check_resumed_length(cfg, step=meta.step, sampler=sampler, sampler_state=meta.sampler)
+        elif meta is not None and cfg.train.max_steps:  # no sampler position: max_steps alone
+            run_length(cfg, step=meta.step, epoch=0, steps_left_in_epoch=0, steps_per_epoch=0)
         if self.needs_universal(location, sampler.num_replicas):
             location = self.to_universal(location)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -247,10 +253,15 @@ def engine_precision(engine: Any) -> str:
     return "fp16" if engine.fp16_enabled() else "fp32"
 
 
-def saved_precision(tag_dir: Path, meta: TagMetadata | None) -> str | None:
-    """The precision a tag was written in: its metadata's; for tags written before that was
-    recorded, ``bf16`` when its optimizer files are DeepSpeed's bf16 ones, else None (fp16 and
-    fp32 ZeRO files share their names: unknown, not compared)."""
+def saved_precision(tag_dir: Path, meta: TagMetadata | None, *, now: str) -> str | None:
+    """The precision a tag was written in: its metadata's. For tags written before that was
+    recorded, from DeepSpeed's optimizer file names: ``bf16`` for its bf16 ones; plain ZeRO
+    files are fp32 or fp16 (they share their names), reported as ``now`` when that is one of
+    them (not told apart) and as ``fp32 or fp16`` against bf16; None without optimizer files."""
     if meta is not None and meta.precision is not None:
         return meta.precision
-    return "bf16" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else None
+    if any(tag_dir.glob("bf16_zero_pp_rank_*")):
+        return "bf16"
+    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        return now if now != "bf16" else "fp32 or fp16"
+    return None

@@ -19,6 +19,7 @@ from giblet_ds.train.schedule import Schedule, set_schedule
 
 __all__ = [
     "apply_resumed_settings",
+    "check_resumed_length",
     "early_stopping_note",
     "replan_note",
     "run_length",
