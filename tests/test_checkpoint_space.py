@@ -32,6 +32,12 @@ class _Engine:
     def zero_optimization_stage(self) -> int:
         return 2
 
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
     def save_checkpoint(self, save_dir: str, *, tag: str, client_state: Any, save_latest: bool):
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
