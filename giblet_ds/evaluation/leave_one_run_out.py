@@ -32,7 +32,7 @@ import torch
 from giblet_ds.config import RunConfig, load_config
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.evaluate import EvaluationResult, evaluate
-from giblet_ds.evaluation.ridge import ALPHAS, CV_FOLDS, _backend, _to_numpy, read_target
+from giblet_ds.evaluation.ridge import _backend, _to_numpy, read_target, ridge_estimator
 from giblet_ds.evaluation.ridge_inputs import ridge_design
 from giblet_ds.metrics import VoxelCorrelation, voxel_r
 from giblet_ds.report.store_match import check_store_match
@@ -56,9 +56,6 @@ def leave_one_run_out(info: StoreInfo, *, subject: int | None = None) -> dict[st
     mean over runs. GibletError for a store of fewer than 2 runs."""
     _needs_runs(info)
     runs = info.runs
-    from himalaya.kernel_ridge import KernelRidgeCV
-    from sklearn.model_selection import KFold
-
     backend = _backend()
     design, _ = ridge_design(info)
     target = read_target(info, np.arange(info.n_trs), subject)
@@ -67,11 +64,7 @@ def leave_one_run_out(info: StoreInfo, *, subject: int | None = None) -> dict[st
     for r, run_id in enumerate(runs.ids):
         held = runs.rows(r)
         fit = np.setdiff1d(np.arange(info.n_trs), held)
-        model = KernelRidgeCV(
-            alphas=ALPHAS, kernel="linear", fit_intercept=True,
-            cv=KFold(n_splits=CV_FOLDS, shuffle=False),
-            solver_params={"n_targets_batch": 20000, "n_alphas_batch": 5},
-        )  # fmt: skip
+        model = ridge_estimator()
         model.fit(design[fit], target[fit])
         predicted = np.asarray(_to_numpy(model.predict(design[held])), np.float32)
         r_voxel = voxel_r(torch.from_numpy(predicted), torch.from_numpy(target[held])).numpy()
@@ -207,8 +200,7 @@ def evaluate_folds(
     plans = check_folds(run_dirs, info)
     folds: list[dict[str, Any]] = []
     pooled = {"model": VoxelCorrelation(info.n_voxels), "ridge": VoxelCorrelation(info.n_voxels)}
-    sets: dict[str, np.ndarray] | None = None
-    seen: list[set[str]] = []
+    sets: dict[str, np.ndarray] | None = None  # the voxel sets of every fold, intersected
     n_trs = 0
     target_name = ""
     for plan in plans:
@@ -222,7 +214,6 @@ def evaluate_folds(
                 acc.update(torch.from_numpy(result.series[kind]), target)
         n_trs += result.n_trs
         target_name = result.target
-        seen.append(set(result.voxel_sets))
         sets = (
             dict(result.voxel_sets)
             if sets is None
@@ -235,14 +226,13 @@ def evaluate_folds(
             "sets": _set_numbers(result),
         })  # fmt: skip
     assert sets is not None  # check_folds returns at least two folds
-    common = set.intersection(*seen)
     mean_over = {
         name: {
             key: None if any(f["sets"][name][key] is None for f in folds)
             else float(np.mean([f["sets"][name][key] for f in folds]))
             for key in ("model_r", "ridge_r")
         }
-        for name in sorted(common, key=list(sets).index)
+        for name in sets
     }  # fmt: skip
     maps = {"model_r": pooled["model"].per_voxel_r().numpy()}
     if ridge:

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from giblet_ds.store import schema as store_schema
 from giblet_ds.store.reader import open_read_only
 from giblet_ds.store.stats import read_rows
 
-__all__ = ["ALPHAS", "RidgeBaseline", "fit_ridge_baseline", "read_target"]
+__all__ = ["ALPHAS", "RidgeBaseline", "fit_ridge_baseline", "read_target", "ridge_estimator"]
 
 log = logging.getLogger("giblet_ds")
 
@@ -66,6 +67,25 @@ def _backend() -> str:
     return name
 
 
+def ridge_estimator() -> Any:
+    """The baseline's unfitted estimator: himalaya's linear-kernel ridge with one alpha per voxel
+    from :data:`ALPHAS`, chosen by :data:`CV_FOLDS`-fold CV over contiguous blocks of the fitting
+    rows (a time series: no shuffling). GibletError when himalaya is missing."""
+    try:
+        from himalaya.kernel_ridge import KernelRidgeCV
+    except ImportError as exc:  # a dependency, but say what to do rather than a traceback
+        raise GibletError("the ridge baseline needs himalaya: pip install himalaya") from exc
+    from sklearn.model_selection import KFold
+
+    return KernelRidgeCV(
+        alphas=ALPHAS,
+        kernel="linear",
+        fit_intercept=True,
+        cv=KFold(n_splits=CV_FOLDS, shuffle=False),  # contiguous blocks: time series
+        solver_params={"n_targets_batch": 20000, "n_alphas_batch": 5},
+    )
+
+
 def fit_ridge_baseline(
     info: StoreInfo,
     *,
@@ -91,12 +111,7 @@ def fit_ridge_baseline(
             predictions, alphas, cache, True, time.perf_counter() - started, backend
         )
 
-    try:
-        from himalaya.kernel_ridge import KernelRidgeCV
-    except ImportError as exc:  # a dependency, but say what to do rather than a traceback
-        raise GibletError("the ridge baseline needs himalaya: pip install himalaya") from exc
-    from sklearn.model_selection import KFold
-
+    model = ridge_estimator()
     backend = _backend()
     train = np.asarray(info.splits["train"])
     if len(train) < 2 * CV_FOLDS:
@@ -104,13 +119,6 @@ def fit_ridge_baseline(
             f"{info.path}: {len(train)} training TRs are too few for {CV_FOLDS}-fold ridge CV"
         )
     y_train = read_target(info, train, subject)
-    model = KernelRidgeCV(
-        alphas=ALPHAS,
-        kernel="linear",
-        fit_intercept=True,
-        cv=KFold(n_splits=CV_FOLDS, shuffle=False),  # contiguous blocks: time series
-        solver_params={"n_targets_batch": 20000, "n_alphas_batch": 5},
-    )
     model.fit(design[train], y_train)
     predictions = {}
     for split in ("val", "test"):
