@@ -3,8 +3,8 @@ one check that collects every refused change and raises once.
 
 A resume compares the config saved with the tag (``run_config.yaml``, resolved) against this run's
 resolved config, key by key, plus three settings that live outside the run config: the DeepSpeed
-JSON's ZeRO stage and precision, and the world size (from the tag's ``metadata.json``). Every leaf key of
-:class:`RunConfig` has a row (a test fails when a new key has none); ``docs/resume.md`` is this
+JSON's ZeRO stage and precision, and the world size (from the tag's ``metadata.json``). Every leaf
+key of :class:`RunConfig` has a row (a test fails when a new key has none); ``docs/resume.md`` is this
 table, checked by a test.
 
 - **apply**: the new value takes effect from the first resumed step; nothing saved is changed.
@@ -222,8 +222,8 @@ RESUME_RULES: dict[str, ResumeRule] = {
         "(bf16_zero_pp_rank_*) that the fp32 and fp16 loaders do not read, and the reverse; the "
         "fp16 loss scaler has no fp32 counterpart",
         "resume with a DeepSpeed JSON of {saved} precision (ds_configs/ holds bf16 and fp32 "
-        "ones; fp16: its fp16.enabled), or consolidate the weights (tools/zero_to_fp32.py) and start a new "
-        "checkpoint.run_dir",
+        "ones; fp16: its fp16.enabled), or consolidate the weights (tools/zero_to_fp32.py) and "
+        "start a new checkpoint.run_dir",
     ),
     WORLD_SIZE_KEY: ResumeRule(
         "convert",

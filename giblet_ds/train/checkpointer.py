@@ -46,7 +46,7 @@ from giblet_ds.run.scripts import write_converter_scripts
 from giblet_ds.store import ResumableDistributedSampler, StoreInfo
 from giblet_ds.train import distributed as dist
 from giblet_ds.train.engine import checkpoint_world_size, convert_to_universal
-from giblet_ds.train.resume import check_resumed_length, run_length
+from giblet_ds.train.resume import check_resumed_length
 
 __all__ = ["Checkpointer", "ResumeTarget", "check_store_hash"]
 
@@ -98,12 +98,10 @@ class Checkpointer:
         config_path = find_run_config(location.path)
         check_saved_design(config_path)
         meta = read_metadata(location.path)
+        now = precision(ds_config)
         outside = {
             ZERO_STAGE_KEY: (None if meta is None else meta.zero_stage, zero_stage(ds_config)),
-            PRECISION_KEY: (
-                saved_precision(location.path, meta, now=precision(ds_config)),
-                precision(ds_config),
-            ),
+            PRECISION_KEY: (saved_precision(location.path, meta, now=now), now),
             WORLD_SIZE_KEY: (None if meta is None else meta.world_size, sampler.num_replicas),
         }
         plan = check_resume(
@@ -116,10 +114,8 @@ class Checkpointer:
                 sampler.check_state(meta.sampler)
             except ValueError as exc:
                 raise CheckpointError(f"cannot resume from {location.path}: {exc}") from None
-            # the run's new length against the saved step, before a universal copy is made
+        if meta is not None:  # the run's new length against the saved step, before converting
             check_resumed_length(cfg, step=meta.step, sampler=sampler, sampler_state=meta.sampler)
-        elif meta is not None and cfg.train.max_steps:  # no sampler position: max_steps alone
-            run_length(cfg, step=meta.step, epoch=0, steps_left_in_epoch=0, steps_per_epoch=0)
         if self.needs_universal(location, sampler.num_replicas):
             location = self.to_universal(location)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True

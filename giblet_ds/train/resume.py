@@ -53,16 +53,22 @@ def run_length(
 
 
 def check_resumed_length(
-    cfg: RunConfig, *, step: int, sampler: Any, sampler_state: dict[str, Any]
-) -> int:
+    cfg: RunConfig, *, step: int, sampler: Any, sampler_state: dict[str, Any] | None
+) -> None:
     """:func:`run_length` from a tag's metadata (its step and sampler position), before anything
-    is loaded or converted, so a length ending before the saved step is refused while nothing has
-    been touched. ``sampler``: this run's fresh ResumableDistributedSampler (left unchanged)."""
+    is loaded or converted, so a length ending before the saved step is refused (ConfigError)
+    while nothing has been touched. ``sampler``: this run's fresh ResumableDistributedSampler
+    (left unchanged). Without a saved position only ``train.max_steps`` can be checked here; a
+    length in epochs is then checked after loading."""
     per_step = cfg.optim.samples_per_rank_step
+    if sampler_state is None:
+        if cfg.train.max_steps:
+            run_length(cfg, step=step, epoch=0, steps_left_in_epoch=0, steps_per_epoch=0)
+        return
     probe = copy.deepcopy(sampler)
     steps_per_epoch = probe.num_samples // per_step
     probe.load_state_dict(sampler_state)
-    return run_length(
+    run_length(
         cfg,
         step=step,
         epoch=probe.epoch,
