@@ -89,10 +89,10 @@ def _validation(rec: RunRecords, th: Thresholds) -> tuple[list[str], list[Check]
     header = ["subject", f"latest (step {last.step})",
               f"at best (step {best.step})" if best is not None else "at best", "highest"]  # fmt: skip
     flags = flag_subjects(latest, th.r_near_zero)
+    every = [(v.step, _by_subject(v)) for v in scored]
     table = []
     for subject, r in latest.items():
-        history = [(as_float(r_s), v.step) for v in scored
-                   for s, r_s in (v.fmri_r_reliable_by_subject or {}).items() if s == subject]  # fmt: skip
+        history = [(values[subject], step) for step, values in every if subject in values]
         top = max((h for h in history if math.isfinite(h[0])), default=None)
         table.append([
             _name(subject, flags), fmt.num(r), fmt.num(at_best.get(subject, math.nan)),
