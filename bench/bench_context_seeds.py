@@ -49,10 +49,10 @@ from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.evaluate import DEFAULT_RELIABLE_ISC, predict_split, roi_voxels
 from giblet_ds.evaluation.ridge import fit_ridge_baseline, read_target
 from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
-from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import pairwise_isc, voxel_r
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.resolve import resolve
+from giblet_ds.smoothing import target_smoothing
 from giblet_ds.store import (
     StoreDataset,
     load_mask,
@@ -61,10 +61,10 @@ from giblet_ds.store import (
     read_split_subjects,
 )
 from giblet_ds.store.reader import StoreInfo
-from giblet_ds.store.stats import subject_variances
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import weight_decay_groups
 from giblet_ds.train.hrf_start import mixer_start
+from giblet_ds.train.loss_setup import run_loss
 from giblet_ds.train.schedule import make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,11 +130,13 @@ def voxel_groups(store: Path, roi: Path | None = None) -> dict[str, np.ndarray]:
     return groups
 
 
-def references(info: StoreInfo, groups: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """The ridge baseline (tools/evaluate.py's, fitted on the training TRs, cached beside the
-    store) and the planted oracle, per split and voxel group, on the subject-mean target at
-    the split's TRs: the references every setting is divided by."""
-    ridge = fit_ridge_baseline(info)
+def references(
+    info: StoreInfo, groups: dict[str, np.ndarray], cfg: RunConfig
+) -> dict[str, dict[str, float]]:
+    """The ridge baseline (tools/evaluate.py's, fitted on the training TRs with the setting's
+    target smoothing, cached beside the store) and the planted oracle, per split and voxel group,
+    on the subject-mean target at the split's TRs: the references every setting is divided by."""
+    ridge = fit_ridge_baseline(info, smoothing=target_smoothing(cfg, info))
     truth = find_ground_truth(info)
     assert truth is not None
     out = {}
@@ -211,10 +213,7 @@ def train_and_score(
     scheduler = make_scheduler(optimizer, peak_lr=cfg.optim.lr, warmup_steps=s.warmup_steps,
                                warmup_start_lr=s.warmup_start_lr, min_lr=s.min_lr,
                                total_steps=steps)  # fmt: skip
-    per_subject = subject_variances(info.path, info=info) if cfg.data.target == "subjects" else None
-    loss_fn = NormalizedLoss(
-        TargetVariances.from_stats(stats, per_subject), cfg.loss.weights(), cfg.model.codebook_size
-    )
+    loss_fn = run_loss(cfg, info)
     es = cfg.train.early_stopping
     stopping = EarlyStopping(es.mode, es.patience, es.min_delta)
     device = torch.device("cpu")
@@ -300,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         groups = voxel_groups(args.store, args.roi)
         configs = {name: [run_config(overrides, seed) for seed in args.seeds]
                    for name, overrides in args.setting}  # fmt: skip
-        refs = references(info, groups)
+        first = next(iter(configs.values()))[0]
+        fwhms = {cfgs[0].data.smoothing_fwhm_mm for cfgs in configs.values()}
+        if len(fwhms) > 1:  # one ridge reference per invocation: it fits the smoothed targets
+            raise GibletError(
+                f"settings with different data.smoothing_fwhm_mm {sorted(fwhms)}: run them apart"
+            )
+        refs = references(info, groups, first)
     except GibletError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -107,9 +107,17 @@ class NormalizedLoss(nn.Module):
     """Weighted sum of modality-normalized terms; weights of 0 skip a term entirely."""
 
     def __init__(
-        self, variances: TargetVariances, weights: Mapping[str, float], codebook_size: int = 1024
+        self,
+        variances: TargetVariances,
+        weights: Mapping[str, float],
+        codebook_size: int = 1024,
+        fmri_smoothing: nn.Module | None = None,
     ) -> None:
+        """``fmri_smoothing``: applied to the fMRI targets (``fmri`` and ``fmri_subjects``, the
+        voxel axis last) before they are compared (data.smoothing_fwhm_mm; the variances are then
+        those of the smoothed targets: giblet_ds.train.loss_setup)."""
         super().__init__()
+        self.fmri_smoothing = fmri_smoothing
         unknown = set(weights) - set(TERMS)
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}; valid: {TERMS}")
@@ -119,6 +127,11 @@ class NormalizedLoss(nn.Module):
 
     def forward(self, output: GibletOutput, batch: Mapping[str, torch.Tensor]) -> LossResult:
         targets = reconstruction_targets(batch)
+        if self.fmri_smoothing is not None:
+            with torch.no_grad():
+                for key in ("fmri", "fmri_subjects"):
+                    if key in targets:
+                        targets[key] = self.fmri_smoothing(targets[key])
         terms: dict[str, torch.Tensor] = {}
         if self.weights["fmri"] > 0 and output.fmri_subjects is not None:
             terms["fmri"] = self._subjects_term(output.fmri_subjects, targets)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from giblet_ds.config import config_to_dict, load_config
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation import evaluate, fit_ridge_baseline
+from giblet_ds.evaluation.output import format_table
 from giblet_ds.metrics import pairwise_isc, subject_ceiling_r, voxel_r
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.resolve import resolve
@@ -206,3 +207,48 @@ def test_ensemble_refuses_members_of_another_target(store: Path, tmp_path: Path)
         evaluate([mean_run, one_subject], store, ridge=False, n_shifts=2, verify=False)
     with pytest.raises(GibletError, match="--config names one run's config"):
         evaluate([mean_run, mean_run], store, config=TINY, ridge=False, verify=False)
+
+
+def test_ridge_fits_the_smoothed_training_targets_of_a_smoothed_run(
+    store: Path, tmp_path: Path
+) -> None:
+    """data.smoothing_fwhm_mm: the baseline fits what the network fitted (the smoothed training
+    targets, by hand here with scipy) and is scored, like the network, on the unsmoothed fMRI."""
+    from scipy.ndimage import gaussian_filter
+
+    from giblet_ds.evaluation.ridge import read_target, ridge_estimator
+    from giblet_ds.evaluation.ridge_inputs import ridge_design
+    from giblet_ds.smoothing import voxel_sizes_mm
+
+    smoothed = member(tmp_path / "smoothed", store, 1, "data.smoothing_fwhm_mm=7")
+    report = evaluate(smoothed, store, n_shifts=2, verify=False, ridge_cache=tmp_path / "cache")
+    info = open_store(store)
+    mask, affine = load_mask(store)
+    sigma = 7.0 / np.sqrt(8 * np.log(2)) / np.array(voxel_sizes_mm(affine))
+    weight = gaussian_filter(mask.astype(np.float64), sigma, mode="constant", truncate=3.0)
+    train, test = (np.asarray(info.splits[s]) for s in ("train", "test"))
+    rows = []
+    for row in read_target(info, train, None):
+        grid = np.zeros(mask.shape)
+        grid[mask] = row
+        rows.append(
+            gaussian_filter(grid, sigma, mode="constant", truncate=3.0)[mask] / weight[mask]
+        )
+    design, _ = ridge_design(info)
+    ridge = ridge_estimator()
+    ridge.fit(design[train], np.asarray(rows, np.float32))
+    by_hand = np.asarray(ridge.predict(design[test]), np.float32)
+    target = read_target(info, test, None)
+    assert report.sets["all"].ridge_r == pytest.approx(mean_r(by_hand, target), abs=1e-5)
+    assert report.ridge is not None and "_fwhm7_" in report.ridge["cache"]
+    assert report.ridge["target_smoothing_fwhm_mm"] == 7.0
+    assert "training targets smoothed at FWHM 7 mm (data.smoothing_fwhm_mm)" in format_table(report)
+    plain = evaluate(
+        member(tmp_path / "plain", store, 1), store, n_shifts=2, verify=False,
+        ridge_cache=tmp_path / "cache",
+    )  # fmt: skip
+    assert plain.sets["all"].ridge_r != pytest.approx(report.sets["all"].ridge_r, abs=1e-4)
+    with pytest.raises(
+        GibletError, match=r"smoothed differently \(data.smoothing_fwhm_mm \[0.0, 7"
+    ):
+        evaluate([smoothed, tmp_path / "plain"], store, ridge=False, verify=False)

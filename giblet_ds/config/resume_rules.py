@@ -152,6 +152,12 @@ RESUME_RULES: dict[str, ResumeRule] = {
         "be held out (and the training statistics came from the saved training runs)",
         _NEW_RUN,
     ),
+    "data.smoothing_fwhm_mm": ResumeRule(
+        "refuse",
+        "other fMRI targets: the steps so far fitted the saved smoothing, and the evaluation's "
+        "ridge baseline fits the one smoothing a run records",
+        _NEW_RUN,
+    ),
     "data.num_workers": _CADENCE,
     "data.reliable_isc_threshold": ResumeRule(
         "apply",

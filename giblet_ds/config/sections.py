@@ -46,6 +46,11 @@ class DataConfig:
     reliable_isc_threshold: float = 0.1
     """Reliable voxels: mean pairwise inter-subject r on the training TRs above this. Validation
     (fmri_r_reliable, early stopping) and tools/evaluate.py score the model on them."""
+    smoothing_fwhm_mm: float = 0.0
+    """Gaussian smoothing of the training fMRI targets inside the brain mask, FWHM in mm (0:
+    none). The loss compares against the smoothed volumes; every r (validation, early stopping,
+    tools/evaluate.py) is computed against the unsmoothed fMRI, and the ridge baseline fits the
+    same smoothed training targets (docs/design.md, "Smoothed training targets")."""
     split_runs: dict[str, list[str]] | None = None
     """Train on another assignment of a ``split_by: run`` store's runs to splits:
     ``{train: [ids], val: [ids], test: [ids]}``, every run exactly once (val and test may name
@@ -61,6 +66,14 @@ class DataConfig:
             "must be >= 0 or null",
         )
         require(self.target in TARGETS, "data.target", self.target, f"must be one of {TARGETS}")
+        require(
+            isinstance(self.smoothing_fwhm_mm, int | float)
+            and not isinstance(self.smoothing_fwhm_mm, bool)
+            and 0.0 <= self.smoothing_fwhm_mm < 50.0,
+            "data.smoothing_fwhm_mm",
+            self.smoothing_fwhm_mm,
+            "must be a number of mm in [0, 50) (0: no smoothing)",
+        )
         require(
             not (self.target == "subjects" and self.subject is not None),
             "data.subject",

@@ -31,6 +31,7 @@ from giblet_ds.metrics import (
     pairwise_isc,
     voxel_r,
 )
+from giblet_ds.smoothing import target_smoothing
 from giblet_ds.store import StoreInfo, load_mask, load_target_stats, open_store
 from giblet_ds.store.stats import read_split_subjects
 
@@ -158,7 +159,15 @@ def evaluate(
     # Each member is checked against the store (another mask: refused) before it predicts.
     members = predict_members(checkpoints, info, split, device=dev, config=config, verify=verify)
     cfg = members[0].cfg
+    fwhms = sorted({m.cfg.data.smoothing_fwhm_mm for m in members})
+    if len(fwhms) > 1:
+        raise GibletError(
+            f"ensemble members trained on targets smoothed differently (data.smoothing_fwhm_mm "
+            f"{fwhms}): the ridge baseline fits the members' training targets, so it has no one "
+            "answer; evaluate them apart, or average runs trained with the same smoothing"
+        )
     info = members[0].info  # the runs as the members were trained on them (data.split_runs)
+    smoothing = target_smoothing(cfg, info)  # the ridge fits the targets the network fitted
     combined = average_predictions([m.prediction for m in members])
     match = next((m.store_match for m in members if not m.store_match.is_training_store),
                  members[0].store_match)  # fmt: skip
@@ -211,13 +220,16 @@ def evaluate(
     ridge_pred = ridge_r = None
     ridge_info = None
     if ridge:
-        baseline = fit_ridge_baseline(info, subject=subject, cache_dir=ridge_cache)
+        baseline = fit_ridge_baseline(
+            info, subject=subject, cache_dir=ridge_cache, smoothing=smoothing
+        )
         ridge_pred = baseline.predictions[split]
         ridge_r = voxel_r(torch.from_numpy(ridge_pred), torch.from_numpy(target)).numpy()
         ridge_info = {"backend": baseline.backend, "cache": str(baseline.cache),
                       "from_cache": baseline.from_cache, "fit_seconds": baseline.fit_seconds,
                       "alpha_median": float(np.median(baseline.alphas)),
-                      "fit_trs": len(info.splits["train"])}  # fmt: skip
+                      "fit_trs": len(info.splits["train"]),
+                      "target_smoothing_fwhm_mm": cfg.data.smoothing_fwhm_mm}  # fmt: skip
     seconds["ridge"] = time.perf_counter() - clock - sum(seconds.values())
 
     oracle_r = None
@@ -256,7 +268,13 @@ def evaluate(
     subject_maps: dict[str, np.ndarray] = {}
     if per_subject or (per_subject is None and combined.subjects is not None):
         subject_rows, subject_maps = score_subjects(
-            combined, info, split, sets=sets, ridge=ridge, ridge_cache=ridge_cache
+            combined,
+            info,
+            split,
+            sets=sets,
+            ridge=ridge,
+            ridge_cache=ridge_cache,
+            smoothing=smoothing,
         )
         seconds["subjects"] = time.perf_counter() - clock - sum(seconds.values())
     seconds["total"] = time.perf_counter() - clock

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.ridge_inputs import description_hash, ridge_design
+from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreInfo
 from giblet_ds.store import schema as store_schema
 from giblet_ds.store.reader import open_read_only
@@ -92,12 +94,17 @@ def fit_ridge_baseline(
     subject: int | None = None,
     cache_dir: str | Path | None = None,
     refit: bool = False,
+    smoothing: MaskedGaussianSmoothing | None = None,
 ) -> RidgeBaseline:
     """Fit (or load from the cache) the baseline; see the module doc. ``subject``: index of the
-    subject the target is (None: the subject mean)."""
+    subject the target is (None: the subject mean). ``smoothing``: the training targets are
+    smoothed as the run's were (data.smoothing_fwhm_mm), so the ridge fits what the network
+    trained on; its predictions are scored against the unsmoothed fMRI like the network's."""
     started = time.perf_counter()
     design, description = ridge_design(info)
     target_name = "mean" if subject is None else f"subject{subject}"
+    if smoothing is not None:
+        target_name += f"_fwhm{smoothing.fwhm_mm:g}"
     key = f"ridge_{info.build_hash[:16]}_{target_name}_{description_hash(description)}"
     folder = Path(cache_dir) if cache_dir is not None else info.path.parent / ".giblet_cache"
     cache = folder / f"{key}.npz"
@@ -119,6 +126,9 @@ def fit_ridge_baseline(
             f"{info.path}: {len(train)} training TRs are too few for {CV_FOLDS}-fold ridge CV"
         )
     y_train = read_target(info, train, subject)
+    if smoothing is not None:
+        with torch.no_grad():
+            y_train = smoothing(torch.from_numpy(y_train)).numpy()
     model.fit(design[train], y_train)
     predictions = {}
     for split in ("val", "test"):

@@ -20,6 +20,7 @@ import torch
 from giblet_ds.config import RunConfig
 from giblet_ds.evaluation.ridge import fit_ridge_baseline
 from giblet_ds.metrics import subject_ceiling_r, voxel_r
+from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreDataset, StoreInfo, read_split_subjects
 
 __all__ = ["SplitPrediction", "predict_with_subjects", "score_subjects"]
@@ -90,6 +91,7 @@ def score_subjects(
     sets: dict[str, np.ndarray],
     ridge: bool = True,
     ridge_cache: str | Path | None = None,
+    smoothing: MaskedGaussianSmoothing | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Per subject and voxel set: mean model r, mean per-subject ridge r, mean own ceiling and
     model r / ceiling (ratio of the means, as the subject-mean table has it), on ``split``'s TRs.
@@ -98,6 +100,7 @@ def score_subjects(
     "subject mean", ``sets``: name -> numbers), and per-voxel maps ``<id>_model_r``,
     ``<id>_ridge_r``, ``<id>_ceiling_r`` (V,). The ceiling needs >= 2 subjects (None with one)
     and is not averaged over the set ``all`` (the whole mask), as in the subject-mean table.
+    ``smoothing``: the run's target smoothing, which each per-subject ridge fits with too.
     Raises ValueError when the heads' subject count is not the store's.
     """
     volumes = read_split_subjects(info.path, split, info=info)  # (S, T_split, V)
@@ -116,7 +119,9 @@ def score_subjects(
         model_r = voxel_r(torch.from_numpy(np.ascontiguousarray(predicted[s])), truth).numpy()
         ridge_r = None
         if ridge:
-            baseline = fit_ridge_baseline(info, subject=s, cache_dir=ridge_cache)
+            baseline = fit_ridge_baseline(
+                info, subject=s, cache_dir=ridge_cache, smoothing=smoothing
+            )
             ridge_r = voxel_r(torch.from_numpy(baseline.predictions[split]), truth).numpy()
         ceiling = None if ceilings is None else ceilings[s]
         maps[f"{subject_id}_model_r"] = model_r

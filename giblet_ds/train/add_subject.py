@@ -20,8 +20,9 @@ import torch
 from giblet_ds.config import RunConfig
 from giblet_ds.errors import GibletError
 from giblet_ds.model import GibletAutoencoder
-from giblet_ds.store import StoreDataset, StoreInfo, load_mask, load_target_stats
+from giblet_ds.store import StoreDataset, StoreInfo, load_mask
 from giblet_ds.store.run_splits import with_split_runs
+from giblet_ds.train.loss_setup import run_loss
 
 __all__ = ["AddedSubject", "add_subject"]
 
@@ -96,19 +97,22 @@ def add_subject(
     one = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, store=str(store.path), subject=index, target="mean"))  # fmt: skip
     train, val = (StoreDataset.for_run(store, split, one) for split in ("train", "val"))
-    var = float(np.mean(load_target_stats(store.path, subject=index, info=store)["fmri"]["var"]))
+    # the subject's training variance, and the run's target smoothing (data.smoothing_fwhm_mm):
+    # the new head fits the targets the model's heads were trained on
+    run = run_loss(one, store)
+    var, smoothing = run.variances.fmri, run.fmri_smoothing
     order = torch.Generator().manual_seed(seed)
-    train_loss = [_loss(new, train, slot, var, batch_size)]
-    val_start = _loss(new, val, slot, var, batch_size)
+    train_loss = [_loss(new, train, slot, var, batch_size, smoothing)]
+    val_start = _loss(new, val, slot, var, batch_size, smoothing)
     for _ in range(epochs):
         for rows in torch.randperm(len(train), generator=order).split(batch_size):
             batch = _batch(train, rows.tolist())
-            loss = _mse(new, batch, slot) / var
+            loss = _mse(new, batch, slot, smoothing) / var
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        train_loss.append(_loss(new, train, slot, var, batch_size))
-    val_loss = (val_start, _loss(new, val, slot, var, batch_size))
+        train_loss.append(_loss(new, train, slot, var, batch_size, smoothing))
+    val_loss = (val_start, _loss(new, val, slot, var, batch_size, smoothing))
     for param in new.parameters():
         param.requires_grad_(True)
     train.close()
@@ -150,20 +154,31 @@ def _batch(data: StoreDataset, rows: list[int]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def _mse(model: GibletAutoencoder, batch: dict[str, torch.Tensor], slot: int) -> torch.Tensor:
+def _mse(
+    model: GibletAutoencoder,
+    batch: dict[str, torch.Tensor],
+    slot: int,
+    smoothing: torch.nn.Module | None,
+) -> torch.Tensor:
     out = model(batch["video"], batch["audio_codes"], batch["text"], batch.get("context_mask"))
     assert out.fmri_subjects is not None
-    return (out.fmri_subjects[:, slot].float() - batch["fmri"]).pow(2).mean()
+    target = batch["fmri"] if smoothing is None else smoothing(batch["fmri"])
+    return (out.fmri_subjects[:, slot].float() - target).pow(2).mean()
 
 
 @torch.no_grad()
 def _loss(
-    model: GibletAutoencoder, data: StoreDataset, slot: int, var: float, batch_size: int
+    model: GibletAutoencoder,
+    data: StoreDataset,
+    slot: int,
+    var: float,
+    batch_size: int,
+    smoothing: torch.nn.Module | None,
 ) -> float:
     """Normalized MSE of head ``slot`` over every TR of ``data`` (element-weighted)."""
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         rows = list(range(start, min(len(data), start + batch_size)))
-        total += _mse(model, _batch(data, rows), slot).item() * len(rows)
+        total += _mse(model, _batch(data, rows), slot, smoothing).item() * len(rows)
         count += len(rows)
     return total / count / var

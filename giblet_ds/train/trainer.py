@@ -19,7 +19,7 @@ from tqdm import tqdm
 from giblet_ds.config import RunConfig, config_to_dict
 from giblet_ds.config.resume_rules import ResumePlan
 from giblet_ds.errors import GibletError
-from giblet_ds.losses import NormalizedLoss, TargetVariances
+from giblet_ds.losses import NormalizedLoss
 from giblet_ds.model import (
     GibletAutoencoder,
     format_counts,
@@ -36,7 +36,6 @@ from giblet_ds.store import (
     StoreInfo,
     load_target_stats,
     mask_sha256,
-    subject_variances,
 )
 from giblet_ds.train import distributed as dist
 from giblet_ds.train import faults
@@ -45,6 +44,7 @@ from giblet_ds.train.device_health import device_name, memory_snapshot, peak_flo
 from giblet_ds.train.engine import build_engine
 from giblet_ds.train.hrf_start import mixer_start
 from giblet_ds.train.launch_env import slurm_job
+from giblet_ds.train.loss_setup import run_loss
 from giblet_ds.train.preemption import PreemptionWatch
 from giblet_ds.train.resume import (
     apply_resumed_settings,
@@ -188,16 +188,7 @@ class Trainer:
         self.engine, self.model = build_engine(
             cfg, ds_config, self.max_steps, means, self.mixer_start
         )
-        per_subject = (
-            subject_variances(self.store.path, info=self.store)
-            if cfg.data.target == "subjects"
-            else None
-        )
-        self.loss_fn = NormalizedLoss(
-            TargetVariances.from_stats(stats, per_subject),
-            cfg.loss.weights(),
-            cfg.model.codebook_size,
-        )
+        self.loss_fn = run_loss(cfg, self.store)
         self.counts = parameter_counts(self.model)
         self.flops_per_sample = train_flops_per_sample(self.counts, self.cfg.model.context_trs)
         self.device_name = device_name()
