@@ -12,7 +12,14 @@ import torch
 from giblet_ds.checkpoint.loading import load_model
 from giblet_ds.errors import GibletError
 from giblet_ds.model import parameter_counts
-from giblet_ds.store import StoreDataset, load_target_stats, open_store, write_synthetic_store
+from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
+from giblet_ds.store import (
+    StoreDataset,
+    load_mask,
+    load_target_stats,
+    open_store,
+    write_synthetic_store,
+)
 from giblet_ds.train.add_subject import add_subject
 from tests.test_evaluation_subjects import member
 from tests.test_tools_common import load_tool
@@ -92,3 +99,26 @@ def test_tool_writes_a_loadable_model_and_refuses_a_mean_model(
         other = write_synthetic_store(tmp_path / "other.h5", n_trs=80, n_voxels=31)
         model, cfg, _ = load_model(folder, verify=False)
         add_subject(model, cfg, open_store(other), epochs=1)
+
+
+def test_a_smoothed_run_fits_the_new_head_to_smoothed_targets(
+    stores: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """data.smoothing_fwhm_mm: the new head's loss is against the smoothed volumes of the new
+    subject, divided by their training variance, as the run's own heads were trained."""
+    trained, new = stores
+    folder = member(
+        tmp_path / "run", trained, 0, "data.target=subjects", "data.smoothing_fwhm_mm=9"
+    )
+    model, cfg, _ = load_model(folder, verify=False)
+    added = add_subject(model, cfg, open_store(new), subject="sub-04", epochs=1, lr=0.02)
+    mask, affine = load_mask(new)
+    smoothing = MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), 9.0)
+    one = StoreDataset(new, "train", subject=3)
+    batch = {k: torch.stack([one[i][k] for i in range(len(one))]) for k in one[0]}
+    with torch.no_grad():
+        out = model(batch["video"], batch["audio_codes"], batch["text"])
+        target = smoothing(batch["fmri"])
+    var = float(target.double().var(dim=0, unbiased=False).mean())
+    start = float((out.fmri - target).pow(2).mean()) / var
+    assert added.train_loss[0] == pytest.approx(start, rel=1e-4)
