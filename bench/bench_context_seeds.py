@@ -15,8 +15,9 @@ average-subject output), on the planted ROI (``--roi``), on the voxels each plan
 most (weight > 0.3), and by how well its per-TR features (``GibletEncoder.per_tr_features``)
 linearly decode each planted feature (ridge, training TRs -> test TRs). The seeds of a setting are
 also scored as an ensemble (their predictions averaged, as tools/evaluate.py RUN_A RUN_B ...), and
-the ridge baseline and the planted oracle are printed on the same TRs and voxels. Settings are to
-be compared on validation; the test columns are for the record.
+the ridge baseline (fitted on the training targets smoothed as the settings smooth them:
+data.smoothing_fwhm_mm) and the planted oracle are printed on the same TRs and voxels. Settings
+are to be compared on validation; the test columns are for the record.
 
     .venv/bin/python bench/bench_context_seeds.py --store demo_out/store.h5 \
         --roi demo_out/raw/roi_mask.nii.gz \
