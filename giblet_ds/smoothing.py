@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from giblet_ds.config import RunConfig
+from giblet_ds.errors import ConfigError
 from giblet_ds.store import StoreInfo, load_mask
 
 __all__ = ["FWHM_PER_SIGMA", "MaskedGaussianSmoothing", "target_smoothing", "voxel_sizes_mm"]
@@ -57,14 +58,19 @@ class MaskedGaussianSmoothing(nn.Module):
         super().__init__()
         if not fwhm_mm > 0 or not all(v > 0 for v in voxel_mm):
             raise ValueError(f"need fwhm_mm > 0 and voxel sizes > 0, got {fwhm_mm}, {voxel_mm}")
+        kernels = [_kernel(fwhm_mm / FWHM_PER_SIGMA / size) for size in voxel_mm]
+        if all(len(k) == 1 for k in kernels):
+            finest = min(voxel_mm)
+            raise ValueError(
+                f"FWHM {fwhm_mm:g} mm is too small for voxels of {finest:g} mm or more: the kernel "
+                f"is one voxel wide and smooths nothing (use >= {0.4 * finest:.2g} mm, or 0)"
+            )
         mask = np.asarray(mask, dtype=bool)
         self.shape = mask.shape
         self.fwhm_mm = float(fwhm_mm)
         self.register_buffer("index", torch.from_numpy(np.flatnonzero(mask)), persistent=False)
-        for axis, size in enumerate(voxel_mm):
-            self.register_buffer(
-                f"kernel{axis}", _kernel(fwhm_mm / FWHM_PER_SIGMA / size), persistent=False
-            )
+        for axis, kernel in enumerate(kernels):
+            self.register_buffer(f"kernel{axis}", kernel, persistent=False)
         ones = torch.ones(1, int(mask.sum()))
         self.register_buffer("weight", self._blur(ones)[0], persistent=False)
 
@@ -105,4 +111,7 @@ def target_smoothing(cfg: RunConfig, store: StoreInfo) -> MaskedGaussianSmoothin
     if not fwhm:
         return None
     mask, affine = load_mask(store.path)
-    return MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), fwhm)
+    try:
+        return MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), fwhm)
+    except ValueError as exc:
+        raise ConfigError(f"data.smoothing_fwhm_mm={fwhm}: {exc}") from exc

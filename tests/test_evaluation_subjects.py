@@ -240,7 +240,7 @@ def test_ridge_fits_the_smoothed_training_targets_of_a_smoothed_run(
     by_hand = np.asarray(ridge.predict(design[test]), np.float32)
     target = read_target(info, test, None)
     assert report.sets["all"].ridge_r == pytest.approx(mean_r(by_hand, target), abs=1e-5)
-    assert report.ridge is not None and "_fwhm7_" in report.ridge["cache"]
+    assert report.ridge is not None and "_fwhm7.0_" in report.ridge["cache"]
     assert report.ridge["target_smoothing_fwhm_mm"] == 7.0
     assert "training targets smoothed at FWHM 7 mm (data.smoothing_fwhm_mm)" in format_table(report)
     plain = evaluate(
@@ -251,4 +251,7 @@ def test_ridge_fits_the_smoothed_training_targets_of_a_smoothed_run(
     with pytest.raises(
         GibletError, match=r"smoothed differently \(data.smoothing_fwhm_mm \[0.0, 7"
     ):
-        evaluate([smoothed, tmp_path / "plain"], store, ridge=False, verify=False)
+        evaluate([smoothed, tmp_path / "plain"], store, n_shifts=2, verify=False)
+    # without a baseline nothing is ambiguous: the members' average is scored
+    mixed = evaluate([smoothed, tmp_path / "plain"], store, ridge=False, n_shifts=2, verify=False)
+    assert mixed.ridge is None and mixed.members is not None

@@ -211,6 +211,12 @@ def test_folds_are_refused_by_name_and_nothing_is_written(
     plain = _copy_with(c, tmp_path / "plain", config={"data.split_runs": None})
     err = refused(a, b, plain)
     assert f"{plain}: trained on the store's own splits (data.split_runs is null)" in err
+    smoothed = _copy_with(c, tmp_path / "smoothed", config={"data.smoothing_fwhm_mm": 6.0})
+    err = refused(a, b, smoothed)
+    assert (
+        f"{smoothed}: trained on targets smoothed at data.smoothing_fwhm_mm=6.0, {a} at 0.0: "
+        "pooled folds (and their ridges) must fit the same targets" in err
+    )
 
     other = write_synthetic_store(tmp_path / "other.h5", n_trs=68, n_voxels=23, seed=9)
     moved = _copy_with(c, tmp_path / "moved", config={"data.store": str(other)}, metadata={
@@ -264,3 +270,35 @@ def test_a_folds_health_report_shows_the_splits_it_trained_with(
     text = out.read_text()
     # fold run-a: train run-c (26 TRs), val run-b (23), test run-a (19); the build's were 19/23/26
     assert "; splits train 26, val 23, test 19;" in text
+
+
+def test_ridge_only_leave_one_run_out_fits_smoothed_rows_and_scores_raw(tmp_path: Path) -> None:
+    """tools/evaluate.py --leave-one-run-out on a smoothed run: each run's ridge fits the other
+    runs' smoothed targets (as the run's network did) and is scored on the held-out run unsmoothed."""
+    from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
+    from giblet_ds.evaluation.ridge import read_target, ridge_estimator
+    from giblet_ds.evaluation.ridge_inputs import ridge_design
+    from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
+    from giblet_ds.store import load_mask
+
+    info = open_store(_three_runs(tmp_path / "store.h5"))
+    mask, affine = load_mask(info.path)
+    smoothing = MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), 8.0)
+    data = leave_one_run_out(info, smoothing=smoothing)
+    assert data["target_smoothing_fwhm_mm"] == 8.0
+    design, _ = ridge_design(info)
+    target = read_target(info, np.arange(info.n_trs), None)
+    held = info.runs.rows(1)
+    fit = np.setdiff1d(np.arange(info.n_trs), held)
+    ridge = ridge_estimator()
+    with torch.no_grad():
+        ridge.fit(design[fit], smoothing(torch.from_numpy(target)).numpy()[fit])
+    predicted = np.asarray(ridge.predict(design[held]), np.float32)
+    np.testing.assert_allclose(
+        data["runs"]["run-b"]["ridge_r"], _r(predicted, target[held]), atol=1e-5
+    )
+    plain = leave_one_run_out(info)
+    assert plain["target_smoothing_fwhm_mm"] == 0.0
+    assert plain["runs"]["run-b"]["ridge_r_mean"] != pytest.approx(
+        data["runs"]["run-b"]["ridge_r_mean"], abs=1e-4
+    )

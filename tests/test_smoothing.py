@@ -16,7 +16,8 @@ from giblet_ds.errors import ConfigError
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.model.autoencoder import GibletOutput
 from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
-from giblet_ds.store import load_mask, open_store, schema
+from giblet_ds.store import load_mask, load_target_stats, open_store, schema
+from giblet_ds.train.evaluate import val_reference
 from giblet_ds.train.loss_setup import run_loss
 from tests.test_model import CONFIGS
 
@@ -131,3 +132,39 @@ def test_run_loss_divides_by_the_smoothed_training_variance(tiny_store: Path, ta
     plain = run_loss(load_config(CONFIGS / "tiny.yaml", [f"data.store={tiny_store}"]), store)
     assert plain.fmri_smoothing is None
     assert plain.variances.fmri == pytest.approx(float(np.var(mean_rows, axis=0).mean()), rel=1e-3)
+
+
+def test_a_kernel_narrower_than_a_voxel_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"FWHM 1 mm is too small for voxels of 3 mm or more"):
+        MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), 1.0)
+    MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), 1.2)  # 3 taps: smooths
+
+
+def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Path) -> None:
+    """The health report compares the validation fMRI term with the training-mean constant's:
+    with smoothed targets both are smoothed MSEs over the smoothed variance."""
+    store = open_store(tiny_store)
+    cfg = load_config(
+        CONFIGS / "tiny.yaml", [f"data.store={tiny_store}", "data.smoothing_fwhm_mm=8"]
+    )
+    loss = run_loss(cfg, store)
+    stats = load_target_stats(tiny_store, info=store)["fmri"]
+    reference = val_reference(
+        store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"],
+        smoothing=loss.fmri_smoothing, smoothed_var=loss.variances.fmri,
+    )  # fmt: skip
+    val = np.asarray(store.splits["val"])
+    with h5py.File(tiny_store, "r") as handle:
+        target = handle[schema.FMRI_SUBJECTS][:, val.tolist()].astype(np.float64).mean(0)
+    assert loss.fmri_smoothing is not None
+    smooth = loss.fmri_smoothing
+    with torch.no_grad():
+        err = smooth(torch.from_numpy(target).float()) - smooth(
+            torch.from_numpy(stats["mean"]).float()
+        )
+    by_hand = float(err.double().pow(2).mean()) / loss.variances.fmri
+    assert reference.constant_term == pytest.approx(by_hand, rel=1e-5)
+    plain = val_reference(
+        store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"]
+    )
+    assert plain.constant_term != pytest.approx(reference.constant_term, rel=1e-3)

@@ -37,8 +37,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from giblet_ds.errors import GibletError
+
+if TYPE_CHECKING:
+    from giblet_ds.evaluation import EvaluationResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             per_subject=True if args.subjects else None,
         )  # fmt: skip
         paths = write_evaluation(result, args.out)
-        loro = _leave_one_run_out(args) if args.leave_one_run_out else None
+        loro = _leave_one_run_out(args, result) if args.leave_one_run_out else None
     except GibletError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -153,15 +157,29 @@ def _folds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _leave_one_run_out(args: argparse.Namespace) -> str:
-    """Run the leave-one-run-out ridge, write its JSON (per-voxel r as lists), return a table."""
+def _leave_one_run_out(args: argparse.Namespace, result: EvaluationResult) -> str:
+    """Run the leave-one-run-out ridge on the evaluated run's target (the subject mean or its
+    data.subject) and target smoothing, write its JSON (per-voxel r as lists), return a table."""
     import json
 
     from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
-    from giblet_ds.store import open_store
+    from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
+    from giblet_ds.store import load_mask, open_store
 
-    data = leave_one_run_out(open_store(args.store))
-    lines = ["leave-one-run-out ridge (fit on the other runs):"]
+    info = open_store(args.store)
+    smoothing = None
+    if result.target_smoothing_fwhm_mm:
+        mask, affine = load_mask(info.path)
+        smoothing = MaskedGaussianSmoothing(
+            mask, voxel_sizes_mm(affine), result.target_smoothing_fwhm_mm
+        )
+    data = leave_one_run_out(info, subject=result.subject_index, smoothing=smoothing)
+    fwhm = data["target_smoothing_fwhm_mm"]
+    lines = [
+        "leave-one-run-out ridge (fit on the other runs"
+        + (f", targets smoothed at FWHM {fwhm:g} mm as the run's" if fwhm else "")
+        + "):"
+    ]
     for run_id, row in data["runs"].items():
         lines.append(f"  {run_id}: {row['n_trs']} TRs, mean r {row['ridge_r_mean']:.4f}")
         row["ridge_r"] = [round(float(x), 6) for x in row["ridge_r"]]

@@ -70,6 +70,11 @@ class EvaluationResult:
     split_runs: dict[str, list[str]] | None = None
     """The runs each split held when the model was trained on another assignment of the store's
     runs (data.split_runs: a leave-one-run-out fold); None: the store's own splits."""
+    subject_index: int | None = None
+    """The store's index of the subject the model was trained on (data.subject); None: the mean."""
+    target_smoothing_fwhm_mm: float = 0.0
+    """The FWHM the training targets were smoothed at (data.smoothing_fwhm_mm; the ridge fitted
+    the same); every r here is against the unsmoothed fMRI."""
     series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """The scored time series on the split's TRs, float32 (T, V): ``target``, ``model`` and
     (with the baseline) ``ridge``; what pooling over folds needs (not written to the JSON)."""
@@ -160,11 +165,12 @@ def evaluate(
     members = predict_members(checkpoints, info, split, device=dev, config=config, verify=verify)
     cfg = members[0].cfg
     fwhms = sorted({m.cfg.data.smoothing_fwhm_mm for m in members})
-    if len(fwhms) > 1:
+    if ridge and len(fwhms) > 1:
         raise GibletError(
             f"ensemble members trained on targets smoothed differently (data.smoothing_fwhm_mm "
             f"{fwhms}): the ridge baseline fits the members' training targets, so it has no one "
-            "answer; evaluate them apart, or average runs trained with the same smoothing"
+            "answer; evaluate them apart, average runs trained with the same smoothing, or "
+            "leave the baseline out (--no-ridge)"
         )
     info = members[0].info  # the runs as the members were trained on them (data.split_runs)
     smoothing = target_smoothing(cfg, info)  # the ridge fits the targets the network fitted
@@ -309,6 +315,8 @@ def evaluate(
         members=member_scores,
         store_match=match.as_dict(),
         split_runs=info.split_override,
+        subject_index=subject,
+        target_smoothing_fwhm_mm=cfg.data.smoothing_fwhm_mm,
         series={
             "target": target,
             "model": pred,

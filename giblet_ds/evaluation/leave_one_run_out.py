@@ -37,6 +37,7 @@ from giblet_ds.evaluation.ridge_inputs import ridge_design
 from giblet_ds.metrics import VoxelCorrelation, voxel_r
 from giblet_ds.report.store_match import check_store_match
 from giblet_ds.run.resolver import find_run_config, resolve_checkpoint
+from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreInfo, open_store
 from giblet_ds.store.run_splits import with_split_runs
 
@@ -51,21 +52,36 @@ def _needs_runs(info: StoreInfo) -> None:
         )
 
 
-def leave_one_run_out(info: StoreInfo, *, subject: int | None = None) -> dict[str, Any]:
+def leave_one_run_out(
+    info: StoreInfo,
+    *,
+    subject: int | None = None,
+    smoothing: MaskedGaussianSmoothing | None = None,
+) -> dict[str, Any]:
     """Per held-out run: TR count, mean per-voxel ridge r and the per-voxel r (V,); and the
-    mean over runs. GibletError for a store of fewer than 2 runs."""
+    mean over runs. ``smoothing``: the evaluated run's target smoothing, applied to the fitting
+    rows only (the held-out run is scored unsmoothed). GibletError for a store of fewer than 2
+    runs."""
     _needs_runs(info)
     runs = info.runs
     backend = _backend()
     design, _ = ridge_design(info)
     target = read_target(info, np.arange(info.n_trs), subject)
-    out: dict[str, Any] = {"backend": backend, "target": "mean" if subject is None else subject}
+    out: dict[str, Any] = {
+        "backend": backend,
+        "target": "mean" if subject is None else subject,
+        "target_smoothing_fwhm_mm": 0.0 if smoothing is None else smoothing.fwhm_mm,
+    }
+    fitted = target
+    if smoothing is not None:
+        with torch.no_grad():
+            fitted = smoothing(torch.from_numpy(target)).numpy()
     per_run: dict[str, Any] = {}
     for r, run_id in enumerate(runs.ids):
         held = runs.rows(r)
         fit = np.setdiff1d(np.arange(info.n_trs), held)
         model = ridge_estimator()
-        model.fit(design[fit], target[fit])
+        model.fit(design[fit], fitted[fit])
         predicted = np.asarray(_to_numpy(model.predict(design[held])), np.float32)
         r_voxel = voxel_r(torch.from_numpy(predicted), torch.from_numpy(target[held])).numpy()
         per_run[run_id] = {
@@ -121,6 +137,13 @@ def check_folds(run_dirs: Sequence[str | Path], info: StoreInfo) -> list[FoldPla
                 f"{name}: trained on another target (data.subject={cfg.data.subject}, "
                 f"data.target={cfg.data.target}) than {first[0]} (data.subject="
                 f"{first[1].data.subject}, data.target={first[1].data.target})"
+            )
+        elif cfg.data.smoothing_fwhm_mm != first[1].data.smoothing_fwhm_mm:
+            problems.append(
+                f"{name}: trained on targets smoothed at data.smoothing_fwhm_mm="
+                f"{cfg.data.smoothing_fwhm_mm}, {first[0]} at "
+                f"{first[1].data.smoothing_fwhm_mm}: pooled folds (and their ridges) must fit "
+                "the same targets; train every fold with one smoothing"
             )
         if cfg.data.split_runs is None:
             problems.append(

@@ -69,11 +69,12 @@ def format_table(result: EvaluationResult) -> str:
         f"reliable voxels: {result.reliable['rule']} ({result.reliable['threshold']}); "
         "null: circular time shifts of the prediction"
     )
-    fwhm = (result.ridge or {}).get("target_smoothing_fwhm_mm")
+    fwhm = result.target_smoothing_fwhm_mm
     if fwhm:
+        alike = " and the ridge alike" if result.ridge else ""
         lines.append(
             f"training targets smoothed at FWHM {fwhm:g} mm (data.smoothing_fwhm_mm) for the "
-            "network and the ridge alike; every r is against the unsmoothed fMRI"
+            f"network{alike}; every r is against the unsmoothed fMRI"
         )
     lines.extend(_member_lines(result, [s.name for s in sets], label_w, width))
     lines.extend(_subject_lines(result, [s.name for s in sets], label_w, width))

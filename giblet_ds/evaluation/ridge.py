@@ -104,7 +104,7 @@ def fit_ridge_baseline(
     design, description = ridge_design(info)
     target_name = "mean" if subject is None else f"subject{subject}"
     if smoothing is not None:
-        target_name += f"_fwhm{smoothing.fwhm_mm:g}"
+        target_name += f"_fwhm{smoothing.fwhm_mm!r}"  # repr: 6 and 6.0000004 are two fits
     key = f"ridge_{info.build_hash[:16]}_{target_name}_{description_hash(description)}"
     folder = Path(cache_dir) if cache_dir is not None else info.path.parent / ".giblet_cache"
     cache = folder / f"{key}.npz"

@@ -106,6 +106,15 @@ def render_card(
         f"{len(source['subjects'])} subject(s): expect it to generalize poorly to stimuli "
         "unlike that movie.",
         "- Subject-specific heads do not exist: only the training target is predicted.",
+    ]
+    fwhm = source.get("target_smoothing_fwhm_mm") or 0.0
+    if fwhm:
+        lines.append(
+            f"- Trained on volumes smoothed at FWHM {fwhm:g} mm inside the mask "
+            "(`data.smoothing_fwhm_mm`): its predictions are spatially smooth; its r on held-out "
+            "data was computed against the unsmoothed volumes."
+        )
+    lines += [
         "- Without annotations, the text slots are empty (as before the training movie's first "
         "annotation); predictions then rest on video and audio alone.",
         f"- The first {build['lag']} TRs of a movie have no predicted volume (the lag).",

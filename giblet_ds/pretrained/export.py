@@ -87,6 +87,7 @@ def export_model(
         "n_trs": info.n_trs,
         "splits": info.split_sizes,
         "split_runs": cfg.data.split_runs,
+        "target_smoothing_fwhm_mm": cfg.data.smoothing_fwhm_mm,
     }
     eval_json, table = _find_evaluation(evaluation, location, config_path)
 

@@ -64,12 +64,27 @@ def val_reference(
     threshold: float,
     train_mean: np.ndarray,
     train_var: np.ndarray,
+    smoothing: torch.nn.Module | None = None,
+    smoothed_var: float | None = None,
 ) -> ValReference:
-    """Build the :class:`ValReference` of a store (reads every subject's train and val TRs)."""
+    """Build the :class:`ValReference` of a store (reads every subject's train and val TRs).
+
+    ``smoothing`` (data.smoothing_fwhm_mm) with ``smoothed_var``, the loss's denominator: the
+    constant's fMRI term is then measured as the loss measures the model's, the smoothed
+    training mean against the smoothed validation volumes over ``smoothed_var``.
+    """
     val = torch.from_numpy(read_split_subjects(info.path, "val", info=info))
     target = val.double().mean(0) if subject is None else val[subject].double()
-    err = (target - torch.from_numpy(np.asarray(train_mean, np.float64))).pow(2).mean()
-    constant = float(err / float(np.mean(np.asarray(train_var, np.float64))))
+    mean = torch.from_numpy(np.asarray(train_mean, np.float64))
+    var = float(np.mean(np.asarray(train_var, np.float64)))
+    if smoothing is not None:
+        if smoothed_var is None:
+            raise ValueError("a smoothed validation reference needs the smoothed variance")
+        with torch.no_grad():  # linear: the smoothed series' training mean is the mean smoothed
+            target = smoothing(target.float()).double()
+            mean = smoothing(mean.float()).double()
+        var = smoothed_var
+    constant = float((target - mean).pow(2).mean() / var)
     if info.n_subjects < 2:
         note = "one subject: no inter-subject reliability; reliable voxels = all, no ceiling"
         return ValReference(np.ones(info.n_voxels, bool), None, constant, note)

@@ -69,6 +69,8 @@ class Validator:
                 threshold=self.cfg.data.reliable_isc_threshold,
                 train_mean=stats["mean"],
                 train_var=stats["var"],
+                smoothing=self.loss_fn.fmri_smoothing,
+                smoothed_var=self.loss_fn.variances.fmri,
             )
             log.info("validation reference: %s; the training-mean constant scores %.4f (fMRI "
                      "term) on the validation TRs", ref.note, ref.constant_term)  # fmt: skip
