@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,15 +12,19 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from giblet_ds.checkpoint.loading import load_model
 from giblet_ds.config import load_config
 from giblet_ds.errors import ConfigError
+from giblet_ds.evaluation import predict_split
 from giblet_ds.losses import NormalizedLoss, TargetVariances
+from giblet_ds.metrics import voxel_r
 from giblet_ds.model.autoencoder import GibletOutput
 from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 from giblet_ds.store import load_mask, load_target_stats, open_store, schema
 from giblet_ds.train.evaluate import val_reference
 from giblet_ds.train.loss_setup import run_loss
 from tests.test_model import CONFIGS
+from tests.train_harness import run_training
 
 
 def test_an_impulse_is_half_height_at_half_the_fwhm() -> None:
@@ -168,3 +173,33 @@ def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Pa
         store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"]
     )
     assert plain.constant_term != pytest.approx(reference.constant_term, rel=1e-3)
+
+
+def test_a_training_run_fits_smoothed_targets_and_validates_on_raw_ones(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """One real launch/train.py run (1 rank): the logged validation loss and its constant are the
+    smoothed ones, the validation r is against the unsmoothed volumes."""
+    run_dir = tmp_path / "run"
+    sets = ("train.max_steps=2", "train.val_every_steps=2", "data.smoothing_fwhm_mm=8")
+    done = run_training(run_dir, tiny_store, world=1, sets=sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in records if r["kind"] == "val")
+    store = open_store(tiny_store)
+    cfg = load_config(
+        CONFIGS / "tiny.yaml", [f"data.store={tiny_store}", "data.smoothing_fwhm_mm=8"]
+    )
+    loss = run_loss(cfg, store)
+    stats = load_target_stats(tiny_store, info=store)["fmri"]
+    smoothed = val_reference(
+        store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"],
+        smoothing=loss.fmri_smoothing, smoothed_var=loss.variances.fmri,
+    )  # fmt: skip
+    assert val["fmri_constant_term"] == pytest.approx(smoothed.constant_term, rel=1e-5)
+    # the checkpoint's validation r, recomputed against the raw subject mean
+    model, saved, _ = load_model(run_dir, verify=False)
+    assert saved.data.smoothing_fwhm_mm == 8.0
+    prediction, target = predict_split(model, saved, store, "val", device=torch.device("cpu"))
+    raw = voxel_r(torch.from_numpy(prediction), torch.from_numpy(target)).numpy()
+    assert val["fmri_r_mean"] == pytest.approx(float(raw.mean()), abs=1e-5)
