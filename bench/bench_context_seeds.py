@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Settings x seeds on the demo, in one process each: is a difference in test r larger than a reseed?
 
-`make demo` trains once (2 ranks x micro-batch 8, 10 epochs) and one seed moves the test r by about
-0.01, the size of the differences issue 12 looks for. This script replays that training in-process:
+`make demo` trains once (2 ranks x micro-batch 8, the preset's epochs) and one seed moves the test
+r by about 0.01, the size of the differences issue 12 looks for. This script replays that training in-process:
 the trainer's model, init (the temporal mixer's HRF start included), loss, AdamW groups, warmup +
 cosine schedule, gradient clipping, the sampler's per-epoch order (seed + epoch; the 2 ranks'
 shards of one step are the same 16 TRs), validation after each epoch and the trainer's early
@@ -53,7 +53,6 @@ from giblet_ds.evaluation.truth import find_ground_truth, oracle_series
 from giblet_ds.metrics import pairwise_isc, voxel_r
 from giblet_ds.model import GibletAutoencoder
 from giblet_ds.resolve import resolve
-from giblet_ds.smoothing import target_smoothing
 from giblet_ds.store import (
     StoreDataset,
     load_mask,
@@ -62,6 +61,7 @@ from giblet_ds.store import (
     read_split_subjects,
 )
 from giblet_ds.store.reader import StoreInfo
+from giblet_ds.store.smoothing import target_smoothing
 from giblet_ds.train.early_stopping import EarlyStopping
 from giblet_ds.train.engine import weight_decay_groups
 from giblet_ds.train.hrf_start import mixer_start

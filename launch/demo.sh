@@ -30,7 +30,7 @@ step "3/7 feature store -> $STORE (a rebuild with the same inputs is a no-op)"
 $PY tools/build_store.py --video "$RAW/stimuli_demo.m4v" --annotations "$RAW/annotations.xlsx" \
   --fmri "$RAW"/demo_nii/*.nii.gz --config "$RAW/demo_build.yaml" --out "$STORE" --no-pretrained
 
-step "4/7 train the small preset (10 epochs, early stopping): deepspeed --num_gpus 2, CPU, ZeRO-2 fp32 -> $RUN"
+step "4/7 train the small preset (15 epochs, early stopping): deepspeed --num_gpus 2, CPU, ZeRO-2 fp32 -> $RUN"
 rm -rf "$RUN"
 .venv/bin/deepspeed --num_gpus 2 launch/train.py --config launch/configs/small.yaml \
   --deepspeed_config ds_configs/zero2_fp32_cpu.json \

@@ -12,7 +12,6 @@ import torch
 from giblet_ds.checkpoint.loading import load_model
 from giblet_ds.errors import GibletError
 from giblet_ds.model import parameter_counts
-from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 from giblet_ds.store import (
     StoreDataset,
     load_mask,
@@ -20,6 +19,7 @@ from giblet_ds.store import (
     open_store,
     write_synthetic_store,
 )
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 from giblet_ds.train.add_subject import add_subject
 from tests.test_evaluation_subjects import member
 from tests.test_tools_common import load_tool

@@ -32,7 +32,7 @@ def test_a_setting_is_a_name_a_colon_and_overrides() -> None:
 def test_runs_take_make_demos_steps_and_the_seed_and_the_settings_last() -> None:
     bench = load_bench("bench_context_seeds")
     cfg = bench.run_config(["model.context_trs=12"], seed=7)
-    assert (cfg.train.max_steps, cfg.train.epochs) == (0, 10)  # launch/demo.sh: the preset's
+    assert (cfg.train.max_steps, cfg.train.epochs) == (0, 15)  # launch/demo.sh: the preset's
     assert (cfg.train.seed, cfg.model.context_trs) == (7, 12)
     assert cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * bench.RANKS == 16
     assert bench.run_config(["train.max_steps=88"], seed=1).train.max_steps == 88

@@ -218,7 +218,7 @@ def test_ridge_fits_the_smoothed_training_targets_of_a_smoothed_run(
 
     from giblet_ds.evaluation.ridge import read_target, ridge_estimator
     from giblet_ds.evaluation.ridge_inputs import ridge_design
-    from giblet_ds.smoothing import voxel_sizes_mm
+    from giblet_ds.store.smoothing import voxel_sizes_mm
 
     smoothed = member(tmp_path / "smoothed", store, 1, "data.smoothing_fwhm_mm=7")
     report = evaluate(smoothed, store, n_shifts=2, verify=False, ridge_cache=tmp_path / "cache")

@@ -278,8 +278,8 @@ def test_ridge_only_leave_one_run_out_fits_smoothed_rows_and_scores_raw(tmp_path
     from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
     from giblet_ds.evaluation.ridge import read_target, ridge_estimator
     from giblet_ds.evaluation.ridge_inputs import ridge_design
-    from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
     from giblet_ds.store import load_mask
+    from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 
     info = open_store(_three_runs(tmp_path / "store.h5"))
     mask, affine = load_mask(info.path)

@@ -19,8 +19,8 @@ from giblet_ds.evaluation import predict_split
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import voxel_r
 from giblet_ds.model.autoencoder import GibletOutput
-from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 from giblet_ds.store import load_mask, load_target_stats, open_store, schema
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 from giblet_ds.train.evaluate import val_reference
 from giblet_ds.train.loss_setup import run_loss
 from tests.test_model import CONFIGS

@@ -163,8 +163,8 @@ def _leave_one_run_out(args: argparse.Namespace, result: EvaluationResult) -> st
     import json
 
     from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
-    from giblet_ds.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
     from giblet_ds.store import load_mask, open_store
+    from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
 
     info = open_store(args.store)
     smoothing = None

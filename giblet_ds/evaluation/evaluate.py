@@ -31,8 +31,8 @@ from giblet_ds.metrics import (
     pairwise_isc,
     voxel_r,
 )
-from giblet_ds.smoothing import target_smoothing
 from giblet_ds.store import StoreInfo, load_mask, load_target_stats, open_store
+from giblet_ds.store.smoothing import target_smoothing
 from giblet_ds.store.stats import read_split_subjects
 
 __all__ = ["DEFAULT_RELIABLE_ISC", "EvaluationResult", "evaluate", "predict_split"]

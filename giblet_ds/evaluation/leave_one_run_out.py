@@ -37,9 +37,9 @@ from giblet_ds.evaluation.ridge_inputs import ridge_design
 from giblet_ds.metrics import VoxelCorrelation, voxel_r
 from giblet_ds.report.store_match import check_store_match
 from giblet_ds.run.resolver import find_run_config, resolve_checkpoint
-from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreInfo, open_store
 from giblet_ds.store.run_splits import with_split_runs
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing
 
 __all__ = ["FoldPlan", "check_folds", "evaluate_folds", "format_folds", "leave_one_run_out"]
 

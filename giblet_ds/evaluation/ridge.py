@@ -20,10 +20,10 @@ import torch
 
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.ridge_inputs import description_hash, ridge_design
-from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreInfo
 from giblet_ds.store import schema as store_schema
 from giblet_ds.store.reader import open_read_only
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store.stats import read_rows
 
 __all__ = ["ALPHAS", "RidgeBaseline", "fit_ridge_baseline", "read_target", "ridge_estimator"]

@@ -20,8 +20,8 @@ import torch
 from giblet_ds.config import RunConfig
 from giblet_ds.evaluation.ridge import fit_ridge_baseline
 from giblet_ds.metrics import subject_ceiling_r, voxel_r
-from giblet_ds.smoothing import MaskedGaussianSmoothing
 from giblet_ds.store import StoreDataset, StoreInfo, read_split_subjects
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing
 
 __all__ = ["SplitPrediction", "predict_with_subjects", "score_subjects"]
 

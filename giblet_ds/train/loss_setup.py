@@ -17,10 +17,10 @@ import torch
 
 from giblet_ds.config import RunConfig
 from giblet_ds.losses import NormalizedLoss, TargetVariances
-from giblet_ds.smoothing import MaskedGaussianSmoothing, target_smoothing
 from giblet_ds.store import StoreInfo
 from giblet_ds.store import schema as store_schema
 from giblet_ds.store.reader import open_read_only
+from giblet_ds.store.smoothing import MaskedGaussianSmoothing, target_smoothing
 from giblet_ds.store.stats import load_target_stats, read_rows, subject_rows, subject_variances
 
 __all__ = ["run_loss"]

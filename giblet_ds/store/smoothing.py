@@ -23,7 +23,7 @@ from torch import nn
 
 from giblet_ds.config import RunConfig
 from giblet_ds.errors import ConfigError
-from giblet_ds.store import StoreInfo, load_mask
+from giblet_ds.store.reader import StoreInfo, load_mask
 
 __all__ = ["FWHM_PER_SIGMA", "MaskedGaussianSmoothing", "target_smoothing", "voxel_sizes_mm"]
 
