@@ -140,9 +140,16 @@ def test_run_loss_divides_by_the_smoothed_training_variance(tiny_store: Path, ta
 
 
 def test_a_kernel_narrower_than_a_voxel_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"FWHM 1 mm is too small for voxels of 3 mm or more"):
-        MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), 1.0)
-    MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), 1.2)  # 3 taps: smooths
+    for fwhm in (0.5, 1.2, 2.9):  # 1.2 mm: 3 taps, but a neighbour weighs 3e-8 of the centre
+        with pytest.raises(
+            ValueError, match=rf"FWHM {fwhm:g} mm is narrower than the finest voxel"
+        ):
+            MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), fwhm)
+    with pytest.raises(ValueError, match=r"use >= 2 mm, or 0 for none"):
+        MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 2.0, 3.0), 1.9)
+    smoothing = MaskedGaussianSmoothing(np.ones((3, 3, 3), bool), (3.0, 3.0, 3.0), 3.0)
+    kernel = smoothing.get_buffer("kernel0")
+    assert float(kernel[1] / kernel[0]) > 10  # at one voxel FWHM a neighbour weighs ~6%
 
 
 def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Path) -> None:

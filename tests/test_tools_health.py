@@ -227,6 +227,24 @@ def test_evaluation_table_and_checks(tmp_path: Path) -> None:
                  "same TRs (test split, reliable voxels (120))"),
     }  # fmt: skip
     assert report.verdict != "HEALTHY"
+    assert "| fMRI term, ridge | 0.9000 | 0.9000 |" in md
+    assert "smoothed" not in md
+
+    # a run trained on smoothed targets: the table says so, and the warning that the ridge wins
+    # says the ridge fitted the same targets
+    saved = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    saved["target_smoothing_fwhm_mm"] = 8.0
+    (run / "evaluation" / "evaluation.json").write_text(json.dumps(saved))
+    report = build_health_report(run, now=T0 + 3600, audit=False)
+    assert (
+        "Training targets were smoothed at FWHM 8 mm inside the mask (`data.smoothing_fwhm_mm`), "
+        "for the network and the ridge alike" in report.markdown()
+    )
+    notes = {c.note for c in report.checks if c.component == "Evaluation"}
+    assert (
+        "the ridge baseline on the store's inputs, fitted on the same targets smoothed at 8 mm, "
+        "beats the model: r 0.2000 vs 0.2500 (test split, reliable voxels (120))" in notes
+    )
 
 
 def test_an_evaluation_on_another_store_is_a_warning(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ ROWS = (
     ("model EV fraction", "model_ev_fraction"),
     ("fMRI term, training-mean constant", "constant_term"),
     ("fMRI term, model", "model_term"),
+    ("fMRI term, ridge", "ridge_term"),
 )
 
 
@@ -74,14 +75,20 @@ def evaluation_section(
     why = (data.get("ceiling") or {}).get("why")
     if why:
         lines += ["", f"Ceiling: {why}."]
+    fwhm = data.get("target_smoothing_fwhm_mm") or 0.0
+    if fwhm:
+        lines += ["", f"Training targets were smoothed at FWHM {fwhm:g} mm inside the mask "
+                  "(`data.smoothing_fwhm_mm`), for the network and the ridge alike: every r and "
+                  "term in this table is against the unsmoothed fMRI, while the training and "
+                  "validation losses above compare against the smoothed volumes."]  # fmt: skip
     # tools/evaluate.py records when the store was not the training store (report.store_match)
     other = (data.get("store_match") or {}).get("note")
     if other:
         lines += ["", f"**Warning**: {other}."]
-    return lines, ([Check("Evaluation", "warn", other)] if other else []) + _checks(sets)
+    return lines, ([Check("Evaluation", "warn", other)] if other else []) + _checks(sets, fwhm)
 
 
-def _checks(sets: dict[str, dict[str, Any]]) -> list[Check]:
+def _checks(sets: dict[str, dict[str, Any]], fwhm: float = 0.0) -> list[Check]:
     name = "reliable" if "reliable" in sets else "all"
     s = sets[name]
     model, ridge, ceiling = s.get("model_r"), s.get("ridge_r"), s.get("ceiling_r")
@@ -89,8 +96,9 @@ def _checks(sets: dict[str, dict[str, Any]]) -> list[Check]:
     checks = []
     if model is not None and ridge is not None and math.isfinite(ridge):
         if model < ridge:
-            checks.append(Check("Evaluation", "warn", f"the ridge baseline on the store's inputs "
-                                f"beats the model: r {model:.4f} vs {ridge:.4f} ({where})"))  # fmt: skip
+            same = f", fitted on the same targets smoothed at {fwhm:g} mm," if fwhm else ""
+            checks.append(Check("Evaluation", "warn", f"the ridge baseline on the store's inputs"
+                                f"{same} beats the model: r {model:.4f} vs {ridge:.4f} ({where})"))  # fmt: skip
         else:
             checks.append(Check("Evaluation", "ok", f"model r {model:.4f} >= ridge baseline "
                                 f"{ridge:.4f} ({where})"))  # fmt: skip
