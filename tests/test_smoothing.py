@@ -19,9 +19,9 @@ from giblet_ds.evaluation import predict_split
 from giblet_ds.losses import NormalizedLoss, TargetVariances
 from giblet_ds.metrics import voxel_r
 from giblet_ds.model.autoencoder import GibletOutput
-from giblet_ds.store import load_mask, load_target_stats, open_store, schema
+from giblet_ds.store import StoreInfo, load_mask, load_target_stats, open_store, schema
 from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
-from giblet_ds.train.evaluate import val_reference
+from giblet_ds.train.evaluate import ValReference, val_reference
 from giblet_ds.train.loss_setup import run_loss
 from tests.test_model import CONFIGS
 from tests.train_harness import run_training
@@ -152,9 +152,11 @@ def test_a_kernel_narrower_than_a_voxel_is_refused() -> None:
     assert float(kernel[1] / kernel[0]) > 10  # at one voxel FWHM a neighbour weighs ~6%
 
 
-def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Path) -> None:
-    """The health report compares the validation fMRI term with the training-mean constant's:
-    with smoothed targets both are smoothed MSEs over the smoothed variance."""
+def _smoothed_reference(
+    tiny_store: Path,
+) -> tuple[StoreInfo, NormalizedLoss, dict[str, np.ndarray], ValReference]:
+    """The store, the tiny run's loss at FWHM 8 mm, the fMRI training stats, and the validation
+    reference measured with that loss's smoothing."""
     store = open_store(tiny_store)
     cfg = load_config(
         CONFIGS / "tiny.yaml", [f"data.store={tiny_store}", "data.smoothing_fwhm_mm=8"]
@@ -165,6 +167,13 @@ def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Pa
         store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"],
         smoothing=loss.fmri_smoothing, smoothed_var=loss.variances.fmri,
     )  # fmt: skip
+    return store, loss, stats, reference
+
+
+def test_the_validation_constant_is_measured_as_the_loss_measures(tiny_store: Path) -> None:
+    """The health report compares the validation fMRI term with the training-mean constant's:
+    with smoothed targets both are smoothed MSEs over the smoothed variance."""
+    store, loss, stats, reference = _smoothed_reference(tiny_store)
     val = np.asarray(store.splits["val"])
     with h5py.File(tiny_store, "r") as handle:
         target = handle[schema.FMRI_SUBJECTS][:, val.tolist()].astype(np.float64).mean(0)
@@ -193,16 +202,7 @@ def test_a_training_run_fits_smoothed_targets_and_validates_on_raw_ones(
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = next(r for r in records if r["kind"] == "val")
-    store = open_store(tiny_store)
-    cfg = load_config(
-        CONFIGS / "tiny.yaml", [f"data.store={tiny_store}", "data.smoothing_fwhm_mm=8"]
-    )
-    loss = run_loss(cfg, store)
-    stats = load_target_stats(tiny_store, info=store)["fmri"]
-    smoothed = val_reference(
-        store, subject=None, threshold=0.1, train_mean=stats["mean"], train_var=stats["var"],
-        smoothing=loss.fmri_smoothing, smoothed_var=loss.variances.fmri,
-    )  # fmt: skip
+    store, _, _, smoothed = _smoothed_reference(tiny_store)
     assert val["fmri_constant_term"] == pytest.approx(smoothed.constant_term, rel=1e-5)
     # the checkpoint's validation r, recomputed against the raw subject mean
     model, saved, _ = load_model(run_dir, verify=False)
