@@ -163,16 +163,11 @@ def _leave_one_run_out(args: argparse.Namespace, result: EvaluationResult) -> st
     import json
 
     from giblet_ds.evaluation.leave_one_run_out import leave_one_run_out
-    from giblet_ds.store import load_mask, open_store
-    from giblet_ds.store.smoothing import MaskedGaussianSmoothing, voxel_sizes_mm
+    from giblet_ds.store import open_store
+    from giblet_ds.store.smoothing import mask_smoothing
 
     info = open_store(args.store)
-    smoothing = None
-    if result.target_smoothing_fwhm_mm:
-        mask, affine = load_mask(info.path)
-        smoothing = MaskedGaussianSmoothing(
-            mask, voxel_sizes_mm(affine), result.target_smoothing_fwhm_mm
-        )
+    smoothing = mask_smoothing(info, result.target_smoothing_fwhm_mm)
     data = leave_one_run_out(info, subject=result.subject_index, smoothing=smoothing)
     fwhm = data["target_smoothing_fwhm_mm"]
     lines = [

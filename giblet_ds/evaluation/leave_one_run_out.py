@@ -72,10 +72,7 @@ def leave_one_run_out(
         "target": "mean" if subject is None else subject,
         "target_smoothing_fwhm_mm": 0.0 if smoothing is None else smoothing.fwhm_mm,
     }
-    fitted = target
-    if smoothing is not None:
-        with torch.no_grad():
-            fitted = smoothing(torch.from_numpy(target)).numpy()
+    fitted = target if smoothing is None else smoothing.smooth_array(target)
     per_run: dict[str, Any] = {}
     for r, run_id in enumerate(runs.ids):
         held = runs.rows(r)

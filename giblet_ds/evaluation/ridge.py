@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from giblet_ds.errors import GibletError
 from giblet_ds.evaluation.ridge_inputs import description_hash, ridge_design
@@ -127,8 +126,7 @@ def fit_ridge_baseline(
         )
     y_train = read_target(info, train, subject)
     if smoothing is not None:
-        with torch.no_grad():
-            y_train = smoothing(torch.from_numpy(y_train)).numpy()
+        y_train = smoothing.smooth_array(y_train)
     model.fit(design[train], y_train)
     predictions = {}
     for split in ("val", "test"):

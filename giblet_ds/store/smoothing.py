@@ -25,7 +25,13 @@ from giblet_ds.config import RunConfig
 from giblet_ds.errors import ConfigError
 from giblet_ds.store.reader import StoreInfo, load_mask
 
-__all__ = ["FWHM_PER_SIGMA", "MaskedGaussianSmoothing", "target_smoothing", "voxel_sizes_mm"]
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "MaskedGaussianSmoothing",
+    "mask_smoothing",
+    "target_smoothing",
+    "voxel_sizes_mm",
+]
 
 FWHM_PER_SIGMA = math.sqrt(8.0 * math.log(2.0))  # 2.3548...
 TRUNCATE_SIGMAS = 3.0
@@ -105,14 +111,25 @@ class MaskedGaussianSmoothing(nn.Module):
         smoothed = self._blur(flat) / self.get_buffer("weight")
         return smoothed.reshape(values.shape).to(values.dtype)
 
+    @torch.no_grad()
+    def smooth_array(self, values: np.ndarray) -> np.ndarray:
+        """:meth:`forward` on a numpy array (..., V), float32 out: for fits outside autograd
+        (the ridge's targets, the loss's variances)."""
+        return self(torch.from_numpy(np.asarray(values, np.float32))).numpy()
 
-def target_smoothing(cfg: RunConfig, store: StoreInfo) -> MaskedGaussianSmoothing | None:
-    """The run's fMRI target smoothing over the store's mask and voxel size; None at FWHM 0."""
-    fwhm = cfg.data.smoothing_fwhm_mm
-    if not fwhm:
+
+def mask_smoothing(store: StoreInfo, fwhm_mm: float) -> MaskedGaussianSmoothing | None:
+    """Smoothing at ``fwhm_mm`` over the store's mask and voxel size; None at 0. ConfigError
+    naming data.smoothing_fwhm_mm when the FWHM cannot smooth that grid."""
+    if not fwhm_mm:
         return None
     mask, affine = load_mask(store.path)
     try:
-        return MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), fwhm)
+        return MaskedGaussianSmoothing(mask, voxel_sizes_mm(affine), fwhm_mm)
     except ValueError as exc:
-        raise ConfigError(f"data.smoothing_fwhm_mm={fwhm}: {exc}") from exc
+        raise ConfigError(f"data.smoothing_fwhm_mm={fwhm_mm}: {exc}") from exc
+
+
+def target_smoothing(cfg: RunConfig, store: StoreInfo) -> MaskedGaussianSmoothing | None:
+    """The run's fMRI target smoothing (data.smoothing_fwhm_mm) over the store; None at 0."""
+    return mask_smoothing(store, cfg.data.smoothing_fwhm_mm)

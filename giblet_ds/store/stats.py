@@ -7,7 +7,7 @@ Everything here uses training TRs only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the reader imports this module
 __all__ = [
     "compute_target_stats",
     "load_target_stats",
+    "mean_variance",
     "read_rows",
     "read_split_subjects",
     "subject_rows",
@@ -141,6 +142,19 @@ def load_target_stats(
     return out
 
 
+def mean_variance(
+    blocks: Iterable[np.ndarray],
+    size: int,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> float:
+    """Mean over the ``size`` elements of each one's variance over the rows of ``blocks`` (float64
+    sums), ``transform`` applied to each block first (the training targets' smoothing)."""
+    moments = _Moments(size)
+    for block in blocks:
+        moments.add(block if transform is None else transform(block))
+    return float(np.mean(moments.result()["var"], dtype=np.float64))
+
+
 def subject_variances(path: str | Path, *, info: StoreInfo | None = None) -> np.ndarray:
     """(S,) float64: per subject, the mean over voxels of the variance of its z-scored fMRI on the
     training TRs (~1.0, off by the float16 rounding of /fmri/subjects): the per-subject loss
@@ -153,10 +167,7 @@ def subject_variances(path: str | Path, *, info: StoreInfo | None = None) -> np.
     with open_read_only(info.path) as handle:
         subjects = handle[schema.FMRI_SUBJECTS]
         for s in range(info.n_subjects):
-            moments = _Moments(info.n_voxels)
-            for block in subject_rows(subjects, s, train):
-                moments.add(block.astype(np.float32))
-            out[s] = float(np.mean(moments.result()["var"], dtype=np.float64))
+            out[s] = mean_variance(subject_rows(subjects, s, train), info.n_voxels)
     return out
 
 

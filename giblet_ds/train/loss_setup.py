@@ -10,10 +10,8 @@ still reads 1.0 when the model predicts the training mean (giblet_ds.losses).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 from giblet_ds.config import RunConfig
 from giblet_ds.losses import NormalizedLoss, TargetVariances
@@ -21,24 +19,15 @@ from giblet_ds.store import StoreInfo
 from giblet_ds.store import schema as store_schema
 from giblet_ds.store.reader import open_read_only
 from giblet_ds.store.smoothing import MaskedGaussianSmoothing, target_smoothing
-from giblet_ds.store.stats import load_target_stats, read_rows, subject_rows, subject_variances
+from giblet_ds.store.stats import (
+    load_target_stats,
+    mean_variance,
+    read_rows,
+    subject_rows,
+    subject_variances,
+)
 
 __all__ = ["run_loss"]
-
-
-def _mean_variance(blocks: Iterator[np.ndarray], smoothing: MaskedGaussianSmoothing) -> float:
-    """Mean over voxels of the per-voxel variance of the smoothed rows (float64 sums)."""
-    count = 0
-    sums: np.ndarray | float = 0.0
-    squares: np.ndarray | float = 0.0
-    for block in blocks:
-        with torch.no_grad():
-            smoothed = smoothing(torch.from_numpy(np.asarray(block, np.float32))).double().numpy()
-        sums = sums + smoothed.sum(0)
-        squares = squares + (smoothed**2).sum(0)
-        count += len(smoothed)
-    mean = np.asarray(sums) / count
-    return float(np.mean(np.maximum(np.asarray(squares) / count - mean**2, 0.0)))
 
 
 def _smoothed_variances(
@@ -48,15 +37,18 @@ def _smoothed_variances(
     train = np.asarray(store.splits["train"], dtype=np.int64)
     with open_read_only(store.path) as handle:
         subjects = handle[store_schema.FMRI_SUBJECTS]
-        if cfg.data.subject is not None:
-            index = store.subject_index(cfg.data.subject)
-            target = _mean_variance(subject_rows(subjects, index, train), smoothing)
-        else:
-            target = _mean_variance(read_rows(handle[store_schema.FMRI_MEAN], train), smoothing)
+        rows = (
+            read_rows(handle[store_schema.FMRI_MEAN], train)
+            if cfg.data.subject is None
+            else subject_rows(subjects, store.subject_index(cfg.data.subject), train)
+        )
+        target = mean_variance(rows, store.n_voxels, smoothing.smooth_array)
         per_subject = None
         if cfg.data.target == "subjects":
             per_subject = tuple(
-                _mean_variance(subject_rows(subjects, s, train), smoothing)
+                mean_variance(
+                    subject_rows(subjects, s, train), store.n_voxels, smoothing.smooth_array
+                )
                 for s in range(store.n_subjects)
             )
     return target, per_subject
@@ -66,14 +58,17 @@ def run_loss(cfg: RunConfig, store: StoreInfo) -> NormalizedLoss:
     """The loss a run with ``cfg`` trains on over ``store`` (its training split as the store
     view sets it: a fold's own training runs with data.split_runs)."""
     stats = load_target_stats(store.path, subject=cfg.data.subject, info=store)
-    per_subject = (
-        subject_variances(store.path, info=store) if cfg.data.target == "subjects" else None
-    )
-    variances = TargetVariances.from_stats(stats, per_subject)
     smoothing = target_smoothing(cfg, store)
-    if smoothing is not None:
+    if smoothing is None:
+        per_subject = (
+            subject_variances(store.path, info=store) if cfg.data.target == "subjects" else None
+        )
+        variances = TargetVariances.from_stats(stats, per_subject)
+    else:  # the fMRI denominators of the smoothed targets (the other terms' as they are)
         fmri, smoothed_subjects = _smoothed_variances(cfg, store, smoothing)
-        variances = dataclasses.replace(variances, fmri=fmri, fmri_subjects=smoothed_subjects)
+        variances = dataclasses.replace(
+            TargetVariances.from_stats(stats), fmri=fmri, fmri_subjects=smoothed_subjects
+        )
     return NormalizedLoss(
         variances, cfg.loss.weights(), cfg.model.codebook_size, fmri_smoothing=smoothing
     )
